@@ -1,0 +1,5 @@
+"""bitq-tvm: block-floating-point DNN inference on embedded CPUs, planned and compiled with TVM."""
+
+__version__ = "0.1.0"
+
+from .errors import BitqError  # noqa: F401
