@@ -1,0 +1,186 @@
+"""The Python API: load an ONNX model, compile it with a BFP plan, run and evaluate it.
+
+The ``bitq-tvm`` command is a thin layer over these functions::
+
+    model = bitq_tvm.load_onnx("model.onnx", {"input": (1, 3, 224, 224)})
+    compiled = bitq_tvm.compile_model(model, Plan.uniform("bfp8_b32"), target="host")
+    logits = compiled.run({"input": x})[0]
+
+The passes also work on their own inside ``tvm.compile``: see :func:`bitq_pipeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import BitqError
+from .frontend.onnx_model import UNSUPPORTED_LAYER_OPS, OnnxModel, load_onnx  # noqa: F401 - re-exported
+from .passes import AnnotateBFPLayers, InsertBFPSimulation
+from .plan import LayerFormats, Plan
+from .schedules.cpu import cpu_pipeline
+from .targets.presets import TargetPreset, get_target
+
+
+def _progress(message: str) -> None:
+    print(f"[bitq-tvm] {message}", file=sys.stderr, flush=True)
+
+
+def import_relax(model: OnnxModel) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """Import a normalised ONNX model into Relax with the layer weights as named parameters.
+
+    Returns
+    -------
+    mod : IRModule
+        ``main`` takes the model inputs, then one parameter per layer weight.
+    params : dict
+        Layer weight name -> array, for ``relax.transform.BindParams("main", params)``.
+    """
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as out:
+            warnings.simplefilter("ignore")
+            mod = from_onnx(model.proto, shape_dict=dict(model.input_shapes), keep_params_in_input=True)
+    except Exception as err:  # noqa: BLE001 - the importer raises bare Exceptions for user input
+        detail = str(err).strip().splitlines()
+        where = out.getvalue().strip().splitlines()[-1:] if out.getvalue().strip() else []
+        raise BitqError(f"{model.path}: TVM's ONNX importer cannot convert this model: "
+                        f"{(detail or [type(err).__name__])[0]}{' (' + where[0] + ')' if where else ''}") from None
+    mod, params = relax.frontend.detach_params(mod)
+    names = [p.name for p in mod["main"].params[len(model.input_shapes):]]
+    arrays = params.get("main", [])
+    return mod, {name: np.asarray(a.numpy()) for name, a in zip(names, arrays)}
+
+
+def check_weights(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray]) -> None:
+    """Quantized layers' weights must be finite: BFP has no NaN/Inf encoding."""
+    for layer in model.layers:
+        lf = formats.get(layer.name)
+        if lf is None or lf.weight is None:
+            continue
+        w = params[layer.weight]
+        if not np.isfinite(w).all():
+            bad = int(np.size(w) - np.isfinite(w).sum())
+            raise BitqError(f"{model.path}: weight tensor '{layer.weight}' of layer '{layer.name}' contains "
+                            f"{bad} NaN/Inf value(s); BFP cannot encode them")
+
+
+def resolve_plan(model: OnnxModel, plan: Plan | None) -> dict[str, LayerFormats]:
+    """Layer -> formats for this model, with clear errors for names the model does not have."""
+    plan = plan or Plan()
+    unsupported = {n.name: n.op_type for n in model.non_layer_nodes(UNSUPPORTED_LAYER_OPS) if n.name}
+    return plan.resolve(model.layers, where=f"plan for {model.path}", unsupported=unsupported)
+
+
+def simulation_passes(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray]):
+    """The bitq passes that turn an imported model into its BFP simulation (weights bound)."""
+    return [
+        AnnotateBFPLayers({layer.weight: layer.name for layer in model.layers}),
+        InsertBFPSimulation(formats),
+        relax.transform.BindParams("main", params),
+        relax.transform.FoldConstant(),
+    ]
+
+
+def bitq_pipeline(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray],
+                  target: tvm.target.Target) -> tvm.transform.Pass:
+    """A ``relax_pipeline`` for ``tvm.compile``: BFP simulation passes, then the scheduled CPU pipeline."""
+    return tvm.transform.Sequential(simulation_passes(model, formats, params) + [cpu_pipeline(target)],
+                                    name="bitq_pipeline")
+
+
+@dataclasses.dataclass
+class CompiledModel:
+    """A model compiled by TVM under a plan, runnable on the host (or exportable for its target)."""
+
+    model: OnnxModel
+    formats: dict[str, LayerFormats]
+    target: TargetPreset
+    executable: relax.VMExecutable
+    compile_seconds: float
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.model.input_shapes)
+
+    def _vm(self):
+        if not hasattr(self, "_vm_cache"):
+            if self.target.emulator is not None or self.target.cross_compiler is not None:
+                raise BitqError(f"model compiled for target '{self.target.name}' cannot run on this host; "
+                                "export it with --output and run it on the device")
+            self._vm_cache = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm_cache
+
+    def run(self, inputs) -> list[np.ndarray]:
+        """Run once; ``inputs`` is a dict by input name or a list in input order."""
+        if isinstance(inputs, dict):
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise BitqError(f"missing model input(s) {missing}")
+            inputs = [inputs[n] for n in self.input_names]
+        args = []
+        for name, x in zip(self.input_names, inputs):
+            expected = self.model.input_shapes[name]
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if tuple(x.shape) != tuple(expected):
+                raise BitqError(f"input '{name}' has shape {tuple(x.shape)}, the compiled model takes {tuple(expected)}")
+            args.append(tvm.runtime.tensor(x))
+        out = self._vm()["main"](*args)
+        outs = list(out) if isinstance(out, (tvm.ir.Array, list, tuple)) else [out]
+        return [o.numpy() for o in outs]
+
+    def run_batched(self, name: str, data: np.ndarray) -> np.ndarray:
+        """Run a dataset through the model's pinned batch size; returns the first output stacked."""
+        batch = self.model.input_shapes[name][0]
+        if tuple(data.shape[1:]) != tuple(self.model.input_shapes[name][1:]):
+            raise BitqError(f"data for input '{name}' has samples of shape {tuple(data.shape[1:])}, "
+                            f"the model takes {tuple(self.model.input_shapes[name][1:])}")
+        outs = []
+        for start in range(0, len(data), batch):
+            chunk = data[start:start + batch]
+            pad = batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.run({name: chunk})[0][:batch - pad])
+        return np.concatenate(outs)
+
+    def export_library(self, path: str) -> None:
+        """Write the compiled model as a shared library (atomically)."""
+        from .targets.cross import export
+
+        tmp = f"{path}.tmp{os.getpid()}.so"
+        try:
+            export(self.executable, tmp, self.target)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",
+                  progress=_progress) -> CompiledModel:
+    """Compile ``model`` under ``plan`` (``None``: FP32) for ``target`` with the bitq pipeline."""
+    preset = get_target(target) if isinstance(target, str) else target
+    formats = resolve_plan(model, plan)
+    mod, params = import_relax(model)
+    check_weights(model, formats, params)
+    tvm_target = preset.tvm_target()
+    quantized = sum(not lf.is_fp32 for lf in formats.values())
+    if progress:
+        progress(f"compiling {model.name}: {len(model.layers)} layers ({quantized} BFP) for {preset.name}")
+    start = time.perf_counter()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=bitq_pipeline(model, formats, params, tvm_target))
+    seconds = time.perf_counter() - start
+    if progress:
+        progress(f"compiled in {seconds:.1f} s")
+    return CompiledModel(model, formats, preset, executable, seconds)

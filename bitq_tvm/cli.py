@@ -1,0 +1,263 @@
+"""The ``bitq-tvm`` command: inspect, compile, eval, demo, targets.
+
+User errors (:class:`~bitq_tvm.errors.BitqError`) print one line ``bitq-tvm: error: ...`` and
+exit with status 2; nothing is written half-way (outputs are written to a temporary file and
+renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from .errors import BitqError
+from .formats import PRESETS
+
+EXIT_USER_ERROR = 2
+
+
+def _print_table(headers, rows, out=sys.stdout) -> None:
+    """A GitHub-flavoured markdown table: readable in a terminal and pasteable into docs."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |", file=out)
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
+                   help="pin an input's shape (repeat per input; NAME: may be left out for a single input)")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--format", metavar="FORMAT",
+                   help=f"one BFP format for every layer: {', '.join(PRESETS)}, any bfp{{m}}_b{{B}}[_e{{E}}] or fp32")
+    g.add_argument("--plan", metavar="PLAN.json", help="per-layer formats (a plan file from `bitq-tvm plan`)")
+    p.add_argument("--target", default="host", help="target preset (see `bitq-tvm targets`); default: host")
+
+
+def _load_model(args):
+    from .frontend.onnx_model import load_onnx, parse_input_shapes
+
+    return load_onnx(args.model, parse_input_shapes(args.input_shape))
+
+
+def _load_plan(args):
+    from .plan import Plan
+
+    if args.plan:
+        return Plan.load(args.plan)
+    if args.format:
+        return Plan.uniform(args.format)
+    return None
+
+
+def weight_bytes(model, formats) -> tuple[int, int]:
+    """(FP32 bytes, bytes under ``formats``) of the model's layer weights, bit-packed."""
+    fp32 = quant = 0
+    for layer in model.layers:
+        fp32 += 4 * layer.params
+        fmt = formats[layer.name].weight if layer.name in formats else None
+        if fmt is None:
+            quant += 4 * layer.params
+        else:
+            rows = layer.params // layer.reduction
+            quant += fmt.packed_bytes(rows * fmt.num_blocks(layer.reduction))
+    return fp32, quant
+
+
+def cmd_inspect(args) -> int:
+    model = _load_model(args)
+    print(f"{model.path}: inputs {', '.join(f'{k} {list(v)}' for k, v in model.input_shapes.items())}")
+    rows = [(layer.name, layer.onnx_op + (f" g={layer.groups}" if layer.groups > 1 else ""), list(layer.weight_shape),
+             list(layer.input_shape), list(layer.output_shape), layer.reduction, f"{layer.macs:,}", f"{layer.params:,}")
+            for layer in model.layers]
+    _print_table(["layer", "op", "weight", "input", "output", "K", "MACs", "params"], rows)
+    print(f"{len(model.layers)} layers, {sum(l.macs for l in model.layers):,} MACs, "
+          f"{sum(l.params for l in model.layers):,} weight parameters")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .api import compile_model
+
+    model = _load_model(args)
+    plan = _load_plan(args)
+    compiled = compile_model(model, plan, args.target)
+    out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
+    compiled.export_library(out)
+    fp32, quant = weight_bytes(model, compiled.formats)
+    print(f"wrote {out} (target {compiled.target.name}; layer weights {quant:,} B in BFP vs {fp32:,} B FP32 "
+          f"= {quant / fp32:.3f}x; simulated BFP: weights quantized at compile time, activations at run time)")
+    return 0
+
+
+def _load_data(path, model):
+    if not os.path.isfile(path):
+        raise BitqError(f"{path}: no such data file")
+    try:
+        data = dict(np.load(path))
+    except Exception as err:  # noqa: BLE001 - numpy raises several types for bad files
+        raise BitqError(f"{path}: not a readable .npz file ({err})") from None
+    names = list(model.input_shapes)
+    if len(names) == 1 and names[0] not in data:
+        if "x" not in data:
+            raise BitqError(f"{path}: no array named '{names[0]}' or 'x' for the model's input")
+        data[names[0]] = data["x"]
+    for name in names:
+        if name not in data:
+            raise BitqError(f"{path}: no array for model input '{name}' (arrays: {sorted(data)})")
+        if tuple(data[name].shape[1:]) != tuple(model.input_shapes[name][1:]):
+            raise BitqError(f"{path}: array '{name}' has samples of shape {list(data[name].shape[1:])}, "
+                            f"model input '{name}' takes {list(model.input_shapes[name][1:])}")
+    return data
+
+
+def evaluate(model, plan, data, target="host", limit=None, progress=True) -> dict:
+    """FP32 vs BFP outputs of ``model`` on ``data`` (top-1 when labels ``y`` are present)."""
+    from .api import _progress, compile_model
+
+    if len(model.input_shapes) != 1:
+        raise BitqError(f"{model.path}: eval supports single-input models (this one has {list(model.input_shapes)})")
+    name = next(iter(model.input_shapes))
+    x = data[name][:limit]
+    results = {}
+    for label, p in (("fp32", None), ("bfp", plan)):
+        compiled = compile_model(model, p, target, progress=_progress if progress else None)
+        start = time.perf_counter()
+        results[label] = compiled.run_batched(name, x).astype(np.float64)
+        results[label + "_seconds"] = time.perf_counter() - start
+        results[label + "_formats"] = compiled.formats
+    ref, out = results["fp32"], results["bfp"]
+    flat_ref, flat_out = ref.reshape(len(x), -1), out.reshape(len(x), -1)
+    stats = {
+        "samples": len(x),
+        "argmax_agreement": float((flat_ref.argmax(1) == flat_out.argmax(1)).mean()),
+        "rel_l2_error": float(np.linalg.norm(flat_out - flat_ref) / max(np.linalg.norm(flat_ref), 1e-30)),
+        "max_abs_diff": float(np.abs(flat_out - flat_ref).max()),
+        "fp32_seconds": results["fp32_seconds"], "bfp_seconds": results["bfp_seconds"],
+    }
+    if "y" in data:
+        y = np.asarray(data["y"][:limit]).reshape(-1)
+        stats["fp32_top1"] = float((flat_ref.argmax(1) == y).mean())
+        stats["bfp_top1"] = float((flat_out.argmax(1) == y).mean())
+    stats["weight_bytes"] = weight_bytes(model, results["bfp_formats"])
+    return stats
+
+
+def cmd_eval(args) -> int:
+    model = _load_model(args)
+    plan = _load_plan(args)
+    if plan is None:
+        raise BitqError("eval: give --format or --plan (the BFP side of the comparison)")
+    stats = evaluate(model, plan, _load_data(args.data, model), args.target, args.limit)
+    fp32, quant = stats["weight_bytes"]
+    rows = [("samples", stats["samples"])]
+    if "fp32_top1" in stats:
+        rows += [("top-1 FP32", f"{stats['fp32_top1']:.4f}"), ("top-1 BFP", f"{stats['bfp_top1']:.4f}")]
+    rows += [("argmax agreement with FP32", f"{stats['argmax_agreement']:.4f}"),
+             ("output relative L2 error", f"{stats['rel_l2_error']:.3e}"),
+             ("output max |BFP - FP32|", f"{stats['max_abs_diff']:.3e}"),
+             ("layer weight bytes BFP / FP32", f"{quant:,} / {fp32:,} = {quant / fp32:.3f}x")]
+    _print_table(["metric", args.plan or args.format], rows)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .api import compile_model
+    from .models.zoo import bundled_model_path, bundled_test_data
+    from .frontend.onnx_model import load_onnx
+    from .plan import Plan
+
+    path = bundled_model_path()
+    model = load_onnx(path)
+    data = bundled_test_data()
+    x, y = data["x"], data["y"]
+    print(f"bundled model: {path.name}, a CNN trained on scikit-learn's handwritten digits "
+          f"({len(model.layers)} layers, {sum(l.params for l in model.layers):,} weights); "
+          f"held-out test split: {len(x)} images", flush=True)
+    rows = []
+    ref_logits = None
+    for spec in ("fp32", "bfp8_b32", "bfp6_b16", "bfp4_b16"):
+        plan = Plan.uniform(spec)
+        compiled = compile_model(model, plan, args.target, progress=None)
+        start = time.perf_counter()
+        logits = compiled.run_batched("input", x)
+        per_image_ms = (time.perf_counter() - start) * 1e3 / len(x)
+        if ref_logits is None:
+            ref_logits = logits
+        fp32, quant = weight_bytes(model, compiled.formats)
+        rows.append((spec, f"{(logits.argmax(1) == y).mean() * 100:.2f}%",
+                     f"{(logits.argmax(1) == ref_logits.argmax(1)).mean() * 100:.2f}%",
+                     f"{quant:,}", f"{quant / fp32:.3f}x", f"{compiled.compile_seconds:.1f}", f"{per_image_ms:.3f}"))
+    print(f"TVM {compiled.target.name} target ({compiled.target.llvm_target.get('mcpu', '')}); "
+          "uniform BFP on every layer's weights and input activations (simulated)")
+    _print_table(["format", "top-1", "agrees w/ FP32", "weight bytes", "vs FP32", "compile s", "ms/image"], rows)
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from .targets.presets import get_target, target_names
+
+    rows = []
+    for name in target_names():
+        t = get_target(name)
+        caches = ", ".join(f"{c.name} {c.size_bytes // 1024} KiB" for c in t.caches)
+        rows.append((name, t.intrinsic_family, t.vector_bits, t.cross_compiler or "-", t.emulator or "native", caches))
+    _print_table(["target", "int8 intrinsics", "vector bits", "cross compiler", "runs with", "caches"], rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitq-tvm", description="Block-floating-point DNN inference with TVM (BitQ).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list a model's layers, shapes, MACs and parameters")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compile", help="compile a model with BFP formats into a shared library")
+    _add_model_args(p)
+    _add_plan_args(p)
+    p.add_argument("-o", "--output", help="output library (default: MODEL.so)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("eval", help="compare BFP against FP32 on data (top-1 when labels are given)")
+    _add_model_args(p)
+    _add_plan_args(p)
+    p.add_argument("--data", required=True, help=".npz with the input array (by input name or 'x') and optional labels 'y'")
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the bundled digits CNN: FP32 vs uniform BFP8/6/4 accuracy and weight size")
+    p.add_argument("--target", default="host", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("targets", help="list the target presets")
+    p.set_defaults(func=cmd_targets)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BitqError as err:
+        print(f"bitq-tvm: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("bitq-tvm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Load an ONNX model, pin its shapes and find the layers BFP can quantize.
+
+This is the first step of the data flow (model -> layers -> ...). It turns whatever an exporter
+wrote into one normal form that the Relax importer and the NumPy reference both read:
+
+- input shapes pinned (``--input-shape``, else the model's static shapes, else the
+  ``bitq.default_input_shape`` metadata our bundled models carry) and shape subgraphs folded;
+- BatchNormalization after a Conv folded into the Conv's weight and bias, so that the weight BFP
+  quantizes is the weight that is deployed;
+- layer weights (Conv/MatMul/Gemm weights) held as initializers and every other constant as a
+  ``Constant`` node: the Relax importer then turns exactly the layer weights into named function
+  parameters (``keep_params_in_input=True``) and everything else (reshape shapes, biases) into
+  Relax constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import BitqError
+
+#: ONNX ops whose constant second input is a weight BFP quantizes.
+LAYER_OPS = ("Conv", "MatMul", "Gemm")
+#: ONNX ops that look like layers but have no BFP lowering; a plan naming one is an error.
+UNSUPPORTED_LAYER_OPS = ("ConvTranspose", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+DEFAULT_SHAPE_KEY = "bitq.default_input_shape"
+# Shape subgraphs are folded; anything bigger is data, not shape arithmetic.
+_FOLD_MAX_ELEMENTS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One quantizable layer: an ONNX Conv (2-D), MatMul or Gemm node with a constant weight.
+
+    The BFP block axis is the reduction axis of the op: input channels (within a group) for a
+    conv, K for a matmul. ``weight_axis`` and ``act_axis`` index the tensors as Relax sees them:
+    conv weights OIHW (axis 1), conv activations NCHW (axis 1, split into ``groups``), matmul
+    weights [K, N] after the importer's transpose of Gemm's [N, K] (axis 0), activations (-1).
+    """
+
+    name: str
+    onnx_op: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    groups: int = 1
+    trans_b: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "conv2d" if self.onnx_op == "Conv" else "matmul"
+
+    @property
+    def reduction(self) -> int:
+        """Length of the reduction (block) axis: in-group channels or K."""
+        if self.kind == "conv2d":
+            return self.weight_shape[1]
+        return self.weight_shape[1] if self.trans_b else self.weight_shape[0]
+
+    @property
+    def macs(self) -> int:
+        if self.kind == "conv2d":
+            o, i, kh, kw = self.weight_shape
+            return int(np.prod(self.output_shape)) * i * kh * kw
+        return int(np.prod(self.output_shape)) * self.reduction
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+
+@dataclasses.dataclass
+class OnnxModel:
+    """A normalised ONNX model with pinned input shapes and its layer table."""
+
+    path: str
+    proto: onnx.ModelProto
+    input_shapes: dict[str, tuple[int, ...]]
+    layers: tuple[Layer, ...]
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise BitqError(f"{self.path}: no layer named '{name}'")
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The layer weights (initializers), by initializer name."""
+        return {t.name: numpy_helper.to_array(t) for t in self.proto.graph.initializer}
+
+    def non_layer_nodes(self, op_types) -> list[onnx.NodeProto]:
+        return [n for n in self.proto.graph.node if n.op_type in op_types]
+
+
+def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
+    """Parse ``name:1,3,224,224`` (or ``1,3,224,224`` for a single-input model) options."""
+    shapes = {}
+    for spec in specs or ():
+        name, _, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:
+            raise BitqError(f"--input-shape '{spec}': expected NAME:D0,D1,... with integer dims") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise BitqError(f"--input-shape '{spec}': dims must be positive integers")
+        shapes[name] = shape
+    return shapes
+
+
+def load_onnx(path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> OnnxModel:
+    """Load, check and normalise an ONNX model.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.onnx`` file.
+    input_shapes : dict, optional
+        Shapes for the graph inputs (key ``""`` means the only input); required for inputs with
+        symbolic dimensions unless the model carries ``bitq.default_input_shape`` metadata.
+
+    Returns
+    -------
+    OnnxModel
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BitqError(f"{path}: no such file")
+    try:
+        proto = onnx.load(path)
+    except Exception as err:  # protobuf raises its own DecodeError, others raise OSError
+        raise BitqError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)})") from None
+    if not proto.graph.node:
+        raise BitqError(f"{path}: not an ONNX model (the graph has no nodes)")
+    return normalize(proto, path, input_shapes)
+
+
+def normalize(proto: onnx.ModelProto, path: str, input_shapes=None) -> OnnxModel:
+    """Normalise an in-memory ``ModelProto`` (see the module docstring); ``path`` names it in errors."""
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise BitqError(f"{path}: invalid ONNX model: {_first_line(err)}") from None
+    proto = _copy(proto)
+    graph = proto.graph
+    _initializers_to_constants(graph)
+    shapes = _pin_input_shapes(proto, path, dict(input_shapes or {}))
+    _fold_shape_subgraphs(graph)
+    _fold_batchnorm(graph)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except Exception as err:  # noqa: BLE001 - onnx raises several unrelated types here
+        raise BitqError(f"{path}: ONNX shape inference failed: {_first_line(err)}") from None
+    layers = _find_layers(proto, path)
+    _layer_weights_to_initializers(proto.graph, layers)
+    return OnnxModel(path=path, proto=proto, input_shapes=shapes, layers=tuple(layers))
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _copy(proto):
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def _graph_inputs(graph):
+    init_names = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in init_names]
+
+
+def _initializers_to_constants(graph):
+    """Every initializer becomes a Constant node; layer weights go back to initializers later."""
+    init_names = {t.name for t in graph.initializer}
+    # Old exporters (IR < 4) also list initializers as graph inputs.
+    keep_inputs = [i for i in graph.input if i.name not in init_names]
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+    consts = [helper.make_node("Constant", [], [t.name], value=t, name=f"const:{t.name}") for t in graph.initializer]
+    del graph.initializer[:]
+    nodes = consts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _constant_values(graph) -> dict[str, np.ndarray]:
+    values = {}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = _constant_node_value(node)
+    return values
+
+
+def _constant_node_value(node) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name in ("value_float", "value_int"):
+        return np.array(helper.get_attribute_value(attr), dtype=np.float32 if attr.name == "value_float" else np.int64)
+    if attr.name in ("value_floats", "value_ints"):
+        return np.array(helper.get_attribute_value(attr), dtype=np.float32 if attr.name == "value_floats" else np.int64)
+    raise BitqError(f"Constant node '{node.name or node.output[0]}': unsupported attribute '{attr.name}'")
+
+
+def _pin_input_shapes(proto, path, requested):
+    graph = proto.graph
+    inputs = _graph_inputs(graph)
+    default = next((p.value for p in proto.metadata_props if p.key == DEFAULT_SHAPE_KEY), None)
+    if "" in requested:
+        if len(inputs) != 1:
+            raise BitqError(f"{path}: --input-shape without a name, but the model has inputs "
+                            f"{[i.name for i in inputs]}; use NAME:D0,D1,...")
+        requested[inputs[0].name] = requested.pop("")
+    unknown = set(requested) - {i.name for i in inputs}
+    if unknown:
+        raise BitqError(f"{path}: --input-shape names unknown input(s) {sorted(unknown)}; "
+                        f"the inputs are {[i.name for i in inputs]}")
+    shapes = {}
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        model_shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        if inp.name in requested:
+            shape = requested[inp.name]
+            if len(shape) != len(model_shape) or any(m is not None and m != s for m, s in zip(model_shape, shape)):
+                raise BitqError(f"{path}: --input-shape {inp.name}:{','.join(map(str, shape))} does not fit "
+                                f"the model's input shape {_show_shape(dims)}")
+        elif None not in model_shape:
+            shape = tuple(model_shape)
+        elif default is not None and len(inputs) == 1:
+            shape = tuple(int(d) for d in default.split(","))
+        else:
+            raise BitqError(f"{path}: input '{inp.name}' has dynamic shape {_show_shape(dims)}; "
+                            f"pin it with --input-shape {inp.name}:" + ",".join(str(m or 1) for m in model_shape))
+        shapes[inp.name] = tuple(shape)
+        for d, s in zip(dims, shape):
+            d.Clear()
+            d.dim_value = s
+    # Value infos from the exporter may carry the old symbolic dims; shape inference redoes them.
+    del graph.value_info[:]
+    for out in graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.Clear()
+    return shapes
+
+
+def _show_shape(dims) -> str:
+    return "[" + ",".join(d.dim_param if d.HasField("dim_param") else str(d.dim_value or "?") for d in dims) + "]"
+
+
+def _fold_shape_subgraphs(graph):
+    """Evaluate small constant subgraphs (Shape -> Gather -> Concat -> Reshape chains).
+
+    With the input shapes pinned these are constants; the Relax importer wants them folded.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    static_shapes = {}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and all(d.HasField("dim_value") for d in dims):
+                static_shapes[vi.name] = tuple(d.dim_value for d in dims)
+            elif vi.type.tensor_type.HasField("shape") and not dims:
+                static_shapes[vi.name] = ()
+    except Exception:  # noqa: BLE001 - folding is best effort; the strict inference later reports
+        return
+    values = _constant_values(graph)
+    new_nodes = []
+    for node in graph.node:
+        folded = None
+        if node.op_type == "Shape" and node.input[0] in static_shapes:
+            shape = np.array(static_shapes[node.input[0]], dtype=np.int64)
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            folded = [shape[start:end]]
+        elif (node.op_type not in ("Constant",) and not node.op_type.startswith("Random")
+              and node.domain in ("", "ai.onnx") and node.input
+              and all(i == "" or (i in values and values[i].size <= _FOLD_MAX_ELEMENTS) for i in node.input)
+              and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
+            try:
+                sub = helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in node.output],
+                                        initializer=[numpy_helper.from_array(values[i], i) for i in node.input if i])
+                folded = ReferenceEvaluator(helper.make_model(sub, opset_imports=[helper.make_opsetid("", 17)])).run(None, {})
+            except Exception:  # noqa: BLE001 - leave the node to the importer
+                folded = None
+        if folded is None:
+            new_nodes.append(node)
+            continue
+        for name, value in zip(node.output, folded):
+            value = np.asarray(value)
+            values[name] = value
+            new_nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name),
+                                              name=f"folded:{name}"))
+    del graph.node[:]
+    graph.node.extend(_drop_dead(new_nodes, graph))
+
+
+def _drop_dead(nodes, graph):
+    live = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(nodes):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs read outer-scope names
+                for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    for n in g.node:
+                        live.update(n.input)
+    return list(reversed(kept))
+
+
+def _fold_batchnorm(graph):
+    """Fold inference BatchNormalization into the Conv that feeds it (and only it)."""
+    values = _constant_values(graph)
+    consumers = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    removed, replaced = set(), {}
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or len(consumers.get(conv.output[0], [])) != 1
+                or conv.output[0] in graph_outputs or conv.input[1] not in values
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in values)
+                or not all(i in values for i in bn.input[1:5])):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (values[i].astype(np.float64) for i in bn.input[1:5])
+        w = values[conv.input[1]].astype(np.float64)
+        b = values[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+        factor = gamma / np.sqrt(var + eps)
+        w_name, b_name = conv.input[1] + ":bn", (conv.name or conv.output[0]) + ".bias:bn"
+        replaced[w_name] = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        replaced[b_name] = ((b - mean) * factor + beta).astype(np.float32)
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+    if not removed:
+        return
+    new_nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k), name=f"const:{k}")
+                 for k, v in replaced.items()]
+    new_nodes += [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(_drop_dead(new_nodes, graph))
+
+
+def _shape_of(vi_map, name):
+    vi = vi_map.get(name)
+    if vi is None:
+        return None
+    dims = vi.type.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)
+
+
+def _find_layers(proto, path) -> list[Layer]:
+    graph = proto.graph
+    values = _constant_values(graph)
+    vi_map = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    layers, seen = [], {}
+    for index, node in enumerate(graph.node):
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in values:
+            continue
+        weight = values[node.input[1]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv" and weight.ndim != 4:
+            continue  # 1-D/3-D convs are not BFP layers
+        if node.op_type == "MatMul" and weight.ndim != 2:
+            continue
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or weight.ndim != 2):
+            continue
+        name = node.name or f"{node.op_type}_{index}"
+        if name in seen:
+            name = f"{name}_{index}"
+        seen[name] = True
+        in_shape, out_shape = _shape_of(vi_map, node.input[0]), _shape_of(vi_map, node.output[0])
+        if in_shape is None or out_shape is None:
+            raise BitqError(f"{path}: node '{name}' ({node.op_type}): could not infer static shapes; "
+                            "pin the inputs with --input-shape")
+        layers.append(Layer(name=name, onnx_op=node.op_type, weight=node.input[1],
+                            weight_shape=tuple(weight.shape), input_shape=in_shape, output_shape=out_shape,
+                            groups=int(attrs.get("group", 1)), trans_b=bool(attrs.get("transB", 0))))
+    return layers
+
+
+def _layer_weights_to_initializers(graph, layers):
+    weight_names = {layer.weight for layer in layers}
+    nodes, inits = [], []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in weight_names:
+            inits.append(numpy_helper.from_array(_constant_node_value(node), node.output[0]))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)

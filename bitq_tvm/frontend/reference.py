@@ -1,0 +1,85 @@
+"""The NumPy reference simulation of a whole model under a plan.
+
+The oracle for the TVM simulation: the normalised ONNX model runs in ONNX's own reference
+evaluator (NumPy), with each planned layer's weight replaced by
+:func:`~bitq_tvm.formats.fake_quantize_np` of it and a ``bitq.BFPFakeQuant`` node, computed by the
+same NumPy function, in front of its input activation. Blocks follow the same reduction axes as
+:mod:`bitq_tvm.passes.insert_bfp_simulation`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from ..formats import fake_quantize_np, parse_format
+from .onnx_model import LAYER_OPS, Layer, OnnxModel
+
+_DOMAIN = "bitq"
+
+
+class BFPFakeQuant(OpRun):
+    """``bitq.BFPFakeQuant(x; format, axis, groups)`` for the ONNX reference evaluator."""
+
+    op_domain = _DOMAIN
+
+    def _run(self, x, format=None, axis=None, groups=None):  # noqa: A002 - ONNX attribute names
+        fmt = parse_format(format.decode() if isinstance(format, bytes) else format)
+        return (fake_quantize_np(x, fmt, axis=axis, groups=groups),)
+
+
+def weight_block_axis(layer: Layer) -> int:
+    """Reduction axis of the layer's ONNX weight: I of OIHW, K of MatMul [K,N] / Gemm [N,K]."""
+    if layer.kind == "conv2d":
+        return 1
+    return 1 if layer.trans_b else 0
+
+
+def act_block_axis(layer: Layer) -> tuple[int, int]:
+    """(axis, groups) of the layer's input activation blocks."""
+    if layer.kind == "conv2d":
+        return 1, layer.groups
+    return len(layer.input_shape) - 1, 1
+
+
+def reference_model(model: OnnxModel, formats: dict) -> onnx.ModelProto:
+    """The ONNX model with the plan's fake quantization applied (weights) or inserted (activations)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    by_weight = {layer.weight: layer for layer in model.layers}
+    inits = []
+    for init in graph.initializer:
+        layer = by_weight.get(init.name)
+        lf = formats.get(layer.name) if layer is not None else None
+        if lf is not None and lf.weight is not None:
+            w = numpy_helper.to_array(init)
+            init = numpy_helper.from_array(fake_quantize_np(w, lf.weight, axis=weight_block_axis(layer), name=init.name),
+                                           init.name)
+        inits.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    nodes = []
+    for node in graph.node:
+        layer = by_weight.get(node.input[1]) if node.op_type in LAYER_OPS and len(node.input) > 1 else None
+        lf = formats.get(layer.name) if layer is not None else None
+        if lf is not None and lf.activation is not None:
+            axis, groups = act_block_axis(layer)
+            q_name = f"{node.input[0]}:bfp:{layer.name}"
+            nodes.append(helper.make_node("BFPFakeQuant", [node.input[0]], [q_name], domain=_DOMAIN,
+                                          format=lf.activation.name, axis=axis, groups=groups))
+            node.input[0] = q_name
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    proto.opset_import.append(helper.make_opsetid(_DOMAIN, 1))
+    return proto
+
+
+def run_reference(model: OnnxModel, formats: dict, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run the NumPy reference simulation of ``model`` under ``formats`` (layer -> LayerFormats)."""
+    evaluator = ReferenceEvaluator(reference_model(model, formats), new_ops=[BFPFakeQuant])
+    return [np.asarray(o) for o in evaluator.run(None, inputs)]

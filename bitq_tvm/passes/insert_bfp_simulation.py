@@ -1,0 +1,109 @@
+"""InsertBFPSimulation: BFP quantize -> dequantize on each planned layer's weight and input.
+
+Where it sits: after :class:`~bitq_tvm.passes.AnnotateBFPLayers` (it finds layers by the names that
+pass recorded) and before parameters are bound and constants folded. Each planned layer's
+``conv2d``/``matmul`` gets its operands replaced by ``call_tir`` of the BFP fake-quant kernel
+(:mod:`bitq_tvm.schedules.bfp_quant`) with blocks along the op's reduction axis: input channels
+within a group (per kernel offset) for convs, K for matmuls. Once the weights are bound,
+``FoldConstant`` runs the weight kernels at compile time, so only activations are quantized at
+run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
+the same plan up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.relax import PyExprMutator, expr_functor
+
+from ..errors import BitqError
+from ..schedules.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
+from .annotate_layers import annotated_layers
+
+
+def block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((activation axis, groups), (weight axis, groups)) of a layer op's reduction axis."""
+    if call.op.name == "relax.nn.conv2d":
+        attrs = call.attrs
+        if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
+            raise BitqError(f"conv2d layout {attrs.data_layout}/{attrs.kernel_layout} is not supported (NCHW/OIHW)")
+        return (1, int(attrs.groups)), (1, 1)
+    act_ndim = len(call.args[0].ty.shape)
+    w_ndim = len(call.args[1].ty.shape)
+    return (act_ndim - 1, 1), (w_ndim - 2, 1)
+
+
+@expr_functor.mutator
+class _Simulator(PyExprMutator):
+    def __init__(self, mod: IRModule, formats: dict):
+        super().__init__(mod)
+        self.formats = formats
+        self.var_to_layer: dict[str, str] = {}
+        self.done: set[str] = set()
+
+    def _fake_quant(self, expr: relax.Expr, fmt, axis: int, groups: int, name: str) -> relax.Expr:
+        shape = [int(d) for d in expr.ty.shape]
+        func = bfp_fake_quant_func(tuple(shape), fmt, axis, groups)
+        # Shapes in the name keep it deterministic (a tuning-database key), never deduplicated.
+        name = f"{bfp_fake_quant_name(fmt, axis, groups)}_{'x'.join(map(str, shape))}"
+        gv = self.builder_.add_func(func, name)
+        return self.builder_.emit(relax.call_tir(gv, [expr], relax.TensorType(shape, expr.ty.dtype)), name)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        layer = self.var_to_layer.get(binding.var.name)
+        lf = self.formats.get(layer) if layer is not None else None
+        value = binding.value
+        if lf is None or lf.is_fp32 or not isinstance(value, relax.Call):
+            super().visit_var_binding_(binding)
+            return
+        call = self.visit_expr(value)
+        try:
+            (a_axis, a_groups), (w_axis, w_groups) = block_axes(call)
+        except BitqError as err:
+            raise BitqError(f"layer '{layer}': {err}") from None
+        args = list(call.args)
+        if lf.activation is not None:
+            args[0] = self._fake_quant(args[0], lf.activation, a_axis, a_groups, f"{binding.var.name}_act_bfp")
+        if lf.weight is not None:
+            args[1] = self._fake_quant(args[1], lf.weight, w_axis, w_groups, f"{binding.var.name}_w_bfp")
+        new_call = relax.Call(call.op, args, call.attrs, call.ty_args)
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(new_call, binding.var.name)
+        else:
+            new_var = self.builder_.emit_output(new_call, binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+        self.done.add(layer)
+
+
+@tvm.transform.module_pass(opt_level=0, name="InsertBFPSimulation")
+class InsertBFPSimulation:
+    """Insert BFP fake quantization on planned layers' weights and input activations.
+
+    Parameters
+    ----------
+    formats : dict
+        Layer name -> :class:`~bitq_tvm.plan.LayerFormats` (``Plan.resolve`` gives it). Layers
+        absent or FP32 are left alone; a planned layer missing from the module is an error.
+    """
+
+    def __init__(self, formats: dict):
+        self.formats = dict(formats)
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        sim = _Simulator(mod, self.formats)
+        seen = set()
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            layers = annotated_layers(func)
+            if not layers:
+                continue
+            seen.update(layers)
+            sim.var_to_layer = {var: layer for layer, var in layers.items()}
+            sim.builder_.update_func(gv, sim.visit_expr(func))
+        missing = [name for name, lf in self.formats.items() if not lf.is_fp32 and name not in seen]
+        if missing:
+            raise BitqError(f"InsertBFPSimulation: planned layer(s) {missing} are not annotated in the module "
+                            "(run AnnotateBFPLayers first)")
+        return sim.builder_.get()

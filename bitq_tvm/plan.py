@@ -1,0 +1,150 @@
+"""The plan: per-layer BFP formats, the hand-off between the solver and the compiler.
+
+A plan is a plain, versioned JSON file that people can read and edit::
+
+    {
+      "bitq_plan_version": 1,
+      "default": {"weight": "bfp8_b32", "activation": "bfp8_b32"},
+      "layers": {
+        "conv1": {"weight": "bfp6_b16", "activation": "bfp8_b16"},
+        "fc2": "fp32"
+      }
+    }
+
+``default`` applies to every layer the ``layers`` table does not name; a layer entry is either a
+format for both tensors, ``"fp32"`` (leave the layer alone), or a ``{"weight", "activation"}``
+object. Entries may carry more keys (the solver writes predicted loss, traffic, latency); they are
+kept as ``info`` and ignored by the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import BitqError
+from .formats import BFPFormat, parse_format
+
+PLAN_VERSION = 1
+
+
+def _format_name(fmt: BFPFormat | None) -> str:
+    return "fp32" if fmt is None else fmt.name
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFormats:
+    """The formats of one layer's weight and input activation (``None`` = FP32)."""
+
+    weight: BFPFormat | None = None
+    activation: BFPFormat | None = None
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.weight is None and self.activation is None
+
+    @classmethod
+    def parse(cls, spec, where: str) -> "LayerFormats":
+        """Parse a plan entry: a format spec for both tensors or a ``{weight, activation}`` dict."""
+        try:
+            if isinstance(spec, dict) and ("weight" in spec or "activation" in spec):
+                info = {k: v for k, v in spec.items() if k not in ("weight", "activation")}
+                return cls(parse_format(spec.get("weight", "fp32")), parse_format(spec.get("activation", "fp32")), info)
+            fmt = parse_format(spec)
+            return cls(fmt, fmt)
+        except BitqError as err:
+            raise BitqError(f"{where}: {err}") from None
+
+    def to_json(self) -> Any:
+        if self.weight == self.activation and not self.info:
+            return _format_name(self.weight)
+        return {"weight": _format_name(self.weight), "activation": _format_name(self.activation), **self.info}
+
+
+FP32 = LayerFormats()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-layer BFP formats, keyed by ONNX layer (node) name."""
+
+    layers: Mapping[str, LayerFormats] = dataclasses.field(default_factory=dict)
+    default: LayerFormats = FP32
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    @classmethod
+    def uniform(cls, fmt: BFPFormat | str | None, **meta) -> "Plan":
+        """Every layer's weight and activation in one format."""
+        return cls(default=LayerFormats.parse(fmt, "format"), meta=meta)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "plan") -> "Plan":
+        if not isinstance(data, dict):
+            raise BitqError(f"{where}: a plan is a JSON object")
+        version = data.get("bitq_plan_version")
+        if version != PLAN_VERSION:
+            raise BitqError(f"{where}: unsupported plan version {version!r} (this bitq-tvm reads version {PLAN_VERSION})")
+        layers_json = data.get("layers", {})
+        if not isinstance(layers_json, dict):
+            raise BitqError(f"{where}: 'layers' must be an object mapping layer name -> format")
+        layers = {name: LayerFormats.parse(spec, f"{where}: layer '{name}'") for name, spec in layers_json.items()}
+        default = LayerFormats.parse(data.get("default", "fp32"), f"{where}: default")
+        meta = {k: v for k, v in data.items() if k not in ("bitq_plan_version", "layers", "default")}
+        return cls(layers=layers, default=default, meta=meta)
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        """Read a plan JSON file."""
+        path = str(path)
+        if not os.path.isfile(path):
+            raise BitqError(f"{path}: no such plan file")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise BitqError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_json(data, path)
+
+    def to_json(self) -> dict:
+        return {"bitq_plan_version": PLAN_VERSION, **self.meta, "default": self.default.to_json(),
+                "layers": {name: lf.to_json() for name, lf in self.layers.items()}}
+
+    def save(self, path) -> None:
+        """Write the plan as JSON (atomically: a crash leaves the old file or none)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    def resolve(self, layers, where: str = "plan", unsupported: Mapping[str, str] | None = None) -> dict[str, LayerFormats]:
+        """The formats of every layer of a model, checking the plan names only layers it has.
+
+        Parameters
+        ----------
+        layers : sequence of Layer
+            The model's layer table.
+        unsupported : mapping, optional
+            Node name -> op type of nodes that look like layers but have no BFP support; a plan
+            naming one gets an error saying so rather than "no such layer".
+        """
+        names = [layer.name for layer in layers]
+        for name, lf in self.layers.items():
+            if name in names:
+                continue
+            if unsupported and name in unsupported and not lf.is_fp32:
+                raise BitqError(f"{where}: layer '{name}' is an ONNX {unsupported[name]} node, which BFP does not "
+                                "support (supported: Conv 2-D, MatMul and Gemm with constant weights)")
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+                f"; the model's layers are {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            raise BitqError(f"{where}: layer '{name}' does not exist in the model{hint}")
+        return {name: self.layers.get(name, self.default) for name in names}
