@@ -61,7 +61,11 @@ def _load_plan(args):
 
 
 def weight_bytes(model, formats) -> tuple[int, int]:
-    """(FP32 bytes, bytes under ``formats``) of the model's layer weights, bit-packed."""
+    """(FP32 bytes, bytes under ``formats``) of the model's layer weights.
+
+    BFP bytes count m bits per element plus E bits per block, bit-packed; the zero padding of
+    ragged blocks is not stored (kernels re-create it), so a 3-channel conv is not charged for 32.
+    """
     fp32 = quant = 0
     for layer in model.layers:
         fp32 += 4 * layer.params
@@ -69,8 +73,8 @@ def weight_bytes(model, formats) -> tuple[int, int]:
         if fmt is None:
             quant += 4 * layer.params
         else:
-            rows = layer.params // layer.reduction
-            quant += fmt.packed_bytes(rows * fmt.num_blocks(layer.reduction))
+            blocks = layer.params // layer.reduction * fmt.num_blocks(layer.reduction)
+            quant += -(-(layer.params * fmt.mantissa_bits + blocks * fmt.exponent_bits) // 8)
     return fp32, quant
 
 
