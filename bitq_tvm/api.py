@@ -89,6 +89,7 @@ def simulation_passes(model: OnnxModel, formats: dict[str, LayerFormats], params
         InsertBFPSimulation(formats),
         relax.transform.BindParams("main", params),
         relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
     ]
 
 

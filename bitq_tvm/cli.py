@@ -20,8 +20,9 @@ from .formats import PRESETS
 EXIT_USER_ERROR = 2
 
 
-def _print_table(headers, rows, out=sys.stdout) -> None:
+def _print_table(headers, rows, out=None) -> None:
     """A GitHub-flavoured markdown table: readable in a terminal and pasteable into docs."""
+    out = out or sys.stdout
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):

@@ -21,6 +21,8 @@ from ..errors import BitqError
 from ..schedules.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
 from .annotate_layers import annotated_layers
 
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
+
 
 def block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:
     """((activation axis, groups), (weight axis, groups)) of a layer op's reduction axis."""
@@ -50,6 +52,21 @@ class _Simulator(PyExprMutator):
         gv = self.builder_.add_func(func, name)
         return self.builder_.emit(relax.call_tir(gv, [expr], relax.TensorType(shape, expr.ty.dtype)), name)
 
+    def _quantize_weight(self, original: relax.Expr, weight: relax.Expr, fmt, axis: int, name: str) -> relax.Expr:
+        """Quantize a weight in the layout the model stores it (before the importer's transpose).
+
+        Stochastic rounding draws by element index, so the blocks must be formed on the stored
+        tensor for the result to match the NumPy reference of the ONNX initializer.
+        """
+        bound = self.lookup_binding(original) if isinstance(original, relax.Var) else None
+        if isinstance(bound, relax.Call) and bound.op.same_as(_PERMUTE_DIMS):
+            stored = self.visit_expr(bound.args[0])
+            axes = [int(a) for a in bound.attrs.axes] if bound.attrs.axes is not None else \
+                list(reversed(range(len(stored.ty.shape))))
+            quantized = self._fake_quant(stored, fmt, axes[axis], 1, name)
+            return self.builder_.emit(relax.op.permute_dims(quantized, axes), f"{name}_t")
+        return self._fake_quant(weight, fmt, axis, 1, name)
+
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         layer = self.var_to_layer.get(binding.var.name)
         lf = self.formats.get(layer) if layer is not None else None
@@ -66,7 +83,7 @@ class _Simulator(PyExprMutator):
         if lf.activation is not None:
             args[0] = self._fake_quant(args[0], lf.activation, a_axis, a_groups, f"{binding.var.name}_act_bfp")
         if lf.weight is not None:
-            args[1] = self._fake_quant(args[1], lf.weight, w_axis, w_groups, f"{binding.var.name}_w_bfp")
+            args[1] = self._quantize_weight(value.args[1], args[1], lf.weight, w_axis, f"{binding.var.name}_w_bfp")
         new_call = relax.Call(call.op, args, call.attrs, call.ty_args)
         if isinstance(binding.var, relax.DataflowVar):
             new_var = self.builder_.emit(new_call, binding.var.name)

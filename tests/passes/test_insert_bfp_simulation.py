@@ -48,7 +48,7 @@ class Expected:
         T.evaluate(0)
 
     @T.prim_func(private=True)
-    def bfp_fq_bfp6_b16_a0_g1_256x10(x: T.Buffer((256, 10), "float32"), y: T.Buffer((256, 10), "float32")):
+    def bfp_fq_bfp6_b16_a1_g1_10x256(x: T.Buffer((10, 256), "float32"), y: T.Buffer((10, 256), "float32")):
         T.evaluate(0)
 
     @R.function
@@ -63,8 +63,10 @@ class Expected:
             lv1 = R.nn.relu(conv1)
             lv2 = R.reshape(lv1, R.shape([1, 256]))
             lv3 = R.permute_dims(fc_weight, axes=[1, 0])
-            fq = R.call_tir(cls.bfp_fq_bfp6_b16_a0_g1_256x10, (lv3,), out_ty=R.Tensor((256, 10), "float32"))
-            fc = R.matmul(lv2, fq)
+            # Gemm weights are quantized as stored ([N, K], blocks along K), then transposed.
+            fq = R.call_tir(cls.bfp_fq_bfp6_b16_a1_g1_10x256, (fc_weight,), out_ty=R.Tensor((10, 256), "float32"))
+            fq_t = R.permute_dims(fq, axes=[1, 0])
+            fc = R.matmul(lv2, fq_t)
             R.output(fc)
         return fc
 
@@ -74,7 +76,7 @@ def _expected():
     kernels = {
         "bfp_fq_bfp4_b16_a1_g2_1x6x8x8": bfp_fake_quant_func((1, 6, 8, 8), B4, 1, 2),
         "bfp_fq_bfp8_b32_a1_g1_4x3x3x3": bfp_fake_quant_func((4, 3, 3, 3), B8, 1, 1),
-        "bfp_fq_bfp6_b16_a0_g1_256x10": bfp_fake_quant_func((256, 10), B6, 0, 1),
+        "bfp_fq_bfp6_b16_a1_g1_10x256": bfp_fake_quant_func((10, 256), B6, 1, 1),
     }
     funcs = {gv: (kernels.get(gv.name_hint) or func) for gv, func in mod.functions_items()}
     return tvm.IRModule(funcs)

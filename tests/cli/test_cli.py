@@ -1,0 +1,133 @@
+"""The ``bitq-tvm`` command: happy paths in-process, user errors as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from tvm import relax
+
+from bitq_tvm.cli import main
+from bitq_tvm.models import zoo
+
+BUNDLED = str(zoo.bundled_model_path())
+
+
+def run_cli(*args, cwd=None):
+    """Run the installed command in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, "-m", "bitq_tvm.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def _table(out):
+    """First two columns of the markdown table in ``out``, as a dict."""
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    return {row[0]: row[1] for row in cells[2:]}
+
+
+def test_inspect(capsys):
+    assert main(["inspect", BUNDLED]) == 0
+    out = capsys.readouterr().out
+    assert "| conv1 " in out and "| fc2 " in out
+    assert "4 layers, 337,536 MACs, 38,160 weight parameters" in out
+
+
+def test_compile_writes_a_loadable_library(tmp_path, capsys):
+    out = tmp_path / "digits.so"
+    assert main(["compile", BUNDLED, "--format", "bfp8_b32", "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+    x = zoo.bundled_test_data()["x"][:1]
+    logits = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert logits.shape == (1, 10) and np.isfinite(logits).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["digits.so"]  # no temporary left behind
+
+
+def test_compile_with_plan_file(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"bitq_plan_version": 1, "default": "bfp6_b16", "layers": {"conv1": "fp32"}}))
+    assert main(["compile", BUNDLED, "--plan", str(plan), "-o", str(tmp_path / "m.so")]) == 0
+    assert (tmp_path / "m.so").stat().st_size > 0
+
+
+def test_eval_reports_top1_and_agreement(tmp_path, capsys):
+    data = zoo.bundled_test_data()
+    assert main(["eval", BUNDLED, "--data", str(zoo._bundled_file("digits_test.npz")), "--format", "bfp4_b16"]) == 0
+    out = capsys.readouterr().out
+    rows = _table(out)
+    assert rows["samples"] == str(len(data["y"]))
+    fp32, bfp = float(rows["top-1 FP32"]), float(rows["top-1 BFP"])
+    assert fp32 >= 0.95 and abs(fp32 - bfp) <= 0.05
+    assert 0.9 <= float(rows["argmax agreement with FP32"]) <= 1.0
+    # Without labels: agreement only.
+    np.savez(tmp_path / "nolabels.npz", input=data["x"][:20])
+    assert main(["eval", BUNDLED, "--data", str(tmp_path / "nolabels.npz"), "--format", "bfp8_b32"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" not in out and "argmax agreement with FP32" in out
+
+
+def test_demo(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| bfp") or line.startswith("| fp32")]
+    assert [row.split("|")[1].strip() for row in table] == ["fp32", "bfp8_b32", "bfp6_b16", "bfp4_b16"]
+    ratios = [float(row.split("|")[5].strip().rstrip("x")) for row in table]
+    assert ratios[0] == 1.0 and ratios[1] < 0.27 and ratios[3] < 0.15
+
+
+def test_targets(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("host", "cortex-a76", "rv64gcv-vlen128"):
+        assert f"| {name} " in out
+
+
+def _nan_model(path):
+    model = onnx.load(BUNDLED)
+    for init in model.graph.initializer:
+        if init.name.startswith("conv2") and len(init.dims) == 4:
+            w = onnx.numpy_helper.to_array(init).copy()
+            w.flat[5] = np.inf
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+            onnx.save(model, path)
+            return init.name
+    raise AssertionError("no conv2 weight")
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "format", "plan_layer", "dynamic", "nan", "shape"])
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
+    out = tmp_path / "out.so"
+    args = ["compile", BUNDLED, "--format", "bfp8_b32", "-o", str(out)]
+    expect = None
+    if case == "missing":
+        args[1], expect = str(tmp_path / "nope.onnx"), "nope.onnx: no such file"
+    elif case == "malformed":
+        (tmp_path / "bad.onnx").write_bytes(b"this is not protobuf")
+        args[1], expect = str(tmp_path / "bad.onnx"), "bad.onnx: not"
+    elif case == "format":
+        args[3], expect = "bfp3_b7x", "unknown BFP format 'bfp3_b7x'; presets: bfp8_b32"
+    elif case == "plan_layer":
+        plan = tmp_path / "plan.json"
+        plan.write_text(json.dumps({"bitq_plan_version": 1, "layers": {"conv9": "bfp8_b32"}}))
+        args[2:4], expect = ["--plan", str(plan)], "layer 'conv9' does not exist in the model"
+    elif case == "dynamic":
+        path = tmp_path / "dyn.onnx"
+        onnx.save(zoo.with_dynamic_batch(zoo.resnet18(image_size=32, num_classes=10)), path)
+        args[1], expect = str(path), "input 'input' has dynamic shape [batch,3,32,32]; pin it with --input-shape"
+    elif case == "nan":
+        path = tmp_path / "nan.onnx"
+        tensor = _nan_model(path)
+        args[1], expect = str(path), f"weight tensor '{tensor}' of layer 'conv2' contains 1 NaN/Inf"
+    elif case == "shape":
+        args += ["--input-shape", "input:1,1,8"]
+        expect = "does not fit the model's input shape"
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("bitq-tvm: error:")]
+    assert len(error_lines) == 1 and expect in error_lines[0], result.stderr
+    assert not out.exists()
