@@ -1,0 +1,150 @@
+"""x86 integer dot-product tensor intrinsics that compile with TVM 0.27's LLVM 22.
+
+TVM's shipped ``dot_16x4_vnni`` passes ``<16 x i32>`` operands to ``llvm.x86.avx512.vpdpbusd.512``,
+which LLVM 22 rejects (it now takes ``<16 x i32>, <64 x i8>, <64 x i8>``); its ``dot_16x4_avx512``
+sibling goes through ``vpmaddubsw`` and saturates int16 on full-range u8 x s8 data. These are
+corrected replacements, registered under our own names so nothing depends on overriding TVM's.
+
+Both intrinsics compute, for one activation quad ``A[0:4]`` (uint8, broadcast to every lane) and a
+packed weight tile ``B[lanes, 4]`` (int8, 4 consecutive K values per output lane)::
+
+    C[j] += sum_k int32(A[k]) * int32(B[j, k])
+
+exactly in int32. Bodies are single expressions on purpose: in TVM 0.27 TVMScript every ``x = ...``
+becomes a local buffer, a memory round trip that keeps accumulators out of registers.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+__all__ = ["BITQ_VNNI_DOT_16x4", "BITQ_AVX2_DOT_8x4"]
+
+BITQ_VNNI_DOT_16x4 = "bitq_dot_16x4_vnni"
+BITQ_AVX2_DOT_8x4 = "bitq_dot_8x4_avx2"
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_u8i8i32_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_u8i8i32_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        # vpdpbusd multiplies unsigned bytes of operand 2 by signed bytes of operand 3, sums each
+        # group of 4 into the int32 lane: the A quad is broadcast as one dword to all 16 lanes.
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                dtype="int8x64",
+            ),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_u8i8i32_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_u8i8i32_avx2(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # Each int32 lane of B holds the bytes (b0, b1, b2, b3) of one output. Seen as two int16
+        # words (b0 | b1 << 8, b2 | b3 << 8), an arithmetic shift right by 8 sign-extends the odd
+        # bytes (b1, b3) and a shift left then right by 8 the even bytes (b0, b2). The matching A
+        # words are zero-extended (a0, a2) and (a1, a3). vpmaddwd then forms b0*a0 + b2*a2 and
+        # b1*a1 + b3*a3 per lane exactly (|products| < 2**15 * 2**8): no int16 saturation, unlike
+        # vpmaddubsw, and the lanes come out in output order.
+        C[T.ramp(T.int32(0), 1, 8)] = (
+            C.vload([0], dtype="int32x8")
+            + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.shift_right(
+                    T.shift_left(
+                        T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
+                        T.int16x16(8),
+                    ),
+                    T.int16x16(8),
+                ),
+                T.reinterpret(
+                    T.broadcast(
+                        T.bitwise_and(
+                            T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                            T.int32(0x00FF00FF),
+                        ),
+                        8,
+                    ),
+                    dtype="int16x16",
+                ),
+                dtype="int32x8",
+            )
+            + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.shift_right(
+                    T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
+                    T.int16x16(8),
+                ),
+                T.reinterpret(
+                    T.broadcast(
+                        T.bitwise_and(
+                            T.shift_right(
+                                T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                                T.int32(8),
+                            ),
+                            T.int32(0x00FF00FF),
+                        ),
+                        8,
+                    ),
+                    dtype="int16x16",
+                ),
+                dtype="int32x8",
+            )
+        )
+
+
+TensorIntrin.register(
+    BITQ_VNNI_DOT_16x4, _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni, override=True
+)
+TensorIntrin.register(
+    BITQ_AVX2_DOT_8x4, _dot_8x4_u8i8i32_desc, _dot_8x4_u8i8i32_avx2, override=True
+)
