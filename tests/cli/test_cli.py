@@ -79,6 +79,20 @@ def test_demo(capsys):
     assert ratios[0] == 1.0 and ratios[1] < 0.27 and ratios[3] < 0.15
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [("resnet18", ["--image-size", "64"]), ("transformer_encoder", [])])
+def test_zoo_models_through_the_cli(tmp_path, capsys, name, extra):
+    # The same commands on an ImageNet-class CNN and a transformer encoder exported to ONNX.
+    onnx_path, data = tmp_path / f"{name}.onnx", tmp_path / "data.npz"
+    assert main(["zoo", name, "-o", str(onnx_path), "--data", str(data), "--samples", "2", *extra]) == 0
+    assert main(["inspect", str(onnx_path)]) == 0
+    assert main(["eval", str(onnx_path), "--data", str(data), "--format", "bfp8_b32"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert rows["samples"] == "2"
+    assert float(rows["output relative L2 error"]) < 0.2
+    assert main(["compile", str(onnx_path), "--format", "bfp8_b32", "-o", str(tmp_path / "m.so")]) == 0
+
+
 def test_targets(capsys):
     assert main(["targets"]) == 0
     out = capsys.readouterr().out
