@@ -212,7 +212,7 @@ def bfp_fake_quant_func(
 
     Returns
     -------
-    PrimFunc with attr ``tir.is_scheduled`` (dlight leaves it alone) and no ``global_symbol``
+    PrimFunc with attr ``tirx.is_scheduled`` (dlight leaves it alone) and no ``global_symbol``
     (the Relax BlockBuilder names it).
 
     Raises
@@ -224,4 +224,4 @@ def bfp_fake_quant_func(
     shape = tuple(int(d) for d in shape)  # accepts IntImm / numpy ints from callers
     axis = _validate(shape, axis, groups, dtype)
     func = _schedule(_build(shape, fmt, axis, groups), shape, fmt, axis, groups)
-    return func.without_attr("global_symbol").with_attr("tir.is_scheduled", True)
+    return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
