@@ -1,4 +1,4 @@
-"""The ``bitq-tvm`` command: inspect, compile, eval, demo, zoo, targets.
+"""The ``bitq-tvm`` command: inspect, plan, compile, eval, demo, zoo, targets.
 
 User errors (:class:`~bitq_tvm.errors.BitqError`) print one line ``bitq-tvm: error: ...`` and
 exit with status 2; nothing is written half-way (outputs are written to a temporary file and
@@ -94,8 +94,10 @@ def cmd_inspect(args) -> int:
 def cmd_compile(args) -> int:
     from .api import compile_model
 
+    from .solver.cli_plan import plan_for_compile
+
     model = _load_model(args)
-    plan = _load_plan(args)
+    plan = plan_for_compile(args) or _load_plan(args)
     compiled = compile_model(model, plan, args.target)
     out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
     compiled.export_library(out)
@@ -249,6 +251,8 @@ def cmd_zoo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .solver.cli_plan import add_compile_budget_args, add_plan_command
+
     parser = argparse.ArgumentParser(prog="bitq-tvm", description="Block-floating-point DNN inference with TVM (BitQ).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -260,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_plan_args(p)
     p.add_argument("-o", "--output", help="output library (default: MODEL.so)")
+    add_compile_budget_args(p)
     p.set_defaults(func=cmd_compile)
+
+    add_plan_command(sub)
 
     p = sub.add_parser("eval", help="compare BFP against FP32 on data (top-1 when labels are given)")
     _add_model_args(p)

@@ -1,0 +1,99 @@
+"""The accuracy term: exact noise powers, linear sensitivities, calibration errors, candidates."""
+
+import numpy as np
+import pytest
+
+from bitq_tvm.errors import BitqError
+from bitq_tvm.formats import BFPFormat
+from bitq_tvm.frontend.onnx_model import load_onnx
+from bitq_tvm.models.zoo import bundled_model_path, bundled_test_data
+from bitq_tvm.solver.accuracy import (Calibration, NoiseGraph, check_calibration, load_calibration,
+                                      measure_accuracy_term, measure_output_mse, noise_power)
+from bitq_tvm.solver.candidates import Candidate, CandidateSet, LayerCandidates
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_onnx(bundled_model_path()), bundled_test_data()
+
+
+def test_noise_power_matches_direct_computation():
+    # 3 rows x 5 elements, blocks of 2 along the last axis: the direct BFP rounding by hand.
+    x = np.array([[0.3, -1.7, 0.05, 2.9, -0.6], [1.0, 1.0, 0.0, 0.0, 7.5], [-3.2, 0.01, 0.4, 0.4, 0.0]], np.float32)
+    fmt = BFPFormat(mantissa_bits=3, block_size=2)
+    expected = []
+    for row in x:
+        for start in range(0, 5, 2):
+            block = row[start:start + 2]
+            if not np.any(block):
+                expected += [0.0] * len(block)
+                continue
+            scale = 2.0 ** (np.floor(np.log2(np.abs(block).max())) - 1)  # m - 2 = 1
+            q = np.clip(np.rint(block / scale), -4, 3) * scale
+            expected += list((q - block) ** 2)
+    assert noise_power(x, fmt, axis=1) == pytest.approx(np.mean(expected), rel=1e-6)
+    assert noise_power(x, None, axis=1) == 0.0
+
+
+def test_sensitivity_is_linear_in_noise_power(digits):
+    # Doubling the injected noise power must double the output MSE to within 15%: the
+    # planner's "sensitivity x noise power" rests on this.
+    model, data = digits
+    calib = Calibration({"input": data["calib"]})
+    graph = NoiseGraph(model)
+    batches = calib.batches(model)
+    reference = [graph.run(b) for b in batches]
+    rng = np.random.default_rng(0)
+    for kind, layer in (("w", model.layers[2]), ("a", model.layers[1])):
+        shape = layer.weight_shape if kind == "w" else layer.input_shape
+        errors = [rng.standard_normal(shape).astype(np.float32) * 1e-3 for _ in batches]
+        single = measure_output_mse(graph, batches, reference, (kind, layer.name), errors)
+        double = measure_output_mse(graph, batches, reference, (kind, layer.name), errors, scale=np.sqrt(2.0))
+        assert single > 0
+        assert double / single == pytest.approx(2.0, rel=0.15)
+
+
+def test_accuracy_term_orders_candidates(digits):
+    model, data = digits
+    table = LayerCandidates(CandidateSet((4, 8), (8,), (32,))).resolve([l.name for l in model.layers])
+    term = measure_accuracy_term(model, Calibration({"input": data["calib"]}), table, progress=None)
+    for layer in model.layers:
+        # 4-bit weights put more noise on every layer than 8-bit (4 fewer bits: ~256x the power)
+        w4, w8 = term.weight_noise[layer.name]["bfp4_b32"], term.weight_noise[layer.name]["bfp8_b32"]
+        assert w4 > 50 * w8 > 0
+        assert term.layer_loss(layer.name, Candidate.bfp(4, 8, 32)) > term.layer_loss(layer.name, Candidate.bfp(8, 8, 32))
+    assert term.unit == "relative logit MSE" and term.to_user_units(0.01) == 0.01
+
+
+def test_bad_calibration_names_input_and_shapes(digits, tmp_path):
+    model, data = digits
+    with pytest.raises(BitqError, match=r"input 'input'.*\[1, 8, 9\].*\[1, 1, 8, 8\]"):
+        check_calibration(model, Calibration({"input": np.zeros((4, 1, 8, 9), np.float32)}))
+    with pytest.raises(BitqError, match="no array for model input 'input'"):
+        check_calibration(model, Calibration({"pixels": np.zeros((4, 1, 8, 8), np.float32)}))
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((4, 64), np.float32))
+    with pytest.raises(BitqError, match=r"bad.npz.*'input'.*\[64\]"):
+        load_calibration(path, model)
+    with pytest.raises(BitqError, match="3 labels for 4 samples"):
+        Calibration({"input": np.zeros((4, 1, 8, 8))}, labels=np.arange(3))
+
+
+def test_candidate_parsing_and_empty_sets():
+    assert len(CandidateSet().candidates) == 24
+    assert [c.label for c in CandidateSet.parse("w=4,8;a=8;b=32").candidates] == ["w8a8_b32", "w4a8_b32"]
+    pins = LayerCandidates.from_specs(None, ["first=fp32", "fc2=bfp8_b32", "fc1=w=6;a=8;b=16"])
+    table = pins.resolve(["conv1", "conv2", "fc1", "fc2"])
+    assert [c.label for c in table["conv1"]] == ["fp32"]
+    assert [c.label for c in table["fc2"]] == ["w8a8_b32"]
+    assert [c.label for c in table["fc1"]] == ["w6a8_b16"]
+    with pytest.raises(BitqError, match="layer 'fc1' has an empty candidate set"):
+        LayerCandidates(pins={"fc1": ()})
+    with pytest.raises(BitqError, match=r"--pin 'fc1=w=;a=8'.*empty"):
+        LayerCandidates.from_specs(None, ["fc1=w=;a=8"])
+    with pytest.raises(BitqError, match="'nope'"):
+        LayerCandidates.from_specs(None, ["nope=fp32"]).resolve(["conv1"])
+    with pytest.raises(BitqError, match="block size"):
+        Candidate(BFPFormat(4, 16), BFPFormat(8, 32))
+    with pytest.raises(BitqError, match="w .weight bits.*9"):
+        CandidateSet.parse("w=9")
