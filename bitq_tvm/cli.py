@@ -98,6 +98,10 @@ def cmd_compile(args) -> int:
 
     model = _load_model(args)
     plan = plan_for_compile(args) or _load_plan(args)
+    if args.deploy:
+        from .deploy import cmd_compile_deploy
+
+        return cmd_compile_deploy(args, model, plan)
     compiled = compile_model(model, plan, args.target)
     out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
     compiled.export_library(out)
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_plan_args(p)
     p.add_argument("-o", "--output", help="output library (default: MODEL.so)")
+    p.add_argument("--deploy", action="store_true", help="integer BFP kernels with packed weights (layers without "
+                   "a kernel stay float simulation, and are reported)")
+    p.add_argument("--report", action="store_true", help="with --deploy: print the per-layer deployment report")
     add_compile_budget_args(p)
     p.set_defaults(func=cmd_compile)
 

@@ -1,0 +1,157 @@
+"""End-to-end batch-1 latency and weight bytes: BFP deployment vs TVM FP32 vs ONNX Runtime.
+
+Usage: python bench/bench_end_to_end.py [--models digits,resnet18] [--formats bfp8_b32,bfp4_b32]
+                                        [--repeat 30] [--threads 2]
+
+Per model, one run, all rows measured in the same process:
+
+- BFP deploy <format>: ``bitq_tvm.deploy.compile_deployed`` (integer BFP kernels; layers it
+  cannot run stay float simulation, counted in the row's note);
+- BFP simulation <format>: ``bitq_tvm.api.compile_model`` with the same plan (fake quant + FP32);
+- TVM FP32: ``compile_model`` without a plan (our scheduled CPU pipeline, no tuning);
+- ORT FP32 and ORT int8: ONNX Runtime on the model's ONNX graph; int8 is static QDQ from
+  ``onnxruntime.quantization.quantize_static`` (per-channel int8 weights, uint8 activations,
+  MinMax calibration on 8 inputs), ``intra_op_num_threads = --threads``.
+
+Latency: best of ``--repeat`` single calls after warm-up, and the median (the machine is shared:
+the best is the code's own speed, the median shows the noise). Ratios are to ORT int8 and ORT
+FP32 of the same run. Weight bytes: TVM rows, all tensor constants of the Relax module (packed
+mantissas + exponents for integer layers, float32 for the rest, biases); ORT rows, the ``.onnx``
+file. x FP32 divides by the FP32 bytes of the layer weights. Artifact file bytes: the exported
+``.so`` (code included) or the ``.onnx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+import tvm
+
+from bitq_tvm.api import compile_model, import_relax, resolve_plan, simulation_passes
+from bitq_tvm.deploy import compile_deployed, relax_constant_bytes
+from bitq_tvm.frontend.onnx_model import load_onnx, normalize
+from bitq_tvm.models import zoo
+from bitq_tvm.plan import Plan
+
+CALIBRATION_SAMPLES = 8
+
+
+def _time(fn, repeat: int) -> tuple[float, float]:
+    """(best, median) seconds of ``repeat`` calls after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), float(np.median(times))
+
+
+def _model(name: str, workdir: str):
+    """(OnnxModel for TVM, path of the ONNX file for ORT, calibration feeds, benchmark feed)."""
+    if name == "digits":
+        data = zoo.bundled_test_data()
+        path = str(zoo.bundled_model_path())
+        model = load_onnx(path, {"input": (1, 1, 8, 8)})
+        calib = [{"input": data["x"][i:i + 1]} for i in range(CALIBRATION_SAMPLES)]
+        return model, path, calib, {"input": data["x"][:1]}
+    builders = {"resnet18": lambda: zoo.resnet18(image_size=224),
+                "mobilenet_v2": lambda: zoo.mobilenet_v2(image_size=224)}
+    if name not in builders:
+        raise SystemExit(f"unknown model {name!r}: choose from digits, {', '.join(builders)}")
+    proto = builders[name]()
+    path = os.path.join(workdir, f"{name}.onnx")
+    onnx.save(proto, path)
+    model = normalize(proto, name)
+    calib = [zoo.synthetic_inputs(proto, 1, seed=seed) for seed in range(CALIBRATION_SAMPLES)]
+    return model, path, calib, zoo.synthetic_inputs(proto, 1, seed=100)
+
+
+def _ort_rows(path: str, calib, feed, workdir: str, threads: int, repeat: int):
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(calib)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    int8_path = os.path.join(workdir, os.path.basename(path).replace(".onnx", ".int8.onnx"))
+    quantize_static(path, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    rows = {}
+    for label, model_path in (("ORT FP32", path), ("ORT int8 (static QDQ)", int8_path)):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        size = os.path.getsize(model_path)
+        rows[label] = (*_time(lambda: session.run(None, feed), repeat), size, size, "")
+    return rows
+
+
+def _simulation_constant_bytes(model, plan) -> int:
+    """Constants of the simulation (or FP32) module: float weights, fake-quantized when planned."""
+    formats = resolve_plan(model, plan)
+    mod, params = import_relax(model)
+    return relax_constant_bytes(tvm.transform.Sequential(simulation_passes(model, formats, params))(mod))
+
+
+def _tvm_row(compiled, feed, workdir: str, label: str, repeat: int, constant_bytes: int, note: str = ""):
+    lib = os.path.join(workdir, label.replace(" ", "_") + ".so")
+    compiled.export_library(lib)
+    return (*_time(lambda: compiled.run(feed), repeat), constant_bytes, os.path.getsize(lib), note)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits,resnet18")
+    parser.add_argument("--formats", default="bfp8_b32,bfp4_b32")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+
+    print(f"command: python bench/bench_end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models.split(","):
+            model, path, calib, feed = _model(name, workdir)
+            rows = _ort_rows(path, calib, feed, workdir, args.threads, args.repeat)
+            rows["TVM FP32"] = _tvm_row(compile_model(model, None, progress=None), feed, workdir, f"{name} fp32",
+                                        args.repeat, _simulation_constant_bytes(model, None))
+            for spec in args.formats.split(","):
+                plan = Plan.uniform(spec)
+                deployed = compile_deployed(model, plan, progress=None)
+                fallbacks = deployed.report.fallbacks
+                note = (f"{len(deployed.report.integer_layers)}/{len(deployed.report.layers)} layers integer "
+                        f"({deployed.report.variant})" + (f"; float: {', '.join(fallbacks)}" if fallbacks else ""))
+                rows[f"BFP deploy {spec}"] = _tvm_row(deployed, feed, workdir, f"{name} deploy {spec}", args.repeat,
+                                                      deployed.report.artifact_constant_bytes, note)
+                rows[f"BFP simulation {spec}"] = _tvm_row(compile_model(model, plan, progress=None), feed, workdir,
+                                                          f"{name} sim {spec}", args.repeat,
+                                                          _simulation_constant_bytes(model, plan))
+            int8_best, fp32_best = rows["ORT int8 (static QDQ)"][0], rows["ORT FP32"][0]
+            fp32_bytes = sum(4 * layer.params for layer in model.layers)
+            print(f"\n### {name} (batch 1, {args.threads} threads, {len(model.layers)} layers, "
+                  f"{fp32_bytes:,} B FP32 layer weights)\n")
+            print("| runtime | best ms | median ms | vs ORT int8 | vs ORT FP32 | weight bytes | x FP32 | "
+                  "artifact file bytes | note |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for label, (best, median, weights, size, note) in rows.items():
+                print(f"| {label} | {best * 1e3:.2f} | {median * 1e3:.2f} | {best / int8_best:.2f}x | "
+                      f"{best / fp32_best:.2f}x | {weights:,} | {weights / fp32_bytes:.3f} | {size:,} | {note} |")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,393 @@
+"""LowerBFPInteger: run planned layers as integer BFP kernels (the deployment path).
+
+Where it sits: right after :class:`~bitq_tvm.passes.AnnotateBFPLayers`, before
+:class:`~bitq_tvm.passes.InsertBFPSimulation` (which then simulates only the layers this pass
+left in float, see :attr:`LowerBFPInteger.fallback_formats`) and before the weights are bound.
+Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports becomes:
+
+1. ``call_tir`` of the activation quantizer (:mod:`~bitq_tvm.schedules.bfp_act_quant`): float
+   input -> int8 mantissas + int8 exponents, blocks along K (matmul) or input channels per group
+   (conv, written NHWC);
+2. convs only: ``call_tir`` of one im2col per group (:mod:`~bitq_tvm.schedules.bfp_conv`),
+   skipped for pointwise convs;
+3. ``call_tir`` of the integer BFP matmul (:mod:`~bitq_tvm.schedules.bfp_matmul`, variant
+   vnni/avx2/generic from the target's intrinsic family) against the weight packed at compile
+   time in NumPy from the parameter array (quantized in its stored layout, like the simulation);
+4. float reshapes (and a transpose back to NCHW for convs) that TVM legalizes and fuses with the
+   layer's epilogue (bias add, ReLU, residual add): those are not part of the integer kernel,
+   whose scaled float32 output they read once.
+
+Weight storage: mantissas (two per byte when m <= 4) and int8 exponents are the constants
+returned by the Relax function :data:`PACKED_FUNCTION`. :data:`EXPAND_FUNCTION` derives from
+them the matmul's operands (float scales, offset corrections, unpacked 4-bit mantissas; see
+:mod:`~bitq_tvm.schedules.bfp_weights`), which ``main`` takes as trailing parameters: after
+loading, call ``expand(*packed())`` once and pass its results to every ``main`` call
+(:class:`bitq_tvm.deploy.DeployedModel` does this). The expansion is not per inference.
+
+Layers the kernel cannot run stay float with a reason (:attr:`LowerBFPInteger.report`), never
+silently: weight-only or activation-only plans, different weight/activation block sizes, block
+sizes that are not a multiple of 4 in [8, 128], depthwise convs, convs whose padded K would be
+more than ``max_padding_ratio`` times the real one, non-NCHW layouts, non-2-D weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.relax import PyExprMutator, expr_functor
+
+from ..errors import BitqError
+from ..formats import BFPFormat, quantize_np
+from ..plan import LayerFormats
+from ..schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
+from ..schedules.bfp_conv import ConvGeometry, bfp_im2col_func
+from ..schedules.bfp_matmul import K_QUAD, VARIANTS, bfp_matmul_func
+from ..schedules.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized
+from .annotate_layers import annotated_layers, weight_param
+
+__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger", "integer_variant"]
+
+EXPAND_FUNCTION = "bitq_expand_weights"
+PACKED_FUNCTION = "bitq_packed_weights"
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
+_MIN_BLOCK, _MAX_BLOCK = 8, 128
+DEFAULT_MAX_PADDING_RATIO = 2.0
+_OPAQUE = 8  # relax OpPatternKind.kOpaque
+
+
+def padded_rows(rows: int) -> int:
+    """Matmul rows to compute: the matmul's register tile takes 4, 3, 2 or 1 rows dividing M, and
+    one-row tiles run at a third of the speed (measured 224 vs 728 GOPS at 49 vs 52 x 512 x 4608),
+    so a row count with no divisor among 4, 3, 2 is padded to a multiple of 4."""
+    if rows <= 4 or any(rows % r == 0 for r in (4, 3, 2)):
+        return rows
+    return -(-rows // 4) * 4
+
+
+def integer_variant(intrinsic_family: str) -> str:
+    """Matmul kernel variant for a target preset's intrinsic family."""
+    return {"vnni": "vnni", "avx2": "avx2"}.get(intrinsic_family, "generic")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDeployment:
+    """How one layer runs in the deployed model.
+
+    ``mode`` is ``"integer"`` (BFP kernel ``variant``), ``"simulation"`` (float fake-quant
+    fallback, ``reason`` says why) or ``"fp32"`` (not planned). Byte counts are the layer weight's
+    storage: FP32 and, for integer layers, the packed constants.
+    """
+
+    layer: str
+    kind: str
+    mode: str
+    variant: str | None = None
+    reason: str = ""
+    fp32_bytes: int = 0
+    stored_bytes: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("integer", "simulation", "fp32"):
+            raise BitqError(f"LayerDeployment({self.layer}): mode {self.mode!r} is not integer/simulation/fp32")
+        if (self.mode == "integer") != (self.variant is not None):
+            raise BitqError(f"LayerDeployment({self.layer}): a variant goes with mode 'integer' only")
+        if self.mode == "simulation" and not self.reason:
+            raise BitqError(f"LayerDeployment({self.layer}): a fallback needs a reason")
+
+
+def _block_size_problem(lf: LayerFormats) -> str | None:
+    if lf.weight is None or lf.activation is None:
+        missing = "activation" if lf.activation is None else "weight"
+        return f"{missing} is FP32 in the plan: the integer kernel needs both operands in BFP"
+    if lf.weight.block_size != lf.activation.block_size:
+        return (f"weight block size {lf.weight.block_size} != activation block size "
+                f"{lf.activation.block_size}: one integer dot product per block needs one block size")
+    block = lf.weight.block_size
+    if block % K_QUAD or not _MIN_BLOCK <= block <= _MAX_BLOCK:
+        return f"block size {block} is not a multiple of {K_QUAD} in [{_MIN_BLOCK}, {_MAX_BLOCK}] (kernel constraint)"
+    return None
+
+
+def _shape(expr: relax.Expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+@expr_functor.mutator
+class _Lowerer(PyExprMutator):
+    def __init__(self, mod: IRModule, formats, params, variant: str, max_padding_ratio: float):
+        super().__init__(mod)
+        self.formats = formats
+        self.params = params
+        self.variant = variant
+        self.max_padding_ratio = max_padding_ratio
+        self.var_to_layer: dict[str, str] = {}
+        self.report: dict[str, LayerDeployment] = {}
+        # expanded-weight parameters of main, in order, with the packed weight each comes from
+        self.expanded: list[tuple[PackedWeights, list[relax.Var]]] = []
+        self._act_cache: dict = {}
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _emit(self, value, name: str):
+        return self.builder_.emit(value, name)
+
+    def _call_tir(self, func, name: str, args, out_shapes_dtypes):
+        gv = self.builder_.add_func(_opaque(func), name)
+        out = [relax.TensorType(list(s), d) for s, d in out_shapes_dtypes]
+        return self._emit(relax.call_tir(gv, args, out if len(out) > 1 else out[0]), name)
+
+    def _quantize_activation(self, x: relax.Expr, fmt: BFPFormat, axis: int, groups: int, name: str):
+        # q/k/v projections read one input: quantize it once
+        key = (x, fmt, axis, groups)
+        if key not in self._act_cache:
+            shape = _shape(x)
+            q_shape, e_shape = act_quant_shapes(shape, fmt, axis, groups)
+            tag = f"bfp_aq_{fmt.name}_a{axis % len(shape)}_g{groups}_{'x'.join(map(str, shape))}"
+            both = self._call_tir(bfp_act_quant_func(shape, fmt, axis, groups), tag, [x],
+                                  [(q_shape, "int8"), (e_shape, "int8")])
+            self._act_cache[key] = (self._emit(relax.TupleGetItem(both, 0), f"{name}_qa"),
+                                    self._emit(relax.TupleGetItem(both, 1), f"{name}_ea"))
+        return self._act_cache[key]
+
+    def _weight_operands(self, packed: PackedWeights, name: str):
+        """(qw, sw, wcorr) of one packed weight: new trailing parameters of main."""
+        nb, n_padded = packed.ew.shape
+        params = [
+            relax.Var(f"{name}_qw", relax.TensorType([n_padded // 16, packed.k_padded // K_QUAD, 16, K_QUAD], "int8")),
+            relax.Var(f"{name}_sw", relax.TensorType([nb, n_padded], "float32")),
+            relax.Var(f"{name}_wcorr", relax.TensorType([nb, n_padded], "int32")),
+        ]
+        self.expanded.append((packed, params))
+        return params
+
+    def _matmul(self, qa, ea, packed: PackedWeights, rows: int, k: int, fmt_a, name: str):
+        qw, sw, wcorr = self._weight_operands(packed, name)
+        func = bfp_matmul_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
+        func = func.without_attr("global_symbol").with_attr("tir.is_scheduled", True)
+        tag = f"bfp_mm_{self.variant}_{fmt_a.name}_{packed.fmt.name}_{rows}x{packed.n}x{k}"
+        return self._call_tir(func, tag, [qa, ea, qw, sw, wcorr], [((rows, packed.n), "float32")])
+
+    # ---- layers ----------------------------------------------------------------------------
+    def _lower_matmul(self, call: relax.Call, original: relax.Call, lf: LayerFormats, name: str):
+        x = call.args[0]
+        x_shape, w_shape = _shape(x), _shape(call.args[1])
+        if len(w_shape) != 2 or len(x_shape) < 2:
+            return None, f"matmul of a {len(x_shape)}-D input by a {len(w_shape)}-D weight (kernel: 2-D weights)"
+        param = weight_param(self, original.args[1])
+        if param is None or param.name not in self.params:
+            return None, "weight is not a model parameter"
+        stored = self.params[param.name]
+        bound = self.lookup_binding(original.args[1]) if isinstance(original.args[1], relax.Var) else None
+        k_axis = 0
+        if isinstance(bound, relax.Call) and bound.op.same_as(_PERMUTE_DIMS):
+            axes = [int(a) for a in bound.attrs.axes] if bound.attrs.axes is not None else [1, 0]
+            k_axis = axes[0]
+        try:
+            packed = _pack(stored, lf.weight, k_axis, param.name)
+        except BitqError as err:
+            return None, str(err)
+        k, n = w_shape
+        rows = int(np.prod(x_shape[:-1]))
+        flat = x if len(x_shape) == 2 else self._emit(relax.op.reshape(x, [rows, k]), f"{name}_rows")
+        rows_p = padded_rows(rows)
+        if rows_p != rows:
+            flat = self._emit(relax.op.nn.pad(flat, [0, rows_p - rows, 0, 0]), f"{name}_padded")
+        qa, ea = self._quantize_activation(flat, lf.activation, 1, 1, name)
+        out = self._matmul(qa, ea, packed, rows_p, k, lf.activation, name)
+        if rows_p != rows:
+            out = self._emit(relax.op.strided_slice(out, [0], [0], [rows]), f"{name}_unpadded")
+        if len(x_shape) != 2:
+            out = relax.op.reshape(out, x_shape[:-1] + [n])
+        return (out, packed.nbytes), None
+
+    def _lower_conv(self, call: relax.Call, original: relax.Call, lf: LayerFormats, name: str):
+        attrs = call.attrs
+        if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
+            return None, f"conv2d layout {attrs.data_layout}/{attrs.kernel_layout} (kernel: NCHW/OIHW)"
+        param = original.args[1]
+        if not isinstance(param, relax.Var) or param.name not in self.params:
+            return None, "weight is not a model parameter"
+        n, c, h, w = _shape(call.args[0])
+        o, cg, kh, kw = _shape(call.args[1])
+        pad = [int(p) for p in attrs.padding]
+        geom = ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
+                            tuple(pad), tuple(int(d) for d in attrs.dilation), int(attrs.groups))
+        if geom.groups > 1 and cg == 1:
+            return None, "depthwise conv (1 input channel per group): a block would hold 1 value and B-1 zeros"
+        cg_p = geom.group_channels_padded(lf.weight)
+        if cg_p > self.max_padding_ratio * cg:
+            return None, (f"{cg} input channels per group padded to {cg_p} (block {lf.weight.block_size}): "
+                          f"the integer kernel would do {cg_p / cg:.1f}x the work")
+        stored = self.params[param.name]
+        try:
+            t = quantize_np(stored, lf.weight, axis=1, name=param.name)
+        except BitqError as err:
+            return None, str(err)
+        mantissas = t.mantissas.reshape(o, kh * kw * cg_p)
+        exponents = t.exponents.reshape(o, -1)
+        og = o // geom.groups
+        try:
+            packs = [pack_quantized(mantissas[g * og:(g + 1) * og], exponents[g * og:(g + 1) * og],
+                                    lf.weight, param.name) for g in range(geom.groups)]
+        except BitqError as err:
+            return None, str(err)
+
+        qa, ea = self._quantize_activation(call.args[0], lf.activation, 1, geom.groups, name)
+        k = kh * kw * cg_p
+        rows = padded_rows(geom.rows)
+        outs = []
+        for g, packed in enumerate(packs):
+            if geom.is_pointwise and rows == geom.rows:
+                a = self._emit(relax.op.reshape(qa, [rows, k]), f"{name}_a")
+                e = self._emit(relax.op.reshape(ea, [rows, k // lf.activation.block_size]), f"{name}_e")
+            else:
+                tag = (f"bfp_im2col_{lf.activation.name}_{n}x{c}x{h}x{w}_k{kh}x{kw}_s{geom.strides[0]}x"
+                       f"{geom.strides[1]}_p{'x'.join(map(str, pad))}_d{geom.dilation[0]}x{geom.dilation[1]}"
+                       f"_g{g}of{geom.groups}_r{rows}")
+                both = self._call_tir(bfp_im2col_func(geom, lf.activation, g, rows), tag, [qa, ea],
+                                      [((rows, k), "int8"), ((rows, k // lf.activation.block_size), "int8")])
+                a = self._emit(relax.TupleGetItem(both, 0), f"{name}_a")
+                e = self._emit(relax.TupleGetItem(both, 1), f"{name}_e")
+            outs.append(self._matmul(a, e, packed, rows, k, lf.activation, f"{name}_g{g}"))
+        out = outs[0] if len(outs) == 1 else self._emit(relax.op.concat(outs, axis=1), f"{name}_cat")
+        if rows != geom.rows:
+            out = self._emit(relax.op.strided_slice(out, [0], [0], [geom.rows]), f"{name}_unpadded")
+        out = self._emit(relax.op.reshape(out, [n, geom.out_height, geom.out_width, o]), f"{name}_nhwc")
+        return (relax.op.permute_dims(out, [0, 3, 1, 2]), sum(p.nbytes for p in packs)), None
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        layer = self.var_to_layer.get(binding.var.name)
+        value = binding.value
+        if layer is None or not isinstance(value, relax.Call):
+            super().visit_var_binding_(binding)
+            return
+        lf = self.formats.get(layer)
+        kind = "conv2d" if value.op.name == "relax.nn.conv2d" else "matmul"
+        fp32_bytes = int(np.prod(_shape(value.args[1]))) * 4
+        if lf is None or lf.is_fp32:
+            self.report[layer] = LayerDeployment(layer, kind, "fp32", fp32_bytes=fp32_bytes)
+            super().visit_var_binding_(binding)
+            return
+        reason = _block_size_problem(lf)
+        result = None
+        if reason is None:
+            call = self.visit_expr(value)
+            lower = self._lower_conv if kind == "conv2d" else self._lower_matmul
+            result, reason = lower(call, value, lf, binding.var.name)
+        if result is None:
+            self.report[layer] = LayerDeployment(layer, kind, "simulation", reason=reason, fp32_bytes=fp32_bytes)
+            super().visit_var_binding_(binding)
+            return
+        out, stored_bytes = result
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(out, binding.var.name)
+        else:
+            new_var = self.builder_.emit_output(out, binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+        self.report[layer] = LayerDeployment(layer, kind, "integer", self.variant, fp32_bytes=fp32_bytes,
+                                             stored_bytes=stored_bytes)
+
+
+def _opaque(func):
+    """Mark a hand-scheduled kernel opaque: FuseOps would merge it with neighbouring ops into a new
+    PrimFunc that loses the schedule (and breaks FuseTIR on the matmul's buffers)."""
+    return func.with_attr("op_pattern", _OPAQUE)
+
+
+def _pack(stored: np.ndarray, fmt: BFPFormat, k_axis: int, name: str) -> PackedWeights:
+    """Quantize a 2-D weight along its stored K axis (as the simulation does) and pack it [N, Kp]."""
+    t = quantize_np(stored, fmt, axis=k_axis, name=name)
+    n = stored.shape[1 - k_axis]
+    return pack_quantized(t.mantissas.reshape(n, -1), t.exponents.reshape(n, -1), fmt, name)
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerBFPInteger")
+class LowerBFPInteger:
+    """Replace planned layers by integer BFP kernels; report and skip what cannot be lowered.
+
+    Parameters
+    ----------
+    formats : dict
+        Layer name -> :class:`~bitq_tvm.plan.LayerFormats`.
+    params : dict
+        Weight parameter name -> array (``api.import_relax``), packed at compile time.
+    variant : str
+        Matmul kernel variant (:func:`integer_variant` of the target preset).
+    max_padding_ratio : float
+        Largest padded/real in-group channel ratio a conv may have and still be lowered.
+
+    After the pass ran, :attr:`report` maps every annotated layer to a :class:`LayerDeployment`
+    and :attr:`fallback_formats` holds the planned layers left for ``InsertBFPSimulation``.
+    """
+
+    def __init__(self, formats: dict, params: dict, variant: str,
+                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO):
+        if variant not in VARIANTS:
+            raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+        if max_padding_ratio < 1:
+            raise BitqError(f"LowerBFPInteger: max_padding_ratio {max_padding_ratio} must be >= 1")
+        self.formats = dict(formats)
+        self.params = dict(params)
+        self.variant = variant
+        self.max_padding_ratio = float(max_padding_ratio)
+        self.report: dict[str, LayerDeployment] = {}
+
+    @property
+    def fallback_formats(self) -> dict:
+        """Planned layers the pass left in float: simulate them (``InsertBFPSimulation``)."""
+        return {name: self.formats[name] for name, d in self.report.items() if d.mode == "simulation"}
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        lowerer = _Lowerer(mod, self.formats, self.params, self.variant, self.max_padding_ratio)
+        main_gv = None
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or not annotated_layers(func):
+                continue
+            if main_gv is not None:
+                raise BitqError("LowerBFPInteger: more than one Relax function has annotated layers")
+            main_gv = gv
+            lowerer.var_to_layer = {var: layer for layer, var in annotated_layers(func).items()}
+            new_func = lowerer.visit_expr(func)
+            if lowerer.expanded:
+                extra = [v for _, params in lowerer.expanded for v in params]
+                new_func = relax.Function(list(new_func.params) + extra, new_func.body, new_func.ret_ty,
+                                          new_func.is_pure, new_func.attrs, new_func.span)
+            lowerer.builder_.update_func(gv, new_func)
+        missing = [name for name, lf in self.formats.items() if not lf.is_fp32 and name not in lowerer.report]
+        if missing:
+            raise BitqError(f"LowerBFPInteger: planned layer(s) {missing} are not annotated in the module "
+                            "(run AnnotateBFPLayers first)")
+        self.report = lowerer.report
+        mod = lowerer.builder_.get()
+        return _add_expand_function(mod, lowerer.expanded) if lowerer.expanded else mod
+
+
+def _add_expand_function(mod: IRModule, expanded) -> IRModule:
+    """Add :data:`PACKED_FUNCTION` (the stored constants) and :data:`EXPAND_FUNCTION` (them -> main's
+    trailing parameters, in order). The constants are only returned, never computed on, inside a
+    function of their own: no ``FoldConstant`` can turn the expansion into stored tensors."""
+    bb = relax.BlockBuilder(mod)
+    with bb.function(PACKED_FUNCTION, [], attrs={"global_symbol": PACKED_FUNCTION}):
+        stored = [relax.const(a) for packed, _ in expanded for a in (packed.qw, packed.ew)]
+        bb.emit_func_output(relax.Tuple(stored))
+    inputs = []
+    for i, (packed, _) in enumerate(expanded):
+        inputs += [relax.Var(f"stored{i}_qw", relax.TensorType(list(packed.qw.shape), str(packed.qw.dtype))),
+                   relax.Var(f"stored{i}_ew", relax.TensorType(list(packed.ew.shape), "int8"))]
+    with bb.function(EXPAND_FUNCTION, inputs, attrs={"global_symbol": EXPAND_FUNCTION}):
+        with bb.dataflow():
+            outputs = []
+            for i, (packed, params) in enumerate(expanded):
+                qw, ew = inputs[2 * i], inputs[2 * i + 1]
+                gv = bb.add_func(_opaque(bfp_weight_expand_func(packed)),
+                                 f"bfp_expand_{packed.fmt.name}_{packed.n_padded}x{packed.k_padded}")
+                derived = params if packed.nibbles else params[1:]
+                both = bb.emit(relax.call_tir(gv, [qw, ew], [p.ty for p in derived]), f"expanded{i}")
+                items = [bb.emit(relax.TupleGetItem(both, j), p.name) for j, p in enumerate(derived)]
+                outputs += items if packed.nibbles else [qw, *items]
+            result = bb.emit_output(relax.Tuple(outputs))
+        bb.emit_func_output(result)
+    return bb.get()

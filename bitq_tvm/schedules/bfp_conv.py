@@ -1,0 +1,127 @@
+"""im2col of BFP-quantized NHWC activations: conv2d as the integer BFP matmul.
+
+The activation quantizer (:mod:`bitq_tvm.schedules.bfp_act_quant`) turns an NCHW input into
+NHWC mantissas ``Q [N, H, W, G * Cg_p]`` and exponents ``E [N, H, W, G * nbg]`` with blocks along
+the input channels of each group, each group's channels zero-padded to ``Cg_p = nbg * B``. Those
+are exactly the simulation's blocks (per pixel, per group, along C). For one group ``g`` this
+kernel gathers the rows of the matmul ``A [N*OH*OW, KH*KW*Cg_p]`` with K ordered (kh, kw, c),
+and their exponents ``EA [N*OH*OW, KH*KW*nbg]``: since ``Cg_p`` is a multiple of B, no block
+crosses a kernel offset, and a row of A holds the same blocks the simulation quantized (each
+activation is quantized once, then copied KH*KW times as bytes, not re-quantized). Pixels in the
+zero padding get mantissas 0 (an all-zero block: its term is 0 whatever its exponent).
+
+Weights ``W [O, C/G, KH, KW]`` quantized along axis 1 give mantissas ``[O, KH, KW, nbg, B]``,
+the same K order, so ``conv = A @ Wg.T`` per group, computed by
+:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_func`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import te, tirx
+
+from ..errors import BitqError
+from ..formats import BFPFormat
+
+__all__ = ["ConvGeometry", "bfp_im2col_func"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Static shape of one NCHW/OIHW conv2d (padding is top, left, bottom, right)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def __post_init__(self):
+        if self.channels % self.groups or self.out_channels % self.groups:
+            raise BitqError(f"conv2d: groups={self.groups} must divide channels {self.channels} "
+                            f"and output channels {self.out_channels}")
+        if min(self.out_height, self.out_width) <= 0:
+            raise BitqError(f"conv2d: output size {self.out_height}x{self.out_width} is empty")
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + self.padding[0] + self.padding[2]
+                - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.strides[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + self.padding[1] + self.padding[3]
+                - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.strides[1] + 1
+
+    @property
+    def rows(self) -> int:
+        """Rows M of the matmul: output pixels of the whole batch."""
+        return self.batch * self.out_height * self.out_width
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1, stride 1, no padding: the NHWC mantissas already are the matmul's A."""
+        return (self.kernel == (1, 1) and self.strides == (1, 1) and not any(self.padding)
+                and self.groups == 1)
+
+    def group_channels_padded(self, fmt: BFPFormat) -> int:
+        return -(-(self.channels // self.groups) // fmt.block_size) * fmt.block_size
+
+
+def bfp_im2col_func(geom: ConvGeometry, fmt: BFPFormat, group: int, rows: int | None = None) -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(Q, E, A, EA)``: im2col of one group's quantized activations.
+
+    Shapes: Q int8 [N, H, W, G*Cg_p], E int8 [N, H, W, G*nbg] -> A int8 [rows, KH*KW*Cg_p],
+    EA int8 [rows, KH*KW*nbg]; ``rows`` >= M = N*OH*OW (default M), rows past M are zero (the
+    matmul's register tile wants a row count with a divisor of 4). Parallel over output pixels,
+    each kernel offset's Cg_p bytes copied as one vector.
+    """
+    if not 0 <= group < geom.groups:
+        raise BitqError(f"bfp_im2col_func: group {group} is not in 0..{geom.groups - 1}")
+    rows = geom.rows if rows is None else rows
+    if rows < geom.rows:
+        raise BitqError(f"bfp_im2col_func: rows={rows} < {geom.rows} output pixels")
+    block = fmt.block_size
+    cg_p = geom.group_channels_padded(fmt)
+    nbg = cg_p // block
+    kh, kw = geom.kernel
+    oh, ow = geom.out_height, geom.out_width
+    q = te.placeholder((geom.batch, geom.height, geom.width, geom.groups * cg_p), "int8", name="Q")
+    e = te.placeholder((geom.batch, geom.height, geom.width, geom.groups * nbg), "int8", name="E")
+
+    def source(m, offset):
+        n, y, x = m // (oh * ow), m // ow % oh, m % ow
+        iy = y * geom.strides[0] + offset // kw * geom.dilation[0] - geom.padding[0]
+        ix = x * geom.strides[1] + offset % kw * geom.dilation[1] - geom.padding[1]
+        inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
+        if rows > geom.rows:
+            inside = tirx.all(inside, m < geom.rows)
+        # clamped indices keep the masked-out load in bounds
+        iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
+        ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
+        return n, iy_c, ix_c, inside
+
+    def gather_mantissa(m, k):
+        n, iy, ix, inside = source(m, k // cg_p)
+        return tirx.Select(inside, q[n, iy, ix, group * cg_p + k % cg_p], tirx.const(0, "int8"))
+
+    def gather_exponent(m, k):
+        n, iy, ix, inside = source(m, k // nbg)
+        return tirx.Select(inside, e[n, iy, ix, group * nbg + k % nbg], tirx.const(fmt.emin, "int8"))
+
+    a = te.compute((rows, kh * kw * cg_p), gather_mantissa, name="A")
+    ea = te.compute((rows, kh * kw * nbg), gather_exponent, name="EA")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([q, e, a, ea]))
+    m_loop, k_loop = sch.get_loops(sch.get_sblock("A"))
+    sch.parallel(m_loop)
+    _, channel = sch.split(k_loop, factors=[None, cg_p])
+    sch.vectorize(channel)
+    sch.parallel(sch.get_loops(sch.get_sblock("EA"))[0])
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tir.is_scheduled", True)
