@@ -1,6 +1,14 @@
 #!/bin/sh
 # Cross compilers and qemu-user for the ARM/RISC-V tests (tests/targets). Idempotent: installs
 # only what is missing, so it costs nothing on a machine that already has the tools.
+#
+# The emulated aarch64 device (tests/targets/test_remote.py) also needs an arm64 python with the
+# TVM runtime. The tests build it on first use into ~/.cache/bitq-tvm/aarch64-rootfs (or
+# $BITQ_TVM_CACHE_DIR; `bitq-tvm emulator setup` does the same by hand): apt-get download of
+# Debian's arm64 python3.11 on a private apt state folder (so no `dpkg --add-architecture arm64`,
+# no root, no change to this machine's package state) plus pip download of the aarch64 wheels.
+# It needs apt-get and dpkg (checked below), qemu-aarch64, and network access to the Debian
+# mirror in /etc/apt/sources* and to PyPI: about 20 s and 450 MB, once.
 set -eu
 
 missing=""
@@ -14,6 +22,8 @@ need riscv64-linux-gnu-g++ g++-riscv64-linux-gnu
 need qemu-aarch64 qemu-user
 need qemu-riscv64 qemu-user
 need cc gcc
+need dpkg dpkg                  # dpkg -x unpacks the arm64 python packages
+need apt-get apt                # apt-get download fetches them
 
 if [ -z "$missing" ]; then
     echo "install-cross: all tools present"

@@ -1,4 +1,4 @@
-"""The ``bitq-tvm`` command: inspect, plan, compile, eval, demo, zoo, targets.
+"""The ``bitq-tvm`` command: inspect, plan, compile, eval, demo, zoo, targets, emulator.
 
 User errors (:class:`~bitq_tvm.errors.BitqError`) print one line ``bitq-tvm: error: ...`` and
 exit with status 2; nothing is written half-way (outputs are written to a temporary file and
@@ -133,8 +133,12 @@ def _load_data(path, model):
     return data
 
 
-def evaluate(model, plan, data, target="host", limit=None, progress=True) -> dict:
-    """FP32 vs BFP outputs of ``model`` on ``data`` (top-1 when labels ``y`` are present)."""
+def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy=False, remote=None) -> dict:
+    """FP32 vs BFP outputs of ``model`` on ``data`` (top-1 when labels ``y`` are present).
+
+    ``deploy`` evaluates the integer BFP deployment instead of the simulation; ``remote`` maps a
+    compiled model to a runner on a device (``--rpc``/``--tracker``), or None to run on the host.
+    """
     from .api import _progress, compile_model
 
     if len(model.input_shapes) != 1:
@@ -142,11 +146,22 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True) -> dic
     name = next(iter(model.input_shapes))
     x = data[name][:limit]
     results = {}
+    report = _progress if progress else None
     for label, p in (("fp32", None), ("bfp", plan)):
-        compiled = compile_model(model, p, target, progress=_progress if progress else None)
-        start = time.perf_counter()
-        results[label] = compiled.run_batched(name, x).astype(np.float64)
-        results[label + "_seconds"] = time.perf_counter() - start
+        if label == "bfp" and deploy:
+            from .deploy import compile_deployed
+
+            compiled = compile_deployed(model, p, target, progress=report)
+        else:
+            compiled = compile_model(model, p, target, progress=report)
+        device = remote(compiled) if remote else None
+        try:
+            start = time.perf_counter()
+            results[label] = (device or compiled).run_batched(name, x).astype(np.float64)
+            results[label + "_seconds"] = time.perf_counter() - start
+        finally:
+            if device is not None:
+                device.close()  # TVM's RPC server serves one session at a time
         results[label + "_formats"] = compiled.formats
     ref, out = results["fp32"], results["bfp"]
     flat_ref, flat_out = ref.reshape(len(x), -1), out.reshape(len(x), -1)
@@ -170,7 +185,10 @@ def cmd_eval(args) -> int:
     plan = _load_plan(args)
     if plan is None:
         raise BitqError("eval: give --format or --plan (the BFP side of the comparison)")
-    stats = evaluate(model, plan, _load_data(args.data, model), args.target, args.limit)
+    from .targets.cli_remote import remote_runner
+
+    stats = evaluate(model, plan, _load_data(args.data, model), args.target, args.limit, deploy=args.deploy,
+                     remote=lambda compiled: remote_runner(args, compiled))
     fp32, quant = stats["weight_bytes"]
     rows = [("samples", stats["samples"])]
     if "fp32_top1" in stats:
@@ -256,6 +274,7 @@ def cmd_zoo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .solver.cli_plan import add_compile_budget_args, add_plan_command
+    from .targets.cli_remote import add_emulator_command, add_remote_args
 
     parser = argparse.ArgumentParser(prog="bitq-tvm", description="Block-floating-point DNN inference with TVM (BitQ).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--data", required=True, help=".npz with the input array (by input name or 'x') and optional labels 'y'")
     p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--deploy", action="store_true", help="evaluate the integer BFP deployment (default: simulation)")
+    add_remote_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the bundled digits CNN: FP32 vs uniform BFP8/6/4 accuracy and weight size")
@@ -299,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("targets", help="list the target presets")
     p.set_defaults(func=cmd_targets)
+
+    add_emulator_command(sub)
     return parser
 
 

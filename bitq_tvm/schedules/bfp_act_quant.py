@@ -24,13 +24,10 @@ import tvm
 from tvm import te, tirx
 
 from ..errors import BitqError
-from ..formats import BFPFormat, Rounding
-from .bfp_quant import _power_of_two, _stochastic_uniform
+from ..formats import BFPFormat
+from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = ["act_quant_shapes", "bfp_act_quant_func"]
-
-_FLOAT32_EXPONENT_BIAS = 127
-_FLOAT32_MANTISSA_BITS = 23
 
 
 def act_quant_shapes(shape, fmt: BFPFormat, axis: int, groups: int = 1):
@@ -75,33 +72,25 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
 
     within_r = te.reduce_axis((0, block), name="j")
 
-    def exponent_field(*idx):
+    def max_exponent_field(*idx):
         index, valid = source(idx[:-1], idx[-1], within_r)
-        field = (tirx.reinterpret("int32", x[index]) >> _FLOAT32_MANTISSA_BITS) & 0xFF
+        field = exponent_field(x[index])
         if valid is not None:
             field = tirx.Select(valid, field, 0)  # padding is zero, whose field is 0
         return te.max(field, axis=within_r)
 
-    field = te.compute(outer + (groups * nbg,), exponent_field, name="exponent_field")
-
-    def clamped_exponent(field_value):
-        return tirx.max(tirx.min(field_value - _FLOAT32_EXPONENT_BIAS, fmt.emax), fmt.emin)
+    field = te.compute(outer + (groups * nbg,), max_exponent_field, name="exponent_field")
 
     e_out = te.compute(outer + (groups * nbg,),
-                       lambda *idx: clamped_exponent(field[idx]).astype("int8"), name="E")
+                       lambda *idx: shared_exponent(field[idx], fmt).astype("int8"), name="E")
 
     def mantissa(*idx):
         c = idx[-1]
         blk, within = c // block, c % block
         index, valid = source(idx[:-1], blk, within)
-        scale = _power_of_two(e_out[idx[:-1] + (blk,)].astype("int32") - fmt.scale_shift)
-        v = x[index] / scale
-        if fmt.rounding == Rounding.STOCHASTIC:
-            flat_index = sum(i * s for i, s in zip(index, strides))
-            q = tirx.floor(v + _stochastic_uniform(flat_index, fmt.seed))
-        else:
-            q = tirx.nearbyint(v)
-        q = tirx.Cast("int8", tirx.max(tirx.min(q, float(fmt.qmax)), float(fmt.qmin)))
+        scale = power_of_two(e_out[idx[:-1] + (blk,)].astype("int32") - fmt.scale_shift)
+        flat_index = sum(i * s for i, s in zip(index, strides))
+        q = tirx.Cast("int8", round_mantissa(x[index] / scale, fmt, flat_index))
         return q if valid is None else tirx.Select(valid, q, tirx.const(0, "int8"))
 
     q_out = te.compute(outer + (groups * nbg * block,), mantissa, name="Q")

@@ -39,6 +39,7 @@ from tvm.s_tir import Schedule
 
 from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
+from .float_bits import power_of_two
 from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4
 
 __all__ = [
@@ -57,10 +58,6 @@ LANES = 16
 # K values per lane in one vpdpbusd / vpmaddwd pair.
 K_QUAD = 4
 _ACTIVATION_OFFSET = 128
-_FLOAT32_EXPONENT_BIAS = 127
-_FLOAT32_MANTISSA_BITS = 23
-_MIN_NORMAL_EXPONENT = -126
-_SUBNORMAL_SHIFT = 149
 # float32(s) * 2**k is exact for |s| < 2**22 only while 2**(22 + k) stays below 2**128
 _MAX_WEIGHT_SCALE_EXPONENT = 105
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -181,22 +178,6 @@ def bfp_matmul_tolerance(qa, ea, qw, ew, block_size: int, ma: int, mw: int) -> n
     return terms.shape[-1] * _FLOAT32_EPS * np.abs(terms).sum(-1)
 
 
-def _pow2_float32(exponent: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2**exponent as float32 from its bit pattern, for exponent in [-149, 127]."""
-    int32 = "int32"
-    normal = tirx.shift_left(
-        exponent + _FLOAT32_EXPONENT_BIAS, tirx.const(_FLOAT32_MANTISSA_BITS, int32)
-    )
-    # below 2**-126 the value is the subnormal with only bit (exponent + 149) set; the clamp keeps
-    # the unselected shift amount in range
-    subnormal = tirx.shift_left(
-        tirx.const(1, int32), tirx.max(exponent + _SUBNORMAL_SHIFT, tirx.const(0, int32))
-    )
-    return tirx.reinterpret(
-        "float32", tirx.Select(exponent >= _MIN_NORMAL_EXPONENT, normal, subnormal)
-    )
-
-
 def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) -> tirx.PrimFunc:
     """Unscheduled PrimFunc ``(qa, ea, qw, sw, wcorr, C)`` of the integer BFP matmul.
 
@@ -225,7 +206,7 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
     )
     a_scale = te.compute(
         (M, nb),
-        lambda i, b: _pow2_float32(ea[i, b].astype("int32") - (fmt_a.mantissa_bits - 2)),
+        lambda i, b: power_of_two(ea[i, b].astype("int32") - (fmt_a.mantissa_bits - 2)),
         name="a_scale",
     )
     rq = te.reduce_axis((0, block // K_QUAD), name="rq")

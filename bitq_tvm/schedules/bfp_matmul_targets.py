@@ -33,8 +33,9 @@ from tvm.s_tir import Schedule
 from ..errors import BitqError
 from ..formats import BFPFormat
 from ..targets.presets import TargetPreset
+from .float_bits import power_of_two
 from .bfp_matmul import VARIANTS as X86_VARIANTS
-from .bfp_matmul import K_QUAD, LANES, _check_formats, _padded, _pow2_float32, bfp_matmul_func
+from .bfp_matmul import K_QUAD, LANES, _check_formats, _padded, bfp_matmul_func
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
 
@@ -208,7 +209,7 @@ def _placeholders(M, k_padded, nb, n_padded):
 def _activation_scales(ea, fmt_a, M, nb):
     return te.compute(
         (M, nb),
-        lambda i, b: _pow2_float32(ea[i, b].astype("int32") - (fmt_a.mantissa_bits - 2)),
+        lambda i, b: power_of_two(ea[i, b].astype("int32") - (fmt_a.mantissa_bits - 2)),
         name="a_scale",
     )
 

@@ -22,18 +22,11 @@ import tvm
 from tvm import te, tirx
 
 from ..errors import BitqError
-from ..formats import BFPFormat, Rounding
+from ..formats import BFPFormat
+from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = ["bfp_fake_quant_name", "bfp_fake_quant_func"]
 
-_FLOAT32_EXPONENT_BIAS = 127
-_FLOAT32_MANTISSA_BITS = 23
-_MIN_NORMAL_EXPONENT = -126
-# 2**k for k < -126 is the subnormal with only bit (k + 149) set
-_SUBNORMAL_SHIFT = 149
-_GOLDEN_RATIO_32 = 0x9E3779B9
-_HASH_MUL_1 = 0x7FEB352D
-_HASH_MUL_2 = 0x846CA68B
 # Most elements of the last dim handled per parallel task when the blocks are strided (axis not
 # last): enough for several AVX-512 vectors, small enough that the task's exponents stay in L1.
 _MAX_CHUNK = 256
@@ -70,29 +63,6 @@ def _validate(shape: tuple[int, ...], axis: int, groups: int, dtype: str) -> int
     return axis
 
 
-def _u32(value: int) -> tirx.PrimExpr:
-    return tirx.const(value % 2**32, "uint32")
-
-
-def _stochastic_uniform(flat_index: tirx.PrimExpr, seed: int) -> tirx.PrimExpr:
-    """u in [0, 1) from the counter-based hash of the formats contract, in uint32 arithmetic."""
-    h = tirx.Cast("uint32", flat_index) ^ _u32(seed * _GOLDEN_RATIO_32)
-    h = h ^ (h >> _u32(16))
-    h = h * _u32(_HASH_MUL_1)
-    h = h ^ (h >> _u32(15))
-    h = h * _u32(_HASH_MUL_2)
-    h = h ^ (h >> _u32(16))
-    return tirx.Cast("float32", h >> _u32(8)) * tirx.const(2.0**-24, "float32")
-
-
-def _power_of_two(k: tirx.PrimExpr) -> tirx.PrimExpr:
-    """float32 2**k built from its bit pattern; exact for k in [-149, 127], subnormals included."""
-    normal_bits = (k + _FLOAT32_EXPONENT_BIAS) << _FLOAT32_MANTISSA_BITS
-    subnormal_bits = tirx.const(1, "int32") << (k + _SUBNORMAL_SHIFT)
-    bits = tirx.Select(k >= _MIN_NORMAL_EXPONENT, normal_bits, subnormal_bits)
-    return tirx.reinterpret("float32", bits)
-
-
 def _block_extent(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> int:
     # a block longer than its segment is the whole segment plus zero padding, which never raises
     # the block maximum: iterate over the segment only
@@ -116,28 +86,22 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
         g, b = index[axis], index[axis + 1]
         pos = b * block + within
         element = x[index[:axis] + (g * segment + pos,) + index[axis + 2 :]]
-        field = (tirx.reinterpret("int32", element) >> _FLOAT32_MANTISSA_BITS) & 0xFF
+        field = exponent_field(element)
         if segment % block:
             field = tirx.Select(pos < segment, field, 0)
         return te.max(field, axis=within)
 
-    exponent_field = te.compute(
+    block_field = te.compute(
         before + (groups, num_blocks) + after, biased_exponent, name="exponent_field"
     )
 
     def fake_quant(*index):
         c = index[axis]
         block_index = (c // segment, c % segment // block)
-        field = exponent_field[index[:axis] + block_index + index[axis + 1 :]]
-        e = tirx.max(tirx.min(field - _FLOAT32_EXPONENT_BIAS, fmt.emax), fmt.emin)
-        scale = _power_of_two(e - (fmt.mantissa_bits - 2))
-        v = x[index] / scale
-        if fmt.rounding == Rounding.STOCHASTIC:
-            flat_index = sum(i * s for i, s in zip(index, strides))
-            q = tirx.floor(v + _stochastic_uniform(flat_index, fmt.seed))
-        else:
-            q = tirx.nearbyint(v)  # llvm.nearbyint: half to even in the default rounding mode
-        q = tirx.max(tirx.min(q, float(fmt.qmax)), float(fmt.qmin))
+        field = block_field[index[:axis] + block_index + index[axis + 1 :]]
+        scale = power_of_two(shared_exponent(field, fmt) - fmt.scale_shift)
+        flat_index = sum(i * s for i, s in zip(index, strides))
+        q = round_mantissa(x[index] / scale, fmt, flat_index)
         # through int32 like the reference's integer mantissa, so -0.0 comes back as +0.0
         return tirx.Cast("float32", tirx.Cast("int32", q)) * scale
 

@@ -25,7 +25,8 @@ from tvm import te, tirx
 
 from ..errors import BitqError
 from ..formats import BFPFormat
-from .bfp_matmul import K_QUAD, LANES, _pow2_float32
+from .float_bits import power_of_two
+from .bfp_matmul import K_QUAD, LANES
 
 __all__ = ["PackedWeights", "pack_quantized", "bfp_weight_expand_func"]
 
@@ -151,7 +152,7 @@ def bfp_weight_expand_func(packed: PackedWeights) -> tirx.PrimFunc:
         lambda b, j: te.sum(qw[j // LANES, b * (fmt.block_size // K_QUAD) + rq, j % LANES, rl].astype("int32")
                             * -_ACTIVATION_OFFSET, axis=[rq, rl]),
         name="wcorr")
-    sw = te.compute((nb, n_padded), lambda b, j: _pow2_float32(ew[b, j].astype("int32") - fmt.scale_shift),
+    sw = te.compute((nb, n_padded), lambda b, j: power_of_two(ew[b, j].astype("int32") - fmt.scale_shift),
                     name="sw")
     outputs = ([qw] if packed.nibbles else []) + [sw, wcorr]
     sch = tvm.s_tir.Schedule(te.create_prim_func([stored, ew, *outputs]))

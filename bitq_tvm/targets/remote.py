@@ -1,0 +1,440 @@
+"""Run compiled models on a device through TVM RPC: ``--rpc host:port`` or ``--tracker host:port --key K``.
+
+The device side is TVM's own ``python -m tvm.exec.rpc_server``: on a real board, or here on the
+host, natively or under ``qemu-aarch64`` with the rootfs of :mod:`bitq_tvm.targets.rootfs`::
+
+    with start_rpc_server(get_target("cortex-a76")) as server:
+        session = connect(rpc=server.address)
+        logits = RemoteModel(session, compiled).run_batched("input", x)
+
+Every network step is bounded: an unreachable server or tracker is a :class:`BitqError` within
+the timeout, never a hang (TVM's own clients retry a refused connection for a minute).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bitq_tvm.errors import BitqError
+from bitq_tvm.targets.presets import TargetPreset
+
+__all__ = ["RpcAddress", "RpcProcess", "RemoteModel", "connect", "free_port", "parse_address", "start_rpc_server",
+           "start_tracker"]
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# An emulated server imports TVM under qemu (about 5 s) before it binds its port.
+DEFAULT_READY_TIMEOUT_S = 120.0
+_STOP_GRACE_S = 5.0
+# A key no server is started with: the server answers it with "mismatch" and keeps listening,
+# which proves a live TVM RPC server without starting a session (a bare TCP connect that closes
+# early kills TVM's listen loop).
+_PROBE_KEY = "client:__bitq_probe__"
+
+
+@dataclass(frozen=True)
+class RpcAddress:
+    """A ``host:port`` endpoint (an RPC server or a tracker)."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise BitqError("RPC address: the host is empty (expected HOST:PORT)")
+        if not 0 < self.port < 65536:
+            raise BitqError(f"RPC address {self.host}:{self.port}: port must be in 1..65535")
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(spec: str, option: str = "--rpc") -> RpcAddress:
+    """``"host:port"`` -> :class:`RpcAddress`; ``option`` names the flag in errors."""
+    host, sep, port = str(spec).rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BitqError(f"{option} '{spec}': expected HOST:PORT, e.g. 127.0.0.1:9090")
+    return RpcAddress(host, int(port))
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class RpcProcess:
+    """A started ``tvm.exec.rpc_server`` or ``rpc_tracker`` process (its own process group).
+
+    Use as a context manager, or call :meth:`stop`: it ends the whole group (under qemu the
+    server has worker and session children).
+    """
+
+    def __init__(self, kind: str, process: subprocess.Popen, address: RpcAddress, log_path: Path,
+                 key: str = "") -> None:
+        self.kind = kind
+        self.process = process
+        self.address = address
+        self.log_path = log_path
+        self.key = key
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the process's output (for error messages)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Terminate the process group; kill it if it does not exit within a few seconds."""
+        if self.process.poll() is None:
+            for sig, wait_s in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, _STOP_GRACE_S)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        else:
+            # The leader is gone but its workers (same group) may linger.
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def __enter__(self) -> "RpcProcess":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _server_launcher(preset: TargetPreset, rootfs_dir: str | os.PathLike | None) -> tuple[list[str], dict]:
+    """(python command, extra environment) that runs a TVM python for ``preset`` on this host."""
+    if preset.emulator is None:
+        return [sys.executable], {}
+    if preset.triple != "aarch64-linux-gnu":
+        raise BitqError(
+            f"target '{preset.name}': no TVM runtime exists for {preset.triple} (PyPI has no wheel), so no "
+            "emulated RPC server; check its kernels with bitq_tvm.targets.run_kernel_emulated instead"
+        )
+    from bitq_tvm.targets.cross import require_tool
+    from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs, rootfs_python
+
+    require_tool(preset.emulator, preset.emulator_package, f"emulator for {preset.name}")
+    rootfs = ensure_aarch64_rootfs(rootfs_dir)
+    env = {}
+    args = list(preset.emulator_args)
+    if "-cpu" in args:  # qemu-user reads QEMU_CPU, and child pythons inherit it
+        env["QEMU_CPU"] = args[args.index("-cpu") + 1]
+    return [str(rootfs_python(rootfs))], env
+
+
+def _launch(kind: str, command: list[str], env_extra: dict, address: RpcAddress, key: str) -> RpcProcess:
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env.update(env_extra)
+    log_dir = Path(tempfile.mkdtemp(prefix=f"bitq-{kind}-"))
+    log_path = log_dir / f"{kind}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=log_dir, env=env, start_new_session=True)
+    return RpcProcess(kind, process, address, log_path, key)
+
+
+def _wait_until(process: RpcProcess, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.process.poll() is not None:
+            process.stop()
+            raise BitqError(f"{what} exited with status {process.process.returncode}: {process.log_tail()}")
+        if time.monotonic() > deadline:
+            process.stop()
+            raise BitqError(f"{what} not ready within {timeout_s:.0f} s: {process.log_tail()}")
+        time.sleep(0.2)
+
+
+def _bound(process: RpcProcess) -> bool:
+    try:
+        return f"bind to {process.address}" in process.log_path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def start_tracker(host: str = LOOPBACK, port: int | None = None,
+                  ready_timeout_s: float = 30.0) -> RpcProcess:
+    """Start ``python -m tvm.exec.rpc_tracker`` on ``host:port`` (a free port if None)."""
+    address = RpcAddress(host, port or free_port(host))
+    command = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
+               "--port", str(address.port), "--port-end", str(address.port + 1)]
+    tracker = _launch("tracker", command, {}, address, "")
+    _wait_until(tracker, lambda: _bound(tracker), ready_timeout_s, f"RPC tracker on {address}")
+    return tracker
+
+
+def start_rpc_server(preset: TargetPreset, host: str = LOOPBACK, port: int | None = None,
+                     tracker: str | RpcAddress | None = None, key: str = "",
+                     rootfs_dir: str | os.PathLike | None = None,
+                     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> RpcProcess:
+    """Start a TVM RPC server that runs code for ``preset`` and wait until it accepts sessions.
+
+    Native presets run the host's python; aarch64 presets run the rootfs' arm64 python under
+    ``qemu-aarch64`` (building the rootfs on first use, see
+    :func:`bitq_tvm.targets.rootfs.ensure_aarch64_rootfs`) with the preset's qemu CPU model.
+
+    Parameters
+    ----------
+    preset
+        The device to serve.
+    host, port
+        Where to listen; ``port=None`` picks a free one.
+    tracker, key
+        Register with this tracker (``host:port``) under ``key``; returns once the tracker lists it.
+
+    Raises
+    ------
+    BitqError
+        No TVM runtime for the preset's architecture (riscv64), missing tools, or a server that
+        exits or does not come up within ``ready_timeout_s`` (its last output in the message).
+    """
+    launcher, env = _server_launcher(preset, rootfs_dir)
+    address = RpcAddress(host, port or free_port(host))
+    command = [*launcher, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(address.port),
+               "--port-end", str(address.port + 1)]
+    tracker_address = None
+    if tracker is not None:
+        if not key:
+            raise BitqError("--tracker needs --key K: the key to register the server under")
+        tracker_address = tracker if isinstance(tracker, RpcAddress) else parse_address(tracker, "--tracker")
+        command += ["--tracker", str(tracker_address), "--key", key]
+    elif key:
+        command += ["--key", key]
+    what = f"RPC server for {preset.name} on {address}"
+    server = _launch("rpc-server", command, env, address, key)
+    _wait_until(server, lambda: _bound(server), ready_timeout_s, what)
+    if tracker_address is not None:
+        _wait_until(server, lambda: _registered(tracker_address, key), ready_timeout_s,
+                    f"{what} (registration under key '{key}' with tracker {tracker_address})")
+    return server
+
+
+def _registered(tracker: RpcAddress, key: str) -> bool:
+    from bitq_tvm.tuning.remote import TrackerAddress, check_tracker
+
+    try:
+        check_tracker(TrackerAddress(tracker.host, tracker.port, key), timeout_s=2.0)
+    except BitqError:
+        return False
+    return True
+
+
+def _probe_server(address: RpcAddress, timeout_s: float) -> None:
+    """BitqError unless a TVM RPC server answers at ``address`` within ``timeout_s``."""
+    from tvm.rpc import base
+
+    where = f"--rpc {address}"
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            key = _PROBE_KEY.encode()
+            sock.sendall(struct.pack("<i", base.RPC_MAGIC) + struct.pack("<i", len(key)) + key)
+            reply = sock.recv(4)
+    except OSError as err:
+        raise BitqError(f"{where}: RPC server unreachable within {timeout_s:g} s ({err})") from None
+    if len(reply) != 4 or struct.unpack("<i", reply)[0] not in (base.RPC_CODE_MISMATCH, base.RPC_CODE_SUCCESS):
+        raise BitqError(f"{where}: the server there is not a TVM RPC server")
+
+
+def _within(timeout_s: float, what: str, function: Callable[[], Any]) -> Any:
+    """``function()``, or BitqError after ``timeout_s`` (TVM's connect calls block in C++)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = function()
+        except Exception as err:  # noqa: BLE001 - re-raised below as a user-facing error
+            result["error"] = err
+
+    worker = threading.Thread(target=target, name=f"bitq-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():  # left behind as a daemon: it ends with its socket or with the process
+        raise BitqError(f"{what}: no session within {timeout_s:g} s")
+    if "error" in result:
+        first_line = (str(result["error"]).strip().splitlines() or [type(result["error"]).__name__])[0]
+        raise BitqError(f"{what}: {first_line}")
+    return result["value"]
+
+
+def connect(rpc: str | RpcAddress | None = None, tracker: str | RpcAddress | None = None,
+            key: str | None = None, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+            session_timeout_s: float = 0):
+    """Open a TVM RPC session with a server (``rpc``) or with a device of ``key`` from a ``tracker``.
+
+    Parameters
+    ----------
+    rpc, tracker
+        ``host:port``; give exactly one.
+    key
+        With ``tracker``: the device key (required). With ``rpc``: the server's key, if it has one.
+    timeout_s
+        Bound on reaching the server/tracker and getting a session.
+    session_timeout_s
+        Passed to the server: it ends the session after this many seconds (0: never).
+
+    Returns
+    -------
+    tvm.rpc.RPCSession
+
+    Raises
+    ------
+    BitqError
+        Both or neither address given, nothing answering within ``timeout_s``, no device under
+        ``key`` (lists the registered keys), or a refused session.
+    """
+    from tvm import rpc as tvm_rpc
+
+    if (rpc is None) == (tracker is None):
+        raise BitqError("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT")
+    if rpc is not None:
+        address = rpc if isinstance(rpc, RpcAddress) else parse_address(rpc, "--rpc")
+        _probe_server(address, timeout_s)
+        return _within(timeout_s, f"--rpc {address}", lambda: tvm_rpc.connect(
+            address.host, address.port, key=key or "", session_timeout=session_timeout_s))
+    from bitq_tvm.tuning.remote import check_tracker, parse_tracker
+
+    address = tracker if isinstance(tracker, RpcAddress) else parse_address(tracker, "--tracker")
+    check_tracker(parse_tracker(str(address), key), timeout_s)
+
+    def request():
+        client = tvm_rpc.connect_tracker(address.host, address.port)
+        return client.request(key, priority=1, session_timeout=session_timeout_s, max_retry=1)
+
+    return _within(timeout_s, f"--tracker {address} --key {key}", request)
+
+
+class RemoteModel:
+    """A compiled model loaded into an RPC session: ``run``/``run_batched`` like ``CompiledModel``.
+
+    Works for any compiled Relax model with ``executable``, ``target``, ``model`` (simulation or
+    integer deployment): the library is exported for ``compiled.target`` (cross compiled with
+    the preset's compiler), uploaded, loaded with ``load_module``, and run by a Relax
+    VirtualMachine on the remote CPU. Inputs and outputs cross the connection as arrays.
+    """
+
+    LIBRARY_NAME = "bitq_model.so"
+
+    def __init__(self, session, compiled) -> None:
+        from tvm import relax
+
+        from bitq_tvm.targets.cross import export
+
+        self.session = session
+        self.model = compiled.model
+        self.target = compiled.target
+        with tempfile.TemporaryDirectory(prefix="bitq-remote-") as folder:
+            library = Path(folder) / self.LIBRARY_NAME
+            export(compiled.executable, library, compiled.target)
+            try:
+                session.upload(str(library), self.LIBRARY_NAME)
+                module = session.load_module(self.LIBRARY_NAME)
+            except Exception as err:  # noqa: BLE001 - TVM raises bare errors for device-side failures
+                raise BitqError(f"loading {self.LIBRARY_NAME} ({compiled.target.name}) on the remote device "
+                                f"failed: {(str(err).strip().splitlines() or ['?'])[0]}") from None
+        self.device = session.cpu()
+        self.vm = relax.VirtualMachine(module, self.device)
+        self._trailing_args = self._weight_prelude(compiled)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.model.input_shapes)
+
+    def close(self) -> None:
+        """End the session: TVM's server serves one session at a time, so release it when done.
+
+        The C++ session ends when its last remote object (module, VM, tensors, device) is
+        gone. TVM's VirtualMachine sits in a reference cycle, so its attributes (the remote
+        functions) are cleared here instead of waiting for the garbage collector.
+        """
+        if getattr(self, "vm", None) is not None:
+            self.vm.__dict__.clear()
+        self.vm = self.device = self.session = None
+        self._trailing_args = []
+
+    def __del__(self) -> None:
+        self.close()  # so a dropped RemoteModel frees the server without a gc pass
+
+    def __enter__(self) -> "RemoteModel":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, function: str, *args) -> list:
+        """Run a VM function through the stateful interface (the one that works over RPC)."""
+        self.vm.set_input(function, *args)
+        self.vm.invoke_stateful(function)
+        outputs = self.vm.get_outputs(function)
+        return _flatten(outputs)
+
+    def _weight_prelude(self, compiled) -> list:
+        """Remote tensors an integer-deployed model's ``main`` takes after its inputs.
+
+        Such a model (:mod:`bitq_tvm.deploy`) stores packed weights and expands them once:
+        ``w = EXPAND(*PACKED())``, then ``main(inputs..., *w)``. The expanded weights stay on
+        the device.
+        """
+        report = getattr(compiled, "report", None)
+        if report is None or not report.integer_layers:
+            return []
+        from bitq_tvm.passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
+
+        return self._call(EXPAND_FUNCTION, *self._call(PACKED_FUNCTION))
+
+    def run(self, inputs) -> list[np.ndarray]:
+        """Run once; ``inputs`` is a dict by input name or a list in input order."""
+        import tvm
+
+        if isinstance(inputs, dict):
+            missing = [name for name in self.input_names if name not in inputs]
+            if missing:
+                raise BitqError(f"missing model input(s) {missing}")
+            inputs = [inputs[name] for name in self.input_names]
+        arrays = []
+        for name, array in zip(self.input_names, inputs):
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            expected = tuple(self.model.input_shapes[name])
+            if tuple(array.shape) != expected:
+                raise BitqError(f"input '{name}' has shape {tuple(array.shape)}, the compiled model takes {expected}")
+            arrays.append(tvm.runtime.tensor(array, device=self.device))
+        return [output.numpy() for output in self._call("main", *arrays, *self._trailing_args)]
+
+    def run_batched(self, name: str, data: np.ndarray) -> np.ndarray:
+        """Run a dataset through the model's pinned batch size; returns the first output stacked."""
+        from bitq_tvm.api import CompiledModel
+
+        # Same padding and stacking as on the host; it only needs ``model`` and ``run``.
+        return CompiledModel.run_batched(self, name, data)
+
+
+def _flatten(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _flatten(item)]
+    return [value]
