@@ -45,11 +45,12 @@ from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
 from ..schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..schedules.bfp_conv import ConvGeometry, bfp_im2col_func
-from ..schedules.bfp_matmul import K_QUAD, VARIANTS, bfp_matmul_func
+from ..schedules.bfp_matmul import K_QUAD
+from ..schedules.bfp_matmul_targets import ALL_VARIANTS, bfp_matmul_target_func
 from ..schedules.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized
 from .annotate_layers import annotated_layers, weight_param
 
-__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger", "integer_variant"]
+__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger"]
 
 EXPAND_FUNCTION = "bitq_expand_weights"
 PACKED_FUNCTION = "bitq_packed_weights"
@@ -66,11 +67,6 @@ def padded_rows(rows: int) -> int:
     if rows <= 4 or any(rows % r == 0 for r in (4, 3, 2)):
         return rows
     return -(-rows // 4) * 4
-
-
-def integer_variant(intrinsic_family: str) -> str:
-    """Matmul kernel variant for a target preset's intrinsic family."""
-    return {"vnni": "vnni", "avx2": "avx2"}.get(intrinsic_family, "generic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +161,7 @@ class _Lowerer(PyExprMutator):
 
     def _matmul(self, qa, ea, packed: PackedWeights, rows: int, k: int, fmt_a, name: str):
         qw, sw, wcorr = self._weight_operands(packed, name)
-        func = bfp_matmul_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
+        func = bfp_matmul_target_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         func = func.without_attr("global_symbol").with_attr("tir.is_scheduled", True)
         tag = f"bfp_mm_{self.variant}_{fmt_a.name}_{packed.fmt.name}_{rows}x{packed.n}x{k}"
         return self._call_tir(func, tag, [qa, ea, qw, sw, wcorr], [((rows, packed.n), "float32")])
@@ -315,7 +311,7 @@ class LowerBFPInteger:
     params : dict
         Weight parameter name -> array (``api.import_relax``), packed at compile time.
     variant : str
-        Matmul kernel variant (:func:`integer_variant` of the target preset).
+        Matmul kernel variant (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant` of the target).
     max_padding_ratio : float
         Largest padded/real in-group channel ratio a conv may have and still be lowered.
 
@@ -325,8 +321,8 @@ class LowerBFPInteger:
 
     def __init__(self, formats: dict, params: dict, variant: str,
                  max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO):
-        if variant not in VARIANTS:
-            raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+        if variant not in ALL_VARIANTS:
+            raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(ALL_VARIANTS)}")
         if max_padding_ratio < 1:
             raise BitqError(f"LowerBFPInteger: max_padding_ratio {max_padding_ratio} must be >= 1")
         self.formats = dict(formats)

@@ -22,7 +22,9 @@ from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_byte
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, fake_quantize_np, get_format, quantize_np
 from bitq_tvm.frontend.onnx_model import normalize
-from bitq_tvm.passes.lower_bfp_integer import LayerDeployment, integer_variant, padded_rows
+from bitq_tvm.passes.lower_bfp_integer import LayerDeployment, padded_rows
+from bitq_tvm.schedules.bfp_matmul_targets import default_variant
+from bitq_tvm.targets.presets import get_target
 from bitq_tvm.plan import Plan
 from bitq_tvm.schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from bitq_tvm.schedules.bfp_matmul import pack_weights
@@ -109,8 +111,9 @@ def test_pack_rejects_huge_weights():
 
 def test_padded_rows_and_variants():
     assert [padded_rows(m) for m in (1, 3, 5, 49, 52, 81, 3136)] == [1, 3, 8, 52, 52, 81, 3136]
-    assert [integer_variant(f) for f in ("vnni", "avx2", "neon", "sdot", "rvv", "scalar")] == \
-        ["vnni", "avx2", "generic", "generic", "generic", "generic"]
+    # every target deploys with its own integer kernel
+    names = ("avx512-vnni", "avx2", "cortex-a53", "cortex-a76", "neoverse-n2", "rv64gcv-vlen128", "rv64gc")
+    assert [default_variant(get_target(t)) for t in names] == ["vnni", "avx2", "neon", "sdot", "sdot", "rvv", "scalar"]
 
 
 # ---- single-layer numerics through the whole compiler ------------------------------------------

@@ -210,6 +210,29 @@ def test_resnet18_on_the_emulated_device_matches_the_host(server, tmp_path):
         assert_matches_host(remote.run_batched(name, images), host.run_batched(name, images))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["digits", "resnet18"])
+def test_integer_deployment_on_the_emulated_device_matches_the_host_simulation(server, digits, tmp_path, model_name):
+    """The integer BFP kernels (sdot on cortex-a76) give the x86 simulation's numbers."""
+    from bitq_tvm.deploy import compile_deployed
+
+    if model_name == "digits":
+        model, data, host, _ = digits
+        name, inputs = "input", data["x"][:64]
+    else:
+        path = tmp_path / "resnet18.onnx"
+        proto = zoo.resnet18(image_size=32, num_classes=10)
+        onnx.save(proto, path)
+        model = load_onnx(path)
+        name = next(iter(model.input_shapes))
+        inputs = zoo.synthetic_inputs(proto, 2, seed=0)[name]
+        host = compile_model(model, Plan.uniform(PLAN), "host", progress=None)
+    deployed = compile_deployed(model, Plan.uniform(PLAN), TARGET, progress=None)
+    assert deployed.report.variant == "sdot" and deployed.report.integer_layers
+    with RemoteModel(connect(rpc=server.address), deployed) as remote:
+        assert_matches_host(remote.run_batched(name, inputs), host.run_batched(name, inputs))
+
+
 # --- command-line pieces ---
 
 def _eval_parser() -> argparse.ArgumentParser:
