@@ -1,4 +1,4 @@
-"""The ``bitq-tvm`` command: inspect, plan, compile, eval, demo, zoo, targets, emulator.
+"""The ``bitq-tvm`` command: inspect, plan, tune, compile, eval, demo, zoo, targets, emulator.
 
 User errors (:class:`~bitq_tvm.errors.BitqError`) print one line ``bitq-tvm: error: ...`` and
 exit with status 2; nothing is written half-way (outputs are written to a temporary file and
@@ -97,7 +97,11 @@ def cmd_compile(args) -> int:
     from .solver.cli_plan import plan_for_compile
 
     model = _load_model(args)
-    plan = plan_for_compile(args) or _load_plan(args)
+    planned = plan_for_compile(args)
+    if args.tuning_db and not (args.deploy or planned):
+        raise BitqError("--tuning-db feeds the planner (--budget/--lambda/--size-budget) and the integer kernels "
+                        "(--deploy); give one of them")
+    plan = planned or _load_plan(args)
     if args.deploy:
         from .deploy import cmd_compile_deploy
 
@@ -275,6 +279,7 @@ def cmd_zoo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .solver.cli_plan import add_compile_budget_args, add_plan_command
     from .targets.cli_remote import add_emulator_command, add_remote_args
+    from .tuning.cli_tune import add_tune_command
 
     parser = argparse.ArgumentParser(prog="bitq-tvm", description="Block-floating-point DNN inference with TVM (BitQ).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -322,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_targets)
 
     add_emulator_command(sub)
+    add_tune_command(sub)
     return parser
 
 

@@ -122,7 +122,7 @@ class _SimulateFallbacks:
 
 
 def deploy_passes(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray],
-                  variant: str, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO):
+                  variant: str, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, kernels=None):
     """The bitq passes of the deployment path (weights bound), and the lowering pass for its report.
 
     Returns
@@ -132,7 +132,7 @@ def deploy_passes(model: OnnxModel, formats: dict[str, LayerFormats], params: di
     lower : LowerBFPInteger
         Its ``report`` is filled once the passes ran.
     """
-    lower = LowerBFPInteger(formats, params, variant, max_padding_ratio)
+    lower = LowerBFPInteger(formats, params, variant, max_padding_ratio, kernels)
     passes = [
         AnnotateBFPLayers({layer.weight: layer.name for layer in model.layers}),
         lower,
@@ -158,9 +158,27 @@ def relax_constant_bytes(mod: tvm.IRModule) -> int:
     return sum(seen.values())
 
 
+def _tuned_kernels(tuning_db: str, model: OnnxModel, formats, preset) -> dict:
+    """Verified tuned kernels of the plan's GEMMs from a tuning work dir, by kernel name."""
+    from .solver.candidates import Candidate
+    from .tuning.tasks import extract_bfp_tasks
+    from .tuning.verify import tuned_prim_funcs
+
+    candidates = {name: [Candidate(lf.weight, lf.activation)] for name, lf in formats.items()
+                  if lf.weight is not None and lf.activation is not None
+                  and lf.weight.block_size == lf.activation.block_size
+                  and lf.weight.exponent_bits == lf.activation.exponent_bits}
+    return tuned_prim_funcs(tuning_db, extract_bfp_tasks(model, candidates, preset), preset)
+
+
 def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPreset = "host",
-                     max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, progress=_progress) -> DeployedModel:
-    """Compile ``model`` under ``plan`` to integer BFP kernels for ``target`` (fallbacks reported)."""
+                     max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, progress=_progress,
+                     tuning_db: str | None = None) -> DeployedModel:
+    """Compile ``model`` under ``plan`` to integer BFP kernels for ``target`` (fallbacks reported).
+
+    ``tuning_db``: a ``bitq-tvm tune`` work dir; its verified tuned kernels replace the default
+    schedules where they exist.
+    """
     preset = get_target(target) if isinstance(target, str) else target
     formats = resolve_plan(model, plan)
     mod, params = import_relax(model)
@@ -170,7 +188,8 @@ def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPr
     if progress:
         progress(f"deploying {model.name}: {len(model.layers)} layers for {preset.name} ({variant} kernels)")
     start = time.perf_counter()
-    passes, lower = deploy_passes(model, formats, params, variant, max_padding_ratio)
+    kernels = _tuned_kernels(tuning_db, model, formats, preset) if tuning_db else {}
+    passes, lower = deploy_passes(model, formats, params, variant, max_padding_ratio, kernels)
     mod = tvm.transform.Sequential(passes, name="bitq_deploy")(mod)
     order = {layer.name: i for i, layer in enumerate(model.layers)}
     report = DeploymentReport(preset.name, variant, tuple(sorted(lower.report.values(), key=lambda d: order[d.layer])),
@@ -180,6 +199,9 @@ def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPr
     if progress:
         progress(f"compiled in {seconds:.1f} s: {len(report.integer_layers)} integer layers, "
                  f"{len(report.fallbacks)} fallbacks")
+        if tuning_db:
+            progress(f"tuning database {tuning_db}: {len(lower.tuned_used)} tuned kernel(s) used, "
+                     f"the other integer kernels use the default schedules")
     return DeployedModel(model, formats, preset, executable, seconds, report)
 
 
@@ -187,7 +209,7 @@ def cmd_compile_deploy(args, model, plan) -> int:
     """``bitq-tvm compile --deploy [--report]``: write the integer BFP library (and print the report)."""
     if plan is None:
         raise BitqError("compile --deploy needs --format, --plan or a budget (an FP32 model has nothing to deploy as BFP)")
-    deployed = compile_deployed(model, plan, args.target)
+    deployed = compile_deployed(model, plan, args.target, tuning_db=getattr(args, "tuning_db", None))
     out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
     deployed.export_library(out)
     report = deployed.report

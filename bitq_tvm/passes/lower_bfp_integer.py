@@ -45,7 +45,7 @@ from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
 from ..schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..schedules.bfp_conv import ConvGeometry, bfp_im2col_func
-from ..schedules.bfp_matmul import K_QUAD
+from ..schedules.bfp_matmul import K_QUAD, bfp_matmul_name, padded_rows
 from ..schedules.bfp_matmul_targets import ALL_VARIANTS, bfp_matmul_target_func
 from ..schedules.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized
 from .annotate_layers import annotated_layers, weight_param
@@ -58,15 +58,6 @@ _PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 _MIN_BLOCK, _MAX_BLOCK = 8, 128
 DEFAULT_MAX_PADDING_RATIO = 2.0
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
-
-
-def padded_rows(rows: int) -> int:
-    """Matmul rows to compute: the matmul's register tile takes 4, 3, 2 or 1 rows dividing M, and
-    one-row tiles run at a third of the speed (measured 224 vs 728 GOPS at 49 vs 52 x 512 x 4608),
-    so a row count with no divisor among 4, 3, 2 is padded to a multiple of 4."""
-    if rows <= 4 or any(rows % r == 0 for r in (4, 3, 2)):
-        return rows
-    return -(-rows // 4) * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +105,14 @@ def _shape(expr: relax.Expr) -> list[int]:
 
 @expr_functor.mutator
 class _Lowerer(PyExprMutator):
-    def __init__(self, mod: IRModule, formats, params, variant: str, max_padding_ratio: float):
+    def __init__(self, mod: IRModule, formats, params, variant: str, max_padding_ratio: float, kernels):
         super().__init__(mod)
         self.formats = formats
         self.params = params
         self.variant = variant
         self.max_padding_ratio = max_padding_ratio
+        self.kernels = kernels
+        self.tuned_used: set[str] = set()
         self.var_to_layer: dict[str, str] = {}
         self.report: dict[str, LayerDeployment] = {}
         # expanded-weight parameters of main, in order, with the packed weight each comes from
@@ -161,9 +154,13 @@ class _Lowerer(PyExprMutator):
 
     def _matmul(self, qa, ea, packed: PackedWeights, rows: int, k: int, fmt_a, name: str):
         qw, sw, wcorr = self._weight_operands(packed, name)
-        func = bfp_matmul_target_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
-        func = func.without_attr("global_symbol").with_attr("tir.is_scheduled", True)
-        tag = f"bfp_mm_{self.variant}_{fmt_a.name}_{packed.fmt.name}_{rows}x{packed.n}x{k}"
+        tag = bfp_matmul_name(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
+        func = self.kernels.get(tag)
+        if func is None:
+            func = bfp_matmul_target_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
+        else:
+            self.tuned_used.add(tag)
+        func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
         return self._call_tir(func, tag, [qa, ea, qw, sw, wcorr], [((rows, packed.n), "float32")])
 
     # ---- layers ----------------------------------------------------------------------------
@@ -314,13 +311,17 @@ class LowerBFPInteger:
         Matmul kernel variant (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant` of the target).
     max_padding_ratio : float
         Largest padded/real in-group channel ratio a conv may have and still be lowered.
+    kernels : dict, optional
+        Tuned kernels by name (:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_name`, the tuning
+        database key); kernels not in it use the default schedule. :attr:`tuned_used` lists the
+        ones used.
 
     After the pass ran, :attr:`report` maps every annotated layer to a :class:`LayerDeployment`
     and :attr:`fallback_formats` holds the planned layers left for ``InsertBFPSimulation``.
     """
 
     def __init__(self, formats: dict, params: dict, variant: str,
-                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO):
+                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, kernels=None):
         if variant not in ALL_VARIANTS:
             raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(ALL_VARIANTS)}")
         if max_padding_ratio < 1:
@@ -329,7 +330,9 @@ class LowerBFPInteger:
         self.params = dict(params)
         self.variant = variant
         self.max_padding_ratio = float(max_padding_ratio)
+        self.kernels = dict(kernels or {})
         self.report: dict[str, LayerDeployment] = {}
+        self.tuned_used: set[str] = set()
 
     @property
     def fallback_formats(self) -> dict:
@@ -337,7 +340,7 @@ class LowerBFPInteger:
         return {name: self.formats[name] for name, d in self.report.items() if d.mode == "simulation"}
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        lowerer = _Lowerer(mod, self.formats, self.params, self.variant, self.max_padding_ratio)
+        lowerer = _Lowerer(mod, self.formats, self.params, self.variant, self.max_padding_ratio, self.kernels)
         main_gv = None
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function) or not annotated_layers(func):
@@ -357,6 +360,7 @@ class LowerBFPInteger:
             raise BitqError(f"LowerBFPInteger: planned layer(s) {missing} are not annotated in the module "
                             "(run AnnotateBFPLayers first)")
         self.report = lowerer.report
+        self.tuned_used = lowerer.tuned_used
         mod = lowerer.builder_.get()
         return _add_expand_function(mod, lowerer.expanded) if lowerer.expanded else mod
 

@@ -30,6 +30,9 @@ def _add_planning_args(p: argparse.ArgumentParser, objective_required: bool) -> 
     p.add_argument("--pin", action="append", metavar="NAME=SPEC", help="fix a layer ('first'/'last' allowed): "
                    "fp32, a format, WEIGHT,ACT formats, a label like w8a8_b32, or a candidate grid")
     p.add_argument("--tie", action="append", metavar="A,B,...", help="layers that must take the same candidate")
+    p.add_argument("--tuning-db", metavar="DIR", help="a `bitq-tvm tune` work dir: measured (and regressed) kernel "
+                   "latencies replace the data-movement model in the performance term; compile --deploy also "
+                   "uses its verified tuned kernels")
 
 
 def add_plan_command(subparsers) -> argparse.ArgumentParser:
@@ -88,7 +91,16 @@ def run_planner(args, model):
         raise BitqError("planning needs calibration data: --calib DATA.npz")
     calib = load_calibration(args.calib, model, args.calib_key, args.labels)
     candidates = LayerCandidates.from_specs(args.candidates, args.pin)
-    return plan_model(model, calib, objective, args.target, candidates, _ties(args)), calib
+    measured = None
+    if args.tuning_db:
+        from ..targets.presets import get_target
+        from ..tuning.latency import latency_table_from_work_dir
+
+        table = latency_table_from_work_dir(args.tuning_db, model, candidates.resolve([l.name for l in model.layers]),
+                                            get_target(args.target))
+        print(table.report.markdown(), file=sys.stderr)
+        measured = table.seconds
+    return plan_model(model, calib, objective, args.target, candidates, _ties(args), measured=measured), calib
 
 
 def plan_for_compile(args):

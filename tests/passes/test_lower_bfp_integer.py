@@ -22,7 +22,8 @@ from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_byte
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, fake_quantize_np, get_format, quantize_np
 from bitq_tvm.frontend.onnx_model import normalize
-from bitq_tvm.passes.lower_bfp_integer import LayerDeployment, padded_rows
+from bitq_tvm.passes.lower_bfp_integer import LayerDeployment
+from bitq_tvm.schedules.bfp_matmul import padded_rows
 from bitq_tvm.schedules.bfp_matmul_targets import default_variant
 from bitq_tvm.targets.presets import get_target
 from bitq_tvm.plan import Plan

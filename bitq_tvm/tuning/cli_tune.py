@@ -1,0 +1,86 @@
+"""``bitq-tvm tune``: tune a model's BFP kernels (and its FP32 work) into a resumable work dir.
+
+Wire into ``bitq_tvm/cli.py`` with ``add_tune_command(sub)`` inside ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import BitqError
+
+__all__ = ["add_tune_command", "cmd_tune"]
+
+
+def _table(headers, rows, out) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |", file=out)
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+
+
+def add_tune_command(subparsers) -> argparse.ArgumentParser:
+    """Add ``tune`` to the ``bitq-tvm`` subcommands; returns its parser."""
+    p = subparsers.add_parser("tune", help="autotune the model's BFP kernels with MetaSchedule (resumable)")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
+                   help="pin an input's shape (repeat per input; NAME: may be left out for a single input)")
+    p.add_argument("--target", default="host", help="target preset (see `bitq-tvm targets`); default: host")
+    p.add_argument("--trials", type=int, required=True,
+                   help="total trials, split over tasks by MAC share; 0 = keep the default schedules")
+    p.add_argument("--work-dir", required=True, metavar="DB",
+                   help="tuning database dir; an interrupted run resumes from it")
+    p.add_argument("--candidates", metavar="SET", help="candidate set, e.g. 'w=4,6,8;a=8;b=16,32' (default grid)")
+    p.add_argument("--pin", action="append", metavar="NAME=SPEC", help="restrict a layer's candidates (repeatable)")
+    p.add_argument("--no-fp32", action="store_true", help="tune only the BFP kernels, not the FP32 work")
+    p.add_argument("--min-trials-per-task", type=int, default=4, help="floor of the per-task split (default 4)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="measure on devices of this TVM RPC tracker")
+    p.add_argument("--key", help="device key registered with --tracker")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+def cmd_tune(args) -> int:
+    from ..frontend.onnx_model import load_onnx, parse_input_shapes
+    from ..solver.candidates import LayerCandidates
+    from ..targets.presets import get_target
+    from .latency import latency_table, measured_task_seconds
+    from .remote import parse_tracker, remote_builder_runner
+    from .session import TuningOptions, open_work_dir, tune
+    from .tasks import extract_tasks
+
+    if args.key and not args.tracker:
+        raise BitqError("--key is only used with --tracker HOST:PORT")
+    preset = get_target(args.target)
+    open_work_dir(args.work_dir, preset)  # a wrong work dir fails before the slow steps
+    model = load_onnx(args.model, parse_input_shapes(args.input_shape))
+    candidates = LayerCandidates.from_specs(args.candidates, args.pin).resolve([l.name for l in model.layers])
+    tasks = extract_tasks(model, candidates, preset, include_fp32=not args.no_fp32)
+    print(f"{model.name}: {len(tasks.bfp)} BFP GEMM task(s) from {len(model.layers)} layers x candidates, "
+          f"{len(tasks.fp32)} FP32 task(s); target {preset.name}", file=sys.stderr)
+    builder = runner = None
+    if args.tracker:
+        builder, runner = remote_builder_runner(parse_tracker(args.tracker, args.key), preset)
+    options = TuningOptions(min_trials_per_task=args.min_trials_per_task)
+    try:
+        summary = tune(tasks.all, preset, args.work_dir, args.trials, options, builder, runner)
+    finally:
+        if runner is not None:
+            from .session import shutdown_workers
+
+            shutdown_workers(runner)
+    rows = [(r.name, f"{tasks.by_name()[r.name].macs:,}", r.trials, r.failed,
+             "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}", r.source) for r in summary.results]
+    _table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows, sys.stdout)
+    if args.trials and preset.is_native:
+        seconds = measured_task_seconds(args.work_dir, tasks.bfp, preset, verified=True)
+        rejected = sum(1 for r in summary.results if r.best_seconds is not None and r.name.startswith("bfp_")
+                       and r.name not in seconds)
+        print(f"\n{len(seconds)} BFP task(s) have a verified tuned kernel"
+              + (f"; {rejected} task(s) had only records with wrong numbers (excluded)" if rejected else ""))
+        if seconds:
+            print("\n" + latency_table(model, candidates, preset, seconds).report.markdown())
+    return 0

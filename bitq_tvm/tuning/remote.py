@@ -1,0 +1,130 @@
+"""Tuning on devices registered with TVM's RPC tracker (``--tracker host:port --key K``).
+
+Candidates are built here (cross-compiled with the target preset's compiler when it has one) and
+measured on whichever device the tracker hands out for the key: that is how a fleet of boards is
+shared between tuning jobs. The tracker is checked before tuning starts, with socket timeouts, so
+an unreachable tracker or a key without devices is a clear error within seconds, never a hang
+(TVM's own tracker client retries a refused connection for a minute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import socket
+import struct
+import tempfile
+
+from ..errors import BitqError
+from ..targets.cross import cross_compiler
+from ..targets.presets import TargetPreset
+
+__all__ = ["TrackerAddress", "parse_tracker", "check_tracker", "remote_builder_runner"]
+
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerAddress:
+    """A tracker endpoint and the device key to request from it."""
+
+    host: str
+    port: int
+    key: str
+
+    def __post_init__(self):
+        if not self.host:
+            raise BitqError("--tracker: the host is empty (expected HOST:PORT)")
+        if not 0 < self.port < 65536:
+            raise BitqError(f"--tracker {self.host}:{self.port}: port must be in 1..65535")
+        if not self.key:
+            raise BitqError("--key: the device key is empty (it names the devices registered with the tracker)")
+
+
+def parse_tracker(spec: str, key: str | None) -> TrackerAddress:
+    """``host:port`` and a key -> :class:`TrackerAddress`."""
+    host, sep, port = str(spec).rpartition(":")
+    if not sep or not port.isdigit():
+        raise BitqError(f"--tracker '{spec}': expected HOST:PORT, e.g. 127.0.0.1:9190")
+    if key is None:
+        raise BitqError("--tracker needs --key K: the key the devices registered with")
+    return TrackerAddress(host, int(port), key)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed by the tracker")
+        data += chunk
+    return data
+
+
+def check_tracker(address: TrackerAddress, timeout_s: float = 5.0) -> dict:
+    """Ask the tracker for its summary, within ``timeout_s`` per socket operation.
+
+    Returns
+    -------
+    dict
+        The tracker's summary (``queue_info``, ``server_info``).
+
+    Raises
+    ------
+    BitqError
+        The tracker does not answer, is not a TVM tracker, or has no device under the key.
+    """
+    from tvm.rpc import base
+
+    where = f"--tracker {address.host}:{address.port}"
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", _recv_exact(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise BitqError(f"{where}: the server there is not a TVM RPC tracker")
+            request = json.dumps([base.TrackerCode.SUMMARY]).encode()
+            sock.sendall(struct.pack("<i", len(request)) + request)
+            size = struct.unpack("<i", _recv_exact(sock, 4))[0]
+            reply = json.loads(_recv_exact(sock, size))
+    except (OSError, ConnectionError, ValueError) as err:
+        raise BitqError(f"{where}: tracker unreachable within {timeout_s:g} s ({err})") from None
+    if reply[0] != base.TrackerCode.SUCCESS:
+        raise BitqError(f"{where}: the tracker refused the summary request ({reply})")
+    summary = reply[1]
+    keys = sorted({info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])})
+    if address.key not in keys:
+        raise BitqError(f"{where}: no device registered under key '{address.key}' "
+                        f"(registered keys: {', '.join(keys) or 'none'})")
+    return summary
+
+
+def _export_cross(module, compiler_name: str) -> str:
+    """MetaSchedule f_export: link a candidate into a shared library for the remote device."""
+    import tvm.support.cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bitq_remote_"), "candidate.so")
+    module.export_library(path, fcompile=tvm.support.cc.cross_compiler(compiler_name))
+    return path
+
+
+def remote_builder_runner(address: TrackerAddress, preset: TargetPreset, run_timeout_s: float = 60.0,
+                          build_timeout_s: float = 120.0, check_timeout_s: float = 5.0):
+    """(builder, runner) for :func:`bitq_tvm.tuning.session.tune` measuring on tracker devices.
+
+    The builder cross-compiles with the preset's compiler (BitqError naming the Debian package
+    when it is missing); a native preset uses the host compiler. The tracker is checked first
+    (:func:`check_tracker`).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    check_tracker(address, check_timeout_s)
+    f_export = None
+    if cross_compiler(preset) is not None:  # raises if the cross compiler is missing
+        f_export = functools.partial(_export_cross, compiler_name=preset.cross_compiler)
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=build_timeout_s, f_export=f_export)
+    config = ms.runner.RPCConfig(tracker_host=address.host, tracker_port=address.port, tracker_key=address.key,
+                                 session_priority=1, session_timeout_sec=int(run_timeout_s))
+    runner = ms.runner.RPCRunner(rpc_config=config, max_workers=1)
+    return builder, runner

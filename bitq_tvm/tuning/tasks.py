@@ -1,0 +1,339 @@
+"""Tuning tasks: one per distinct integer BFP GEMM a model needs, plus its FP32 work.
+
+A BFP layer runs as im2col + :func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_compute`: a conv
+with output ``[N, C_out, OH, OW]`` is a GEMM with ``M = N * OH * OW`` rows, ``C_out / groups``
+columns and ``K = KH * KW * pad(C_in / groups, B)`` (blocks run along the in-group channels of one
+kernel offset, so each offset pads its channels to whole blocks); a matmul is ``M = rows``,
+``N = out features``, ``K = pad(in features, B)``. Layers x candidate formats that give the same
+(M, N, K, formats, intrinsic variant) share one task.
+
+Task names are deterministic and double as keys: the task's PrimFunc carries its name as
+``global_symbol``, so every workload in a MetaSchedule database names its task, e.g.
+``bfp_matmul_m64_n32_k288_a8b32_w8b32_vnni``.
+
+The search space (:func:`bfp_matmul_space`) is our kernel's layout and intrinsic with its
+register tile and loop order left open: MetaSchedule's generic x86 rules inline the activation
+offset into the reduction and then cannot tensorize it, so they never reach ``vpdpbusd`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import warnings
+from types import MappingProxyType
+from typing import Iterable, Mapping
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import Schedule, TensorIntrin
+
+from ..errors import BitqError
+from ..formats import BFPFormat
+from ..frontend.onnx_model import Layer, OnnxModel
+from ..schedules.bfp_matmul import LANES, bfp_matmul_compute, bfp_matmul_name, padded_rows
+from ..schedules.intrin_x86 import (BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4, _dot_16x4_u8i8i32_desc,
+                                    _dot_16x4_u8i8i32_vnni)
+from ..solver.candidates import Candidate
+from ..targets.presets import TargetPreset
+
+__all__ = [
+    "BfpTask",
+    "Fp32Task",
+    "TaskSet",
+    "kernel_variant",
+    "layer_gemm",
+    "bfp_matmul_space",
+    "space_configs",
+    "extract_bfp_tasks",
+    "extract_fp32_tasks",
+    "extract_tasks",
+    "register_metaschedule_intrinsics",
+]
+
+# MetaSchedule's default x86 rules look the VNNI intrinsic up by this name.
+METASCHEDULE_VNNI_NAME = "dot_16x4_vnni"
+# Register-tile choices explored: rows of A x 16-lane column groups, at most 16 zmm accumulator
+# pairs (int32 block sums + float32 outputs) so the tile stays in the 32 registers.
+_TILE_ROWS = (1, 2, 3, 4, 6, 8)
+_TILE_GROUPS = (1, 2, 4)
+_MAX_TILE_VECTORS = 8
+_LOOP_ORDERS = ("columns_outer", "rows_outer")
+
+
+def register_metaschedule_intrinsics() -> None:
+    """Point MetaSchedule's ``dot_16x4_vnni`` at our LLVM-22-correct VNNI intrinsic.
+
+    TVM's own version fails LLVM 22 verification; its x86 rules find the intrinsic by name, so
+    anything they tensorize (e.g. int8 work outside our kernels) then builds.
+    """
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - registers TVM's intrinsics first, so ours wins
+
+    TensorIntrin.register(METASCHEDULE_VNNI_NAME, _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni,
+                          override=True)
+
+
+def kernel_variant(preset: TargetPreset) -> str:
+    """The BFP matmul variant a target tunes: ``vnni``, ``avx2`` or ``generic``."""
+    if preset.has_intrinsic("vnni"):
+        return "vnni"
+    if preset.has_intrinsic("avx2"):
+        return "avx2"
+    return "generic"
+
+
+@dataclasses.dataclass(frozen=True)
+class BfpTask:
+    """One integer BFP GEMM to tune: ``C[m, n] = A[m, k] @ W[n, k].T`` in formats (fmt_a, fmt_w).
+
+    ``k`` is the padded reduction length (a multiple of the block size). ``calls`` is how many
+    times one inference runs it (the conv groups), ``users`` the (layer, candidate label) pairs
+    it serves.
+    """
+
+    m: int
+    n: int
+    k: int
+    fmt_a: BFPFormat
+    fmt_w: BFPFormat
+    variant: str
+    calls: int = 1
+    users: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if min(self.m, self.n, self.k, self.calls) <= 0:
+            raise BitqError(f"tuning task m={self.m} n={self.n} k={self.k} calls={self.calls}: all must be positive")
+        if self.fmt_a.block_size != self.fmt_w.block_size or self.k % self.fmt_a.block_size:
+            raise BitqError(f"tuning task {self.name}: k must be whole blocks of one shared block size")
+        if self.variant not in ("vnni", "avx2", "generic"):
+            raise BitqError(f"tuning task: variant {self.variant!r} is not vnni, avx2 or generic")
+
+    @property
+    def name(self) -> str:
+        return bfp_matmul_name(self.m, self.n, self.k, self.fmt_a, self.fmt_w, self.variant)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per inference (all calls)."""
+        return self.m * self.n * self.k * self.calls
+
+    def prim_func(self) -> tirx.PrimFunc:
+        """The unscheduled kernel, named after the task (its database key)."""
+        func = bfp_matmul_compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w)
+        return func.with_attr("global_symbol", self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp32Task:
+    """FP32 work of the model (everything TVM extracts from its FP32 Relax module)."""
+
+    name: str
+    mod: tvm.IRModule = dataclasses.field(compare=False, repr=False)
+    weight: int
+    flops: float
+
+    def __post_init__(self):
+        if not self.name.startswith("fp32_"):
+            raise BitqError(f"FP32 tuning task name {self.name!r} must start with 'fp32_'")
+        if self.weight <= 0:
+            raise BitqError(f"FP32 tuning task {self.name}: weight must be positive")
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per inference (half the FLOPs, times the call count)."""
+        return max(1, int(self.flops / 2)) * self.weight
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+    """A model's tuning tasks for one target, BFP GEMMs first, each list sorted by name."""
+
+    target: str
+    bfp: tuple[BfpTask, ...]
+    fp32: tuple[Fp32Task, ...] = ()
+
+    def __post_init__(self):
+        names = [t.name for t in self.all]
+        if len(set(names)) != len(names):
+            raise BitqError(f"tuning tasks for target {self.target}: duplicate task names")
+
+    @property
+    def all(self) -> tuple:
+        return (*self.bfp, *self.fp32)
+
+    def by_name(self) -> Mapping[str, object]:
+        return MappingProxyType({t.name: t for t in self.all})
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def layer_gemm(layer: Layer, block_size: int) -> tuple[int, int, int, int]:
+    """(M, N, K padded per block, calls) of ``layer``'s GEMM after im2col, as the deployment runs it."""
+    if layer.kind == "conv2d":
+        out_c, in_c, kh, kw = layer.weight_shape
+        rows = padded_rows(layer.output_shape[0] * layer.output_shape[2] * layer.output_shape[3])
+        return rows, out_c // layer.groups, kh * kw * _padded(in_c, block_size), layer.groups
+    rows = padded_rows(math.prod(layer.input_shape[:-1]))
+    return rows, int(layer.output_shape[-1]), _padded(layer.reduction, block_size), 1
+
+
+def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]],
+                      preset: TargetPreset) -> tuple[BfpTask, ...]:
+    """One task per distinct GEMM of ``model``'s layers x their BFP candidates, sorted by name.
+
+    Parameters
+    ----------
+    candidates : mapping
+        Layer name -> candidates (e.g. ``LayerCandidates.resolve``); FP32 candidates add none.
+    """
+    variant = kernel_variant(preset)
+    users: dict[tuple, list[tuple[str, str]]] = {}
+    for layer in model.layers:
+        for cand in candidates.get(layer.name, ()):
+            if cand.is_fp32:
+                continue
+            block = cand.block_size
+            if block % 4 or not 8 <= block <= 128:
+                raise BitqError(f"candidate {cand.label} of layer '{layer.name}': the integer kernel takes "
+                                f"block sizes that are multiples of 4 in [8, 128], not {block}")
+            m, n, k, calls = layer_gemm(layer, block)
+            key = (m, n, k, cand.activation, cand.weight, calls)
+            users.setdefault(key, []).append((layer.name, cand.label))
+    tasks = [BfpTask(m, n, k, fa, fw, variant, calls, tuple(u)) for (m, n, k, fa, fw, calls), u in users.items()]
+    merged: dict[str, BfpTask] = {}
+    for task in tasks:  # same GEMM at different call counts: one kernel, MACs added up
+        if task.name in merged:
+            old = merged[task.name]
+            task = dataclasses.replace(old, calls=old.calls + task.calls, users=old.users + task.users)
+        merged[task.name] = task
+    return tuple(merged[name] for name in sorted(merged))
+
+
+def extract_fp32_tasks(model: OnnxModel, preset: TargetPreset) -> tuple[Fp32Task, ...]:
+    """The FP32 model's TIR tasks (``ms.relax_integration.extract_tasks``), named ``fp32_<task>``."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    from ..api import import_relax
+
+    mod, params = import_relax(model)
+    mod = relax.transform.BindParams("main", params)(mod)
+    # The default pipeline's front half: legalized, constant-folded, fused: the kernels compile runs.
+    mod = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(),
+    ])(mod)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extracted = ms.relax_integration.extract_tasks(mod, preset.tvm_target())
+    tasks = []
+    for task in extracted:
+        flops = float(estimate_tir_flops(task.dispatched[0]))
+        tasks.append(Fp32Task("fp32_" + task.task_name, task.dispatched[0], int(task.weight), flops))
+    return tuple(sorted(tasks, key=lambda t: t.name))
+
+
+def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]], preset: TargetPreset,
+                  include_fp32: bool = True) -> TaskSet:
+    """All tuning tasks of ``model`` on ``preset``: BFP GEMMs of every candidate, then FP32 work."""
+    fp32 = extract_fp32_tasks(model, preset) if include_fp32 else ()
+    return TaskSet(preset.name, extract_bfp_tasks(model, candidates, preset), fp32)
+
+
+# --- search space ---------------------------------------------------------------------------------
+
+
+def space_configs(task: BfpTask) -> tuple[tuple[int, int, str], ...]:
+    """(tile rows, 16-lane column groups, loop order) points of the task's search space."""
+    n_tiles = _padded(task.n, LANES) // LANES
+    rows = [r for r in _TILE_ROWS if task.m % r == 0]
+    groups = [g for g in _TILE_GROUPS if n_tiles % g == 0]
+    # with one row tile or one column tile, both orders are the same program: keep one
+    return tuple((r, g, order) for r, g, order in itertools.product(rows, groups, _LOOP_ORDERS)
+                 if r * g <= _MAX_TILE_VECTORS
+                 and (order == _LOOP_ORDERS[0] or (task.m > r and n_tiles > g)))
+
+
+def schedule_bfp_matmul(sch: Schedule, task: BfpTask, rows: int, groups: int, order: str,
+                        intrinsic: str | None = None) -> None:
+    """Schedule ``task``'s kernel in ``sch`` with one register tile and loop order.
+
+    The structure of :func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_func`, with the tile and
+    the order of row and column tiles left to the search. ``intrinsic`` overrides the variant's
+    tensor intrinsic (tests plant a wrong one to check that verification catches it).
+    """
+    if intrinsic is None:
+        intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[task.variant]
+    acc = sch.get_sblock("acc")
+    i, j, b = sch.get_loops(acc)
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
+    outer = (j_outer, i_outer) if order == "columns_outer" else (i_outer, j_outer)
+    sch.reorder(*outer, b, i_inner, j_group, j_lane)
+    tile_loop = sch.fuse(*outer)
+    sch.parallel(tile_loop)
+
+    block_sum = sch.get_sblock("block_sum")
+    sch.compute_at(block_sum, b)
+    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]  # a one-row tile has no row loop
+    s_group, s_lane = sch.split(s_col, [groups, LANES])
+    for loop in (*s_row, s_group):
+        sch.unroll(loop)
+    if intrinsic is None:
+        sch.reorder(s_quad, s_lane_k, *s_row, s_group, s_lane)
+        sch.unroll(s_lane_k)
+        sch.vectorize(s_lane)  # before decompose_reduction: TVM 0.27 rejects it afterwards
+    else:
+        sch.reorder(s_quad, *s_row, s_group, s_lane, s_lane_k)
+    s_init = sch.decompose_reduction(block_sum, s_quad)
+    *init_outer, init_lane = sch.get_loops(s_init)[2:]
+    for loop in init_outer:
+        sch.unroll(loop)
+    sch.vectorize(init_lane)
+    if intrinsic == BITQ_AVX2_DOT_8x4:
+        sch.tensorize(sch.split(s_lane, [None, LANES // 2])[1], intrinsic)
+    elif intrinsic is not None:
+        sch.tensorize(s_lane, intrinsic)
+
+    sch.vectorize(j_lane)
+    sch.unroll(i_inner)
+    sch.unroll(j_group)
+    acc_init = sch.decompose_reduction(acc, b)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+
+    out = sch.get_sblock("C")
+    sch.reverse_compute_at(out, tile_loop)
+    *o_row, o_col = sch.get_loops(out)[1:]
+    for loop in o_row:
+        sch.unroll(loop)
+    sch.vectorize(sch.split(o_col, [None, LANES])[-1])
+
+    a_u8 = sch.get_sblock("a_u8")
+    a_row, a_col = sch.get_loops(a_u8)
+    sch.parallel(a_row)
+    a_vector = next(v for v in (64, 32, 16, 8, 4) if task.k % v == 0)
+    sch.vectorize(sch.split(a_col, [None, a_vector])[-1])
+
+
+def bfp_matmul_space(task: BfpTask):
+    """MetaSchedule space generator: one design space per point of :func:`space_configs`.
+
+    The points carry no sampled decisions, so every trace replays identically in builder and
+    runner processes; the XGBoost cost model picks which points to measure.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    configs = space_configs(task)
+
+    def design_spaces(sch: Schedule) -> list[Schedule]:
+        spaces = []
+        for rows, groups, order in configs:
+            copy = sch.copy()
+            schedule_bfp_matmul(copy, task, rows, groups, order)
+            spaces.append(copy)
+        return spaces
+
+    return ms.space_generator.ScheduleFn(design_spaces, sch_rules=[], postprocs=[], mutator_probs={})

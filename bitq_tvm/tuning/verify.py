@@ -1,0 +1,169 @@
+"""Check tuned kernels for numbers before they are trusted.
+
+MetaSchedule measures speed only, and tensorize accepts a region an intrinsic does not really
+match (see the TVM notes), so a fast record can compute the wrong thing. Each task's records are
+tried fastest first: the schedule is rebuilt from the record's trace, run on random BFP data
+(wide per-row ranges, an all-zero block, a zero weight row), and compared with
+:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_ref` within
+:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_tolerance`. The first record that passes is the
+task's trusted schedule; failing ones are reported and excluded. Verdicts are cached in the work
+dir (``bitq_verified.json``), keyed by task and trace, so nothing is rebuilt twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm.s_tir import Schedule
+
+from ..errors import BitqError
+from ..formats import quantize_np
+from ..schedules.bfp_matmul import bfp_matmul_ref, bfp_matmul_tolerance, pack_weights, quantize_activations_np
+from ..targets.presets import TargetPreset
+from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
+from .tasks import BfpTask, register_metaschedule_intrinsics
+
+__all__ = ["VERIFIED_FILE", "Verdict", "random_bfp_inputs", "check_kernel", "schedule_from_record",
+           "verify_tasks", "trusted_records", "tuned_prim_funcs"]
+
+VERIFIED_FILE = "bitq_verified.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Result of checking one record: ``worst`` is max |kernel - ref| / tolerance (<= 1 passes)."""
+
+    task: str
+    seconds: float
+    ok: bool
+    worst: float
+    message: str = ""
+
+
+def random_bfp_inputs(task: BfpTask, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random kernel arguments for ``task`` and the reference's unpacked operands."""
+    rng = np.random.default_rng(seed)
+    m, n, k, block = task.m, task.n, task.k, task.fmt_a.block_size
+    a = rng.standard_normal((m, k)).astype(np.float32) * np.exp2(rng.integers(-20, 20, (m, 1))).astype(np.float32)
+    a[:, rng.integers(0, k // block) * block:][:, :block] = 0.0  # a ReLU-like all-zero block
+    w = (rng.standard_normal((n, k)) * np.exp2(rng.integers(-12, 4, (n, 1)))).astype(np.float32)
+    w[rng.integers(0, n)] = 0.0
+    acts = quantize_activations_np(a, task.fmt_a)
+    packed = pack_weights(w, task.fmt_w)
+    t = quantize_np(w, task.fmt_w, axis=-1)
+    return {"qa": acts["qa"], "ea": acts["ea"], **packed,
+            "qw_rows": t.mantissas.reshape(n, -1), "ew": t.exponents.reshape(n, -1)}
+
+
+def check_kernel(task: BfpTask, kernel: Callable, seed: int = 0) -> float:
+    """Run ``kernel(qa, ea, qw, sw, wcorr, C)`` (tvm.runtime tensors) on random data.
+
+    Returns
+    -------
+    float
+        max |C - bfp_matmul_ref| / bfp_matmul_tolerance over the outputs (inf for NaN or a
+        nonzero error where the tolerance is 0); the kernel is right when it is <= 1.
+    """
+    data = random_bfp_inputs(task, seed)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(data[name], dev) for name in ("qa", "ea", "qw", "sw", "wcorr")]
+    out = tvm.runtime.tensor(np.full((task.m, task.n), np.nan, np.float32), dev)
+    kernel(*args, out)
+    got = out.numpy().astype(np.float64)
+    ref_args = (data["qa"], data["ea"], data["qw_rows"], data["ew"], task.fmt_a.block_size,
+                task.fmt_a.mantissa_bits, task.fmt_w.mantissa_bits)
+    error = np.abs(got - bfp_matmul_ref(*ref_args).astype(np.float64))
+    bound = bfp_matmul_tolerance(*ref_args)
+    if not np.all(np.isfinite(error)):
+        return float("inf")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(error == 0, 0.0, error / bound)
+    return float(ratio.max())
+
+
+def schedule_from_record(task: BfpTask, record) -> Schedule:
+    """Replay ``record``'s trace on the task's kernel."""
+    register_metaschedule_intrinsics()
+    sch = Schedule(tvm.IRModule({"main": task.prim_func()}))
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+def _verify_record(task: BfpTask, record, preset: TargetPreset, seed: int) -> Verdict:
+    seconds = record_seconds(record)
+    try:
+        executable = tvm.compile(schedule_from_record(task, record).mod, target=preset.tvm_target())
+        worst = check_kernel(task, executable.mod[task.name], seed)
+    except Exception as err:  # noqa: BLE001 - a record that does not rebuild is simply not trusted
+        return Verdict(task.name, seconds, False, float("inf"), f"does not rebuild: {str(err).splitlines()[0]}")
+    message = "" if worst <= 1.0 else f"wrong numbers: error {worst:.3g} x the tolerance"
+    return Verdict(task.name, seconds, worst <= 1.0, worst, message)
+
+
+def _record_id(record) -> str:
+    return f"{record_seconds(record)!r}:{hashlib.sha1(str(record.trace).encode()).hexdigest()[:16]}"
+
+
+def verify_tasks(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict[str, tuple[object, list[Verdict]]]:
+    """For each task: (its fastest record that computes right numbers or None, verdicts checked).
+
+    Records are checked fastest first and only until one passes. Emulated/cross targets cannot
+    run here: they raise BitqError (verify them on the device).
+    """
+    if not preset.is_native:
+        raise BitqError(f"verification runs kernels on this host; target '{preset.name}' does not run here")
+    database = open_database(work_dir)
+    cache_path = os.path.join(work_dir, VERIFIED_FILE)
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    say = progress or (lambda message: None)
+    found = records_by_task(database, tasks)
+    outcome = {}
+    for task in tasks:
+        verdicts, trusted = [], None
+        measured = sorted((r for r in found[task.name] if record_seconds(r) < FAILED_RUN_SECS), key=record_seconds)
+        for record in measured:
+            key = f"{task.name}|{_record_id(record)}"
+            if key in cache:
+                verdict = Verdict(**cache[key])
+            else:
+                verdict = _verify_record(task, record, preset, seed)
+                cache[key] = dataclasses.asdict(verdict)
+            verdicts.append(verdict)
+            if verdict.ok:
+                trusted = record
+                break
+            say(f"{task.name}: record of {verdict.seconds * 1e6:.1f} us rejected ({verdict.message})")
+        outcome[task.name] = (trusted, verdicts)
+    tmp = f"{cache_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cache, f, indent=1)
+    os.replace(tmp, cache_path)
+    return outcome
+
+
+def trusted_records(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset) -> dict[str, object]:
+    """Task name -> its fastest verified record (tasks without one are left out)."""
+    return {name: record for name, (record, _) in verify_tasks(work_dir, tasks, preset).items()
+            if record is not None}
+
+
+def tuned_prim_funcs(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset) -> dict[str, object]:
+    """Task name -> its verified tuned PrimFunc, for compiling with a tuning database.
+
+    Tasks without a verified record are left out: compile them with the default schedules.
+    """
+    from .session import open_work_dir
+
+    open_work_dir(work_dir, preset, create=False)
+    return {name: schedule_from_record(task, record).mod["main"]
+            for task in tasks for name, record in trusted_records(work_dir, [task], preset).items()}

@@ -1,0 +1,102 @@
+"""Tuning through a TVM RPC tracker: clear errors without a tracker, and a real run with one.
+
+The tracker and a host-native RPC server run on 127.0.0.1 only, in their own process groups,
+and are killed at the end.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bitq_tvm.errors import BitqError
+from bitq_tvm.formats import BFPFormat
+from bitq_tvm.targets import host_preset
+from bitq_tvm.tuning.remote import TrackerAddress, check_tracker, parse_tracker, remote_builder_runner
+from bitq_tvm.tuning.session import TuningOptions, shutdown_workers, tune
+from bitq_tvm.tuning.tasks import BfpTask
+
+LOOPBACK = "127.0.0.1"
+CHECK_TIMEOUT_S = 2.0
+# error within the check timeout, plus slack for a loaded machine
+ERROR_DEADLINE_S = 3 * CHECK_TIMEOUT_S
+SERVER_START_DEADLINE_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracker_is_a_quick_clear_error():
+    start = time.monotonic()
+    with pytest.raises(BitqError, match="tracker unreachable"):
+        check_tracker(TrackerAddress(LOOPBACK, _free_port(), "k"), CHECK_TIMEOUT_S)
+    assert time.monotonic() - start < ERROR_DEADLINE_S
+
+
+def test_silent_tracker_times_out_instead_of_hanging():
+    with socket.socket() as listener:  # accepts connections (backlog) but never answers
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        start = time.monotonic()
+        with pytest.raises(BitqError, match="unreachable within"):
+            check_tracker(TrackerAddress(LOOPBACK, listener.getsockname()[1], "k"), CHECK_TIMEOUT_S)
+        assert time.monotonic() - start < ERROR_DEADLINE_S
+
+
+def test_tracker_option_parsing():
+    assert parse_tracker("127.0.0.1:9190", "rk") == TrackerAddress(LOOPBACK, 9190, "rk")
+    with pytest.raises(BitqError, match="HOST:PORT"):
+        parse_tracker("127.0.0.1", "rk")
+    with pytest.raises(BitqError, match="--key"):
+        parse_tracker("127.0.0.1:9190", None)
+
+
+def _start(args):
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def test_tuning_on_a_tracker_device(tmp_path):
+    tracker_port, server_port = _free_port(), _free_port()
+    processes = [_start(["tvm.exec.rpc_tracker", "--host", LOOPBACK, "--port", str(tracker_port),
+                         "--port-end", str(tracker_port + 1), "--silent"])]
+    address = TrackerAddress(LOOPBACK, tracker_port, "bitq-test")
+    runner = None
+    try:
+        deadline = time.monotonic() + SERVER_START_DEADLINE_S
+        while True:  # the tracker comes up first: then it answers, but knows no device yet
+            try:
+                check_tracker(address, CHECK_TIMEOUT_S)
+            except BitqError as err:
+                assert time.monotonic() < deadline, f"tracker/server did not come up: {err}"
+                if "no device registered" in str(err) and len(processes) == 1:
+                    processes.append(_start(["tvm.exec.rpc_server", "--host", LOOPBACK, "--port", str(server_port),
+                                             "--port-end", str(server_port + 1), "--tracker",
+                                             f"{LOOPBACK}:{tracker_port}", "--key", address.key]))
+                time.sleep(0.5)
+                continue
+            break
+        with pytest.raises(BitqError, match="no device registered under key 'other'"):
+            check_tracker(TrackerAddress(LOOPBACK, tracker_port, "other"), CHECK_TIMEOUT_S)
+        builder, runner = remote_builder_runner(address, host_preset())
+        fmt = BFPFormat(8, 32)
+        task = BfpTask(16, 32, 64, fmt, fmt, "vnni")
+        summary = tune([task], host_preset(), str(tmp_path / "db"), 2,
+                       TuningOptions(min_trials_per_task=2, trials_per_iteration=2, population_size=16),
+                       builder=builder, runner=runner, progress=None)
+        (result,) = summary.results
+        assert result.trials == 2 and result.failed == 0
+        assert 0 < result.best_seconds < 1e-2
+    finally:
+        if runner is not None:
+            shutdown_workers(runner)
+        for proc in processes:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,154 @@
+"""Task extraction, trial budgets, work-dir manifest and database repair (no tuning runs here)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from bitq_tvm.errors import BitqError
+from bitq_tvm.formats import BFPFormat
+from bitq_tvm.frontend.onnx_model import load_onnx
+from bitq_tvm.models.zoo import bundled_model_path
+from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
+from bitq_tvm.targets import get_target, host_preset
+from bitq_tvm.tuning.session import (MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, open_work_dir, repair_database,
+                                     split_trials, tune)
+from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, extract_tasks, layer_gemm, space_configs
+
+FMT8 = BFPFormat(8, 32)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_onnx(bundled_model_path())
+
+
+def _candidates(model, spec):
+    return LayerCandidates(CandidateSet.parse(spec)).resolve([layer.name for layer in model.layers])
+
+
+def test_digits_tasks_have_expected_shapes_and_names(digits):
+    tasks = extract_tasks(digits, _candidates(digits, "w=4,8;a=8;b=32"), host_preset())
+    # conv1 (1 -> 16 channels, 3x3, 8x8 output): K = 9 offsets x 1 channel padded to a 32-block
+    # conv2 (16 -> 32): 9 x 16 -> 9 x 32; fc1 512 -> 64; fc2 64 -> 10
+    shapes = {"conv1": "m64_n16_k288", "conv2": "m64_n32_k288", "fc1": "m1_n64_k512", "fc2": "m1_n10_k64"}
+    expected = sorted(f"bfp_matmul_{shape}_a8b32_w{w}b32_vnni" for shape in shapes.values() for w in (4, 8))
+    assert [t.name for t in tasks.bfp] == expected
+    users = {u for t in tasks.bfp for u in t.users}
+    assert users == {(layer, f"w{w}a8_b32") for layer in shapes for w in (4, 8)}
+    fp32 = [t.name for t in tasks.fp32]
+    assert fp32 and all(name.startswith("fp32_") for name in fp32)
+    assert any("conv2d" in name for name in fp32) and any("matmul" in name for name in fp32)
+    # names are database keys: they must not depend on the run
+    again = extract_tasks(digits, _candidates(digits, "w=4,8;a=8;b=32"), host_preset(), include_fp32=False)
+    assert [t.name for t in again.bfp] == expected
+    assert tasks.bfp[0].prim_func().attrs["global_symbol"] == tasks.bfp[0].name
+
+
+def test_block_size_sets_padded_k(digits):
+    # conv2's 16 channels per kernel offset: one 16-block (K = 144) or one padded 32-block (288)
+    tasks = extract_bfp_tasks(digits, _candidates(digits, "w=8;a=8;b=16,32"), host_preset())
+    assert len({t.name for t in tasks}) == len(tasks) == 8
+    assert layer_gemm(digits.layer("conv2"), 16) == (64, 32, 144, 1)
+    assert layer_gemm(digits.layer("fc1"), 32) == (1, 64, 512, 1)
+
+
+def test_block_sizes_the_kernel_cannot_take_are_an_error(digits):
+    with pytest.raises(BitqError, match="block sizes that are multiples of 4"):
+        extract_bfp_tasks(digits, _candidates(digits, "w=8;a=8;b=6"), host_preset())
+
+
+def test_avx2_target_names_avx2_variant(digits):
+    tasks = extract_bfp_tasks(digits, _candidates(digits, "w=8;a=8;b=32"), get_target("avx2"))
+    assert all(t.name.endswith("_avx2") for t in tasks)
+
+
+def test_split_trials_by_mac_share_with_minimum():
+    big = BfpTask(256, 256, 1024, FMT8, FMT8, "vnni")
+    mid = BfpTask(64, 256, 1024, FMT8, FMT8, "vnni")
+    small = BfpTask(1, 16, 64, FMT8, FMT8, "vnni")
+    budget = split_trials([big, mid, small], 100, 4)
+    assert sum(budget.values()) == 100
+    assert budget[small.name] == 4  # the floor
+    assert budget[big.name] > budget[mid.name] > budget[small.name]
+    # 4 x 4 = 16 MACs share of 88 extra trials: big gets 4/5 of it
+    assert abs(budget[big.name] - (4 + 88 * 0.8)) <= 1
+    # too few for every floor: largest tasks first, the rest keep defaults
+    assert split_trials([big, mid, small], 6, 4) == {big.name: 4, mid.name: 2, small.name: 0}
+    assert split_trials([big, small], 50, 4, caps={small.name: 3})[small.name] == 3
+    with pytest.raises(BitqError, match="--trials"):
+        split_trials([big], -1, 4)
+
+
+def test_space_configs_divide_the_shape():
+    task = BfpTask(6, 48, 64, FMT8, FMT8, "vnni")
+    configs = space_configs(task)
+    assert configs and all(6 % rows == 0 and 3 % groups == 0 and rows * groups <= 8 for rows, groups, _ in configs)
+    assert {order for _, _, order in configs} == {"columns_outer", "rows_outer"}
+
+
+def test_work_dir_from_another_target_or_version_is_refused(tmp_path):
+    work = str(tmp_path / "db")
+    open_work_dir(work, host_preset())
+    open_work_dir(work, host_preset())  # same target and versions: fine
+    with pytest.raises(BitqError, match="target 'host'.*'avx2'"):
+        open_work_dir(work, get_target("avx2"))
+    manifest = os.path.join(work, MANIFEST_FILE)
+    data = json.load(open(manifest))
+    data["tvm_version"] = "0.26.0"
+    json.dump(data, open(manifest, "w"))
+    with pytest.raises(BitqError, match="TVM version '0.26.0'"):
+        open_work_dir(work, host_preset())
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / RECORD_FILE).write_text("")
+    with pytest.raises(BitqError, match="without bitq_manifest.json"):
+        open_work_dir(str(orphan), host_preset())
+    with pytest.raises(BitqError, match="not a `bitq-tvm tune` work dir"):
+        open_work_dir(str(tmp_path / "missing"), host_preset(), create=False)
+
+
+def test_zero_trials_uses_defaults_and_says_so(tmp_path, capsys):
+    task = BfpTask(16, 32, 64, FMT8, FMT8, "vnni")
+    summary = tune([task], host_preset(), str(tmp_path / "db"), 0)
+    assert [r.source for r in summary.results] == ["default"]
+    assert summary.total_trials == 0
+    assert "default (hand) schedules" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "db" / RECORD_FILE)
+
+
+def test_repair_truncates_partial_last_lines(tmp_path):
+    work = tmp_path / "db"
+    work.mkdir()
+    (work / WORKLOAD_FILE).write_text('["1","AAA"]\n["2","BB')  # killed mid-line, no newline
+    (work / RECORD_FILE).write_text('[0,[1]]\n[1,[2]]\n[1,[3')
+    repairs = repair_database(str(work))
+    assert (work / WORKLOAD_FILE).read_text() == '["1","AAA"]\n'
+    # the record of the lost workload 1 goes too: it would point past the workload table
+    assert (work / RECORD_FILE).read_text() == "[0,[1]]\n"
+    assert len(repairs) == 3
+    assert repair_database(str(work)) == ()  # idempotent
+    (work / RECORD_FILE).write_text('[0,[1]]\n{"not json\n')  # a complete but broken last line
+    assert repair_database(str(work))
+    assert (work / RECORD_FILE).read_text() == "[0,[1]]\n"
+
+
+def test_cli_tune_zero_trials_and_wrong_work_dir(tmp_path, capsys):
+    import argparse
+
+    from bitq_tvm.tuning.cli_tune import add_tune_command
+
+    parser = argparse.ArgumentParser()
+    add_tune_command(parser.add_subparsers(dest="command"))
+    work = str(tmp_path / "db")
+    args = parser.parse_args(["tune", str(bundled_model_path()), "--trials", "0", "--work-dir", work,
+                              "--candidates", "w=8;a=8;b=32", "--no-fp32"])
+    assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert "bfp_matmul_m64_n32_k288_a8b32_w8b32_vnni" in out.out and "default" in out.out
+    args = parser.parse_args(["tune", str(bundled_model_path()), "--trials", "0", "--work-dir", work,
+                              "--target", "avx2"])
+    with pytest.raises(BitqError, match="records are never mixed"):
+        args.func(args)
+    shutil.rmtree(work)

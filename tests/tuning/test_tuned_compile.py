@@ -1,0 +1,35 @@
+"""`bitq-tvm tune` then `compile --deploy --tuning-db` and `plan --tuning-db`: the loop closed."""
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from bitq_tvm.api import compile_model
+from bitq_tvm.cli import main
+from bitq_tvm.frontend.onnx_model import load_onnx
+from bitq_tvm.models import zoo
+from bitq_tvm.plan import Plan
+
+
+def test_tune_then_compile_and_plan_with_the_database(tmp_path, capsys):
+    model_path = str(zoo.bundled_model_path())
+    db = str(tmp_path / "db")
+    assert main(["tune", model_path, "--trials", "8", "--work-dir", db, "--candidates", "w=8;a=8;b=32",
+                 "--no-fp32", "--min-trials-per-task", "2"]) == 0
+    out = tmp_path / "digits.so"
+    assert main(["compile", model_path, "--format", "bfp8_b32", "--deploy", "--tuning-db", db, "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    used = int(err.split("tuning database")[1].split(":")[1].split("tuned kernel")[0])
+    assert used >= 1
+    # the tuned library computes what the simulation computes
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+    weights = vm["bitq_expand_weights"](*vm["bitq_packed_weights"]())
+    x = zoo.bundled_test_data()["x"][:1]
+    got = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    want = compile_model(load_onnx(model_path), Plan.uniform("bfp8_b32"), progress=None).run({"input": x})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # measured latencies feed the planner
+    np.savez(tmp_path / "calib.npz", x=zoo.bundled_test_data()["calib"])
+    assert main(["plan", model_path, "--calib", str(tmp_path / "calib.npz"), "--lambda", "0.2",
+                 "--candidates", "w=8;a=8;b=32", "--tuning-db", db, "-o", str(tmp_path / "plan.json")]) == 0
+    assert "measured" in capsys.readouterr().err
