@@ -122,21 +122,28 @@ class CompiledModel:
             self._vm_cache = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm_cache
 
-    def run(self, inputs) -> list[np.ndarray]:
-        """Run once; ``inputs`` is a dict by input name or a list in input order."""
+    def input_arrays(self, inputs) -> list[np.ndarray]:
+        """The model inputs as contiguous float32 arrays in input order, shapes checked.
+
+        ``inputs`` is a dict by input name or a list in input order.
+        """
         if isinstance(inputs, dict):
             missing = [n for n in self.input_names if n not in inputs]
             if missing:
                 raise BitqError(f"missing model input(s) {missing}")
             inputs = [inputs[n] for n in self.input_names]
-        args = []
+        arrays = []
         for name, x in zip(self.input_names, inputs):
             expected = self.model.input_shapes[name]
             x = np.ascontiguousarray(x, dtype=np.float32)
             if tuple(x.shape) != tuple(expected):
                 raise BitqError(f"input '{name}' has shape {tuple(x.shape)}, the compiled model takes {tuple(expected)}")
-            args.append(tvm.runtime.tensor(x))
-        out = self._vm()["main"](*args)
+            arrays.append(x)
+        return arrays
+
+    def run(self, inputs) -> list[np.ndarray]:
+        """Run once; ``inputs`` is a dict by input name or a list in input order."""
+        out = self._vm()["main"](*(tvm.runtime.tensor(x) for x in self.input_arrays(inputs)))
         outs = list(out) if isinstance(out, (tvm.ir.Array, list, tuple)) else [out]
         return [o.numpy() for o in outs]
 

@@ -52,6 +52,7 @@ __all__ = [
     "bfp_matmul_tolerance",
     "bfp_matmul_compute",
     "bfp_matmul_func",
+    "schedule_bfp_matmul",
 ]
 
 VARIANTS = ("vnni", "avx2", "generic")
@@ -271,6 +272,73 @@ def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
     return rows, groups
 
 
+def schedule_bfp_matmul(sch: Schedule, k_padded: int, rows: int, groups: int, variant: str,
+                        order: str = "columns_outer", intrinsic: str | None = None) -> None:
+    """Schedule the :func:`bfp_matmul_compute` kernel in ``sch`` with one register tile.
+
+    ``rows`` x ``groups`` x 16 outputs per tile (rows dividing M); ``order`` puts column tiles
+    (``"columns_outer"``, the default) or row tiles outermost; ``intrinsic`` overrides the
+    variant's tensor intrinsic (the tuning tests plant a wrong one). Tuning searches the tile and
+    the order (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_func` uses a measured default.
+    """
+    if intrinsic is None:
+        intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
+    acc = sch.get_sblock("acc")
+    i, j, b = sch.get_loops(acc)
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
+    # Column tiles outermost: one task re-reads a [rows, K] activation panel per column tile
+    # (1/(16 * groups) of A per output row), instead of a [16 * groups, K] weight panel per row
+    # tile, which is rows / (16 * groups) less traffic when M and N are both large.
+    outer = (j_outer, i_outer) if order == "columns_outer" else (i_outer, j_outer)
+    sch.reorder(*outer, b, i_inner, j_group, j_lane)
+    tile_loop = sch.fuse(*outer)
+    sch.parallel(tile_loop)
+
+    block_sum = sch.get_sblock("block_sum")
+    sch.compute_at(block_sum, b)
+    # Loops compute_at creates below (tile, b); a one-row tile gets no row loop.
+    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
+    s_group, s_lane = sch.split(s_col, [groups, LANES])
+    for loop in (*s_row, s_group):
+        sch.unroll(loop)
+    if intrinsic is None:
+        # vectorize must precede decompose_reduction (TVM 0.27 rejects it afterwards)
+        sch.reorder(s_quad, s_lane_k, *s_row, s_group, s_lane)
+        sch.unroll(s_lane_k)
+        sch.vectorize(s_lane)
+    else:
+        sch.reorder(s_quad, *s_row, s_group, s_lane, s_lane_k)
+    s_init = sch.decompose_reduction(block_sum, s_quad)
+    *init_outer, init_lane = sch.get_loops(s_init)[2:]
+    for loop in init_outer:
+        sch.unroll(loop)
+    sch.vectorize(init_lane)
+    if intrinsic == BITQ_AVX2_DOT_8x4:
+        sch.tensorize(sch.split(s_lane, [None, LANES // 2])[1], intrinsic)
+    elif intrinsic is not None:
+        sch.tensorize(s_lane, intrinsic)
+
+    sch.vectorize(j_lane)
+    sch.unroll(i_inner)
+    sch.unroll(j_group)
+    acc_init = sch.decompose_reduction(acc, b)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+
+    out = sch.get_sblock("C")
+    sch.reverse_compute_at(out, tile_loop)
+    *o_row, o_col = sch.get_loops(out)[1:]
+    for loop in o_row:
+        sch.unroll(loop)
+    sch.vectorize(sch.split(o_col, [None, LANES])[-1])
+
+    a_u8 = sch.get_sblock("a_u8")
+    a_row, a_col = sch.get_loops(a_u8)
+    sch.parallel(a_row)
+    a_vector = next(v for v in (64, 32, 16, 8, 4) if k_padded % v == 0)
+    sch.vectorize(sch.split(a_col, [None, a_vector])[-1])
+
+
 def bfp_matmul_func(
     M: int,
     N: int,
@@ -299,59 +367,5 @@ def bfp_matmul_func(
             f"and {n_tiles} column groups"
         )
     sch = Schedule(func)
-
-    acc = sch.get_sblock("acc")
-    i, j, b = sch.get_loops(acc)
-    i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
-    # Column tiles outermost: one task re-reads a [rows, K] activation panel per column tile
-    # (1/(16 * groups) of A per output row), instead of a [16 * groups, K] weight panel per row
-    # tile, which is rows / (16 * groups) less traffic when M and N are both large.
-    sch.reorder(j_outer, i_outer, b, i_inner, j_group, j_lane)
-    task = sch.fuse(j_outer, i_outer)
-    sch.parallel(task)
-
-    block_sum = sch.get_sblock("block_sum")
-    sch.compute_at(block_sum, b)
-    # Loops compute_at creates below (tile, b); a one-row tile gets no row loop.
-    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
-    s_group, s_lane = sch.split(s_col, [groups, LANES])
-    for loop in (*s_row, s_group):
-        sch.unroll(loop)
-    if variant == "generic":
-        # vectorize must precede decompose_reduction (TVM 0.27 rejects it afterwards)
-        sch.reorder(s_quad, s_lane_k, *s_row, s_group, s_lane)
-        sch.unroll(s_lane_k)
-        sch.vectorize(s_lane)
-    else:
-        sch.reorder(s_quad, *s_row, s_group, s_lane, s_lane_k)
-    s_init = sch.decompose_reduction(block_sum, s_quad)
-    *init_outer, init_lane = sch.get_loops(s_init)[2:]
-    for loop in init_outer:
-        sch.unroll(loop)
-    sch.vectorize(init_lane)
-    if variant == "vnni":
-        sch.tensorize(s_lane, BITQ_VNNI_DOT_16x4)
-    elif variant == "avx2":
-        _, s_half = sch.split(s_lane, [None, LANES // 2])
-        sch.tensorize(s_half, BITQ_AVX2_DOT_8x4)
-
-    sch.vectorize(j_lane)
-    sch.unroll(i_inner)
-    sch.unroll(j_group)
-    acc_init = sch.decompose_reduction(acc, b)
-    sch.vectorize(sch.get_loops(acc_init)[-1])
-
-    out = sch.get_sblock("C")
-    sch.reverse_compute_at(out, task)
-    *o_row, o_col = sch.get_loops(out)[1:]
-    for loop in o_row:
-        sch.unroll(loop)
-    sch.vectorize(sch.split(o_col, [None, LANES])[-1])
-
-    a_u8 = sch.get_sblock("a_u8")
-    a_row, a_col = sch.get_loops(a_u8)
-    sch.parallel(a_row)
-    a_vector = next(v for v in (64, 32, 16, 8, 4) if _padded(K, fmt_a.block_size) % v == 0)
-    sch.vectorize(sch.split(a_col, [None, a_vector])[-1])
+    schedule_bfp_matmul(sch, _padded(K, fmt_a.block_size), rows, groups, variant)
     return sch.mod["main"]

@@ -44,6 +44,9 @@ __all__ = [
     "ALL_VARIANTS",
     "default_variant",
     "bfp_matmul_signed_compute",
+    "LANE_MAJOR_VARIANTS",
+    "LOOP_ORDERS",
+    "schedule_bfp_matmul_target",
     "bfp_matmul_target_func",
     "bfp_matmul_for_target",
 ]
@@ -224,60 +227,83 @@ def _row_tile(M: int) -> int:
     return 2 if M % 2 == 0 else 1
 
 
-def _schedule_lane_major(func: tirx.PrimFunc, M: int, variant: str) -> tirx.PrimFunc:
-    """Schedule of :func:`bfp_matmul_signed_compute`: the x86 kernel's loop structure.
+# The tensor intrinsic of each lane-major variant and how many output lanes one call covers.
+_LANE_INTRINSICS = {
+    "sdot": (BITQ_SDOT_4x4, _DOT_LANES),
+    "neon": (BITQ_NEON_DOT_4x4, _DOT_LANES),
+    "rvv": (BITQ_RVV_DOT_16x4, LANES),
+    "scalar": (None, None),
+}
+LANE_MAJOR_VARIANTS = tuple(_LANE_INTRINSICS)
+LOOP_ORDERS = ("columns_outer", "rows_outer")
 
-    Parallel over (16-column tile, row tile); per tile the int32 block sums and float32 outputs
-    stay in registers across the K loop; the block sum of one K quad is tensorized per 4 lanes
-    (sdot, neon) or 16 lanes (rvv).
+
+def schedule_bfp_matmul_target(
+    sch: Schedule, variant: str, rows: int, groups: int = 1, order: str = "columns_outer"
+) -> None:
+    """Schedule :func:`bfp_matmul_signed_compute` in ``sch``: the x86 kernel's loop structure.
+
+    Parallel over (column tile, row tile) (``order="columns_outer"``) or (row tile, column tile)
+    (``"rows_outer"``); a tile is ``rows`` x ``groups`` x 16 outputs whose int32 block sums and
+    float32 outputs stay in registers across the K loop; the block sum of one K quad is
+    tensorized per 4 lanes (sdot, neon) or 16 lanes (rvv). ``rows`` must divide M and ``groups``
+    the number of 16-column tiles. Tuning searches rows, groups and order
+    (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_target_func` uses ``rows`` =
+    :func:`_row_tile`, one group, columns outermost.
     """
-    rows = _row_tile(M)
-    sch = Schedule(func)
+    if variant not in _LANE_INTRINSICS:
+        raise BitqError(
+            f"bfp_matmul: variant {variant!r} has no lane-major schedule; "
+            f"choose one of {', '.join(LANE_MAJOR_VARIANTS)}"
+        )
+    if order not in LOOP_ORDERS:
+        raise BitqError(f"bfp_matmul: loop order {order!r} is not one of {', '.join(LOOP_ORDERS)}")
+    intrinsic, intrinsic_lanes = _LANE_INTRINSICS[variant]
     vectorize = variant != "scalar"
 
     acc = sch.get_sblock("acc")
     i, j, b = sch.get_loops(acc)
     i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_lane = sch.split(j, [None, LANES])
-    sch.reorder(j_outer, i_outer, b, i_inner, j_lane)
-    task = sch.fuse(j_outer, i_outer)
-    sch.parallel(task)
+    j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
+    outer = (j_outer, i_outer) if order == "columns_outer" else (i_outer, j_outer)
+    sch.reorder(*outer, b, i_inner, j_group, j_lane)
+    tile_loop = sch.fuse(*outer)
+    sch.parallel(tile_loop)
 
     block_sum = sch.get_sblock("block_sum")
     sch.compute_at(block_sum, b)
-    *s_row, s_lane, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
+    # compute_at drops unit loops: a one-row tile has no row loop
+    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
     for loop in s_row:
         sch.unroll(loop)
-    if variant == "scalar":
-        sch.reorder(s_quad, s_lane_k, *s_row, s_lane)
+    if intrinsic is None:
+        sch.reorder(s_quad, s_lane_k, *s_row, s_col)
         sch.unroll(s_lane_k)
     else:
-        sch.reorder(s_quad, *s_row, s_lane, s_lane_k)
+        sch.reorder(s_quad, *s_row, s_col, s_lane_k)
     s_init = sch.decompose_reduction(block_sum, s_quad)
     if vectorize:
         sch.vectorize(sch.get_loops(s_init)[-1])
-    if variant in ("sdot", "neon"):
-        s_group, s_four = sch.split(s_lane, [None, _DOT_LANES])
-        sch.unroll(s_group)
-        sch.tensorize(s_four, BITQ_SDOT_4x4 if variant == "sdot" else BITQ_NEON_DOT_4x4)
-    elif variant == "rvv":
-        sch.tensorize(s_lane, BITQ_RVV_DOT_16x4)
+    if intrinsic is not None:
+        s_calls, s_lanes = sch.split(s_col, [None, intrinsic_lanes])
+        sch.unroll(s_calls)
+        sch.tensorize(s_lanes, intrinsic)
 
     if vectorize:
         sch.vectorize(j_lane)
     sch.unroll(i_inner)
+    sch.unroll(j_group)
     acc_init = sch.decompose_reduction(acc, b)
     if vectorize:
         sch.vectorize(sch.get_loops(acc_init)[-1])
 
     out = sch.get_sblock("C")
-    sch.reverse_compute_at(out, task)
+    sch.reverse_compute_at(out, tile_loop)
     *o_row, o_col = sch.get_loops(out)[1:]
     for loop in o_row:
         sch.unroll(loop)
     if vectorize:
         sch.vectorize(sch.split(o_col, [None, LANES])[-1])
-    return sch.mod["main"]
 
 
 def _schedule_mmla(func: tirx.PrimFunc, M: int) -> tirx.PrimFunc:
@@ -339,7 +365,9 @@ def bfp_matmul_target_func(
         )
     if variant == "i8mm":
         return _schedule_mmla(_mmla_compute(M, N, K, fmt_a, fmt_w), M)
-    return _schedule_lane_major(bfp_matmul_signed_compute(M, N, K, fmt_a, fmt_w), M, variant)
+    sch = Schedule(bfp_matmul_signed_compute(M, N, K, fmt_a, fmt_w))
+    schedule_bfp_matmul_target(sch, variant, _row_tile(M))
+    return sch.mod["main"]
 
 
 def bfp_matmul_for_target(

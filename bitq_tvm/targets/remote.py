@@ -411,19 +411,10 @@ class RemoteModel:
     def run(self, inputs) -> list[np.ndarray]:
         """Run once; ``inputs`` is a dict by input name or a list in input order."""
         import tvm
+        from bitq_tvm.api import CompiledModel
 
-        if isinstance(inputs, dict):
-            missing = [name for name in self.input_names if name not in inputs]
-            if missing:
-                raise BitqError(f"missing model input(s) {missing}")
-            inputs = [inputs[name] for name in self.input_names]
-        arrays = []
-        for name, array in zip(self.input_names, inputs):
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            expected = tuple(self.model.input_shapes[name])
-            if tuple(array.shape) != expected:
-                raise BitqError(f"input '{name}' has shape {tuple(array.shape)}, the compiled model takes {expected}")
-            arrays.append(tvm.runtime.tensor(array, device=self.device))
+        # Same input checks as on the host; they only need ``model`` and ``input_names``.
+        arrays = [tvm.runtime.tensor(x, device=self.device) for x in CompiledModel.input_arrays(self, inputs)]
         return [output.numpy() for output in self._call("main", *arrays, *self._trailing_args)]
 
     def run_batched(self, name: str, data: np.ndarray) -> np.ndarray:

@@ -13,15 +13,6 @@ from ..errors import BitqError
 __all__ = ["add_tune_command", "cmd_tune"]
 
 
-def _table(headers, rows, out) -> None:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |", file=out)
-        if n == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
-
-
 def add_tune_command(subparsers) -> argparse.ArgumentParser:
     """Add ``tune`` to the ``bitq-tvm`` subcommands; returns its parser."""
     p = subparsers.add_parser("tune", help="autotune the model's BFP kernels with MetaSchedule (resumable)")
@@ -44,6 +35,7 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_tune(args) -> int:
+    from ..cli import _print_table
     from ..frontend.onnx_model import load_onnx, parse_input_shapes
     from ..solver.candidates import LayerCandidates
     from ..targets.presets import get_target
@@ -74,7 +66,7 @@ def cmd_tune(args) -> int:
             shutdown_workers(runner)
     rows = [(r.name, f"{tasks.by_name()[r.name].macs:,}", r.trials, r.failed,
              "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}", r.source) for r in summary.results]
-    _table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows, sys.stdout)
+    _print_table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows, sys.stdout)
     if args.trials and preset.is_native:
         seconds = measured_task_seconds(args.work_dir, tasks.bfp, preset, verified=True)
         rejected = sum(1 for r in summary.results if r.best_seconds is not None and r.name.startswith("bfp_")

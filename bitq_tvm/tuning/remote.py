@@ -23,6 +23,10 @@ from ..targets.presets import TargetPreset
 
 __all__ = ["TrackerAddress", "parse_tracker", "check_tracker", "remote_builder_runner"]
 
+# Seconds one candidate's RPC session (upload, load, allocate, time) may take: a native device
+# needs a few, a device under qemu-user (an emulated board) tens of them on a loaded machine.
+NATIVE_RUN_TIMEOUT_S = 60.0
+DEVICE_RUN_TIMEOUT_S = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +113,21 @@ def _export_cross(module, compiler_name: str) -> str:
     return path
 
 
-def remote_builder_runner(address: TrackerAddress, preset: TargetPreset, run_timeout_s: float = 60.0,
+def remote_builder_runner(address: TrackerAddress, preset: TargetPreset, run_timeout_s: float | None = None,
                           build_timeout_s: float = 120.0, check_timeout_s: float = 5.0):
     """(builder, runner) for :func:`bitq_tvm.tuning.session.tune` measuring on tracker devices.
 
     The builder cross-compiles with the preset's compiler (BitqError naming the Debian package
-    when it is missing); a native preset uses the host compiler. The tracker is checked first
+    when it is missing); a native preset uses the host compiler. The runner uploads each
+    candidate library to a device of the key and times it there; ``run_timeout_s`` bounds one
+    candidate's session (default: NATIVE_RUN_TIMEOUT_S for a native preset, else
+    DEVICE_RUN_TIMEOUT_S, which leaves room for qemu). The tracker is checked first
     (:func:`check_tracker`).
     """
     from tvm.s_tir import meta_schedule as ms
 
+    if run_timeout_s is None:
+        run_timeout_s = NATIVE_RUN_TIMEOUT_S if preset.is_native else DEVICE_RUN_TIMEOUT_S
     check_tracker(address, check_timeout_s)
     f_export = None
     if cross_compiler(preset) is not None:  # raises if the cross compiler is missing

@@ -5,7 +5,12 @@ with output ``[N, C_out, OH, OW]`` is a GEMM with ``M = N * OH * OW`` rows, ``C_
 columns and ``K = KH * KW * pad(C_in / groups, B)`` (blocks run along the in-group channels of one
 kernel offset, so each offset pads its channels to whole blocks); a matmul is ``M = rows``,
 ``N = out features``, ``K = pad(in features, B)``. Layers x candidate formats that give the same
-(M, N, K, formats, intrinsic variant) share one task.
+(M, N, K, formats, kernel variant) share one task. The variant is the one deployment runs on the
+target (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant`: ``vnni``/``avx2``/
+``generic`` on x86, ``sdot``/``neon`` on ARM, ``rvv``/``scalar`` on RISC-V), so the kernel
+measured is the kernel deployed: x86 variants tune the unsigned-offset compute of
+:mod:`~bitq_tvm.schedules.bfp_matmul`, the others the signed one of
+:mod:`~bitq_tvm.schedules.bfp_matmul_targets`.
 
 Task names are deterministic and double as keys: the task's PrimFunc carries its name as
 ``global_symbol``, so every workload in a MetaSchedule database names its task, e.g.
@@ -13,7 +18,8 @@ Task names are deterministic and double as keys: the task's PrimFunc carries its
 
 The search space (:func:`bfp_matmul_space`) is our kernel's layout and intrinsic with its
 register tile and loop order left open: MetaSchedule's generic x86 rules inline the activation
-offset into the reduction and then cannot tensorize it, so they never reach ``vpdpbusd`` here.
+offset into the reduction and then cannot tensorize it, so they never reach ``vpdpbusd`` here,
+and they know nothing of our sdot/rvv intrinsics.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ from ..errors import BitqError
 from ..formats import BFPFormat
 from ..frontend.onnx_model import Layer, OnnxModel
 from ..schedules.bfp_matmul import LANES, bfp_matmul_compute, bfp_matmul_name, padded_rows
-from ..schedules.intrin_x86 import (BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4, _dot_16x4_u8i8i32_desc,
-                                    _dot_16x4_u8i8i32_vnni)
+from ..schedules.bfp_matmul import VARIANTS as X86_VARIANTS
+from ..schedules.bfp_matmul import schedule_bfp_matmul as schedule_kernel
+from ..schedules.bfp_matmul_targets import (LANE_MAJOR_VARIANTS, bfp_matmul_signed_compute, default_variant,
+                                            schedule_bfp_matmul_target)
+from ..schedules.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
 from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
 
@@ -42,6 +51,7 @@ __all__ = [
     "BfpTask",
     "Fp32Task",
     "TaskSet",
+    "TUNABLE_VARIANTS",
     "kernel_variant",
     "layer_gemm",
     "bfp_matmul_space",
@@ -54,12 +64,14 @@ __all__ = [
 
 # MetaSchedule's default x86 rules look the VNNI intrinsic up by this name.
 METASCHEDULE_VNNI_NAME = "dot_16x4_vnni"
-# Register-tile choices explored: rows of A x 16-lane column groups, at most 16 zmm accumulator
-# pairs (int32 block sums + float32 outputs) so the tile stays in the 32 registers.
-_TILE_ROWS = (1, 2, 3, 4, 6, 8)
-_TILE_GROUPS = (1, 2, 4)
-_MAX_TILE_VECTORS = 8
+# Register-tile choices explored, (rows of A, 16-lane column groups, max rows x groups). x86: at
+# most 8 zmm accumulator pairs (int32 block sums + float32 outputs) of the 32 registers. ARM/RVV
+# (128-bit vectors): one row x group is 4 + 4 accumulator vectors, so 4 already fill all 32 and
+# spill; the search measures whether that still pays.
+_X86_TILES = ((1, 2, 3, 4, 6, 8), (1, 2, 4), 8)
+_LANE_MAJOR_TILES = ((1, 2, 3, 4), (1, 2), 4)
 _LOOP_ORDERS = ("columns_outer", "rows_outer")
+TUNABLE_VARIANTS = X86_VARIANTS + LANE_MAJOR_VARIANTS
 
 
 def register_metaschedule_intrinsics() -> None:
@@ -75,12 +87,9 @@ def register_metaschedule_intrinsics() -> None:
 
 
 def kernel_variant(preset: TargetPreset) -> str:
-    """The BFP matmul variant a target tunes: ``vnni``, ``avx2`` or ``generic``."""
-    if preset.has_intrinsic("vnni"):
-        return "vnni"
-    if preset.has_intrinsic("avx2"):
-        return "avx2"
-    return "generic"
+    """The BFP matmul variant a target tunes: the one deployment compiles for it
+    (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant`)."""
+    return default_variant(preset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +115,8 @@ class BfpTask:
             raise BitqError(f"tuning task m={self.m} n={self.n} k={self.k} calls={self.calls}: all must be positive")
         if self.fmt_a.block_size != self.fmt_w.block_size or self.k % self.fmt_a.block_size:
             raise BitqError(f"tuning task {self.name}: k must be whole blocks of one shared block size")
-        if self.variant not in ("vnni", "avx2", "generic"):
-            raise BitqError(f"tuning task: variant {self.variant!r} is not vnni, avx2 or generic")
+        if self.variant not in TUNABLE_VARIANTS:
+            raise BitqError(f"tuning task: variant {self.variant!r} is not one of {', '.join(TUNABLE_VARIANTS)}")
 
     @property
     def name(self) -> str:
@@ -119,8 +128,9 @@ class BfpTask:
         return self.m * self.n * self.k * self.calls
 
     def prim_func(self) -> tirx.PrimFunc:
-        """The unscheduled kernel, named after the task (its database key)."""
-        func = bfp_matmul_compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w)
+        """The unscheduled kernel of the task's variant, named after the task (its database key)."""
+        compute = bfp_matmul_compute if self.variant in X86_VARIANTS else bfp_matmul_signed_compute
+        func = compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w)
         return func.with_attr("global_symbol", self.name)
 
 
@@ -248,74 +258,28 @@ def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]
 
 def space_configs(task: BfpTask) -> tuple[tuple[int, int, str], ...]:
     """(tile rows, 16-lane column groups, loop order) points of the task's search space."""
+    tile_rows, tile_groups, max_tile = _X86_TILES if task.variant in X86_VARIANTS else _LANE_MAJOR_TILES
     n_tiles = _padded(task.n, LANES) // LANES
-    rows = [r for r in _TILE_ROWS if task.m % r == 0]
-    groups = [g for g in _TILE_GROUPS if n_tiles % g == 0]
+    rows = [r for r in tile_rows if task.m % r == 0]
+    groups = [g for g in tile_groups if n_tiles % g == 0]
     # with one row tile or one column tile, both orders are the same program: keep one
     return tuple((r, g, order) for r, g, order in itertools.product(rows, groups, _LOOP_ORDERS)
-                 if r * g <= _MAX_TILE_VECTORS
+                 if r * g <= max_tile
                  and (order == _LOOP_ORDERS[0] or (task.m > r and n_tiles > g)))
 
 
 def schedule_bfp_matmul(sch: Schedule, task: BfpTask, rows: int, groups: int, order: str,
                         intrinsic: str | None = None) -> None:
-    """Schedule ``task``'s kernel in ``sch`` with one register tile and loop order.
-
-    The structure of :func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_func`, with the tile and
-    the order of row and column tiles left to the search. ``intrinsic`` overrides the variant's
-    tensor intrinsic (tests plant a wrong one to check that verification catches it).
-    """
-    if intrinsic is None:
-        intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[task.variant]
-    acc = sch.get_sblock("acc")
-    i, j, b = sch.get_loops(acc)
-    i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
-    outer = (j_outer, i_outer) if order == "columns_outer" else (i_outer, j_outer)
-    sch.reorder(*outer, b, i_inner, j_group, j_lane)
-    tile_loop = sch.fuse(*outer)
-    sch.parallel(tile_loop)
-
-    block_sum = sch.get_sblock("block_sum")
-    sch.compute_at(block_sum, b)
-    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]  # a one-row tile has no row loop
-    s_group, s_lane = sch.split(s_col, [groups, LANES])
-    for loop in (*s_row, s_group):
-        sch.unroll(loop)
-    if intrinsic is None:
-        sch.reorder(s_quad, s_lane_k, *s_row, s_group, s_lane)
-        sch.unroll(s_lane_k)
-        sch.vectorize(s_lane)  # before decompose_reduction: TVM 0.27 rejects it afterwards
-    else:
-        sch.reorder(s_quad, *s_row, s_group, s_lane, s_lane_k)
-    s_init = sch.decompose_reduction(block_sum, s_quad)
-    *init_outer, init_lane = sch.get_loops(s_init)[2:]
-    for loop in init_outer:
-        sch.unroll(loop)
-    sch.vectorize(init_lane)
-    if intrinsic == BITQ_AVX2_DOT_8x4:
-        sch.tensorize(sch.split(s_lane, [None, LANES // 2])[1], intrinsic)
+    """Schedule ``task``'s kernel in ``sch`` with one register tile and loop order (see
+    :func:`bitq_tvm.schedules.bfp_matmul.schedule_bfp_matmul` for x86 variants,
+    :func:`bitq_tvm.schedules.bfp_matmul_targets.schedule_bfp_matmul_target` for the others).
+    ``intrinsic`` replaces an x86 variant's tensor intrinsic (tests plant a wrong one)."""
+    if task.variant in X86_VARIANTS:
+        schedule_kernel(sch, task.k, rows, groups, task.variant, order, intrinsic)
     elif intrinsic is not None:
-        sch.tensorize(s_lane, intrinsic)
-
-    sch.vectorize(j_lane)
-    sch.unroll(i_inner)
-    sch.unroll(j_group)
-    acc_init = sch.decompose_reduction(acc, b)
-    sch.vectorize(sch.get_loops(acc_init)[-1])
-
-    out = sch.get_sblock("C")
-    sch.reverse_compute_at(out, tile_loop)
-    *o_row, o_col = sch.get_loops(out)[1:]
-    for loop in o_row:
-        sch.unroll(loop)
-    sch.vectorize(sch.split(o_col, [None, LANES])[-1])
-
-    a_u8 = sch.get_sblock("a_u8")
-    a_row, a_col = sch.get_loops(a_u8)
-    sch.parallel(a_row)
-    a_vector = next(v for v in (64, 32, 16, 8, 4) if task.k % v == 0)
-    sch.vectorize(sch.split(a_col, [None, a_vector])[-1])
+        raise BitqError(f"tuning task {task.name}: only x86 variants take an intrinsic override")
+    else:
+        schedule_bfp_matmul_target(sch, task.variant, rows, groups, order)
 
 
 def bfp_matmul_space(task: BfpTask):
