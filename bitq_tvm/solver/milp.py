@@ -11,6 +11,9 @@ so ``lam`` is unit-free: ``score = sum acc_loss + lam * sum perf / perf_ref``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -86,6 +89,22 @@ def solve(problem: AllocationProblem, *, lam: float | None = None,
     return _solve_milp(problem, objective, budgets)
 
 
+@contextlib.contextmanager
+def _stdout_silenced():
+    """HiGHS 1.12 prints debug lines from C++ straight to file descriptor 1 on some budgeted
+    solves, whatever its log options say; they would land in the middle of our tables."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _solve_milp(problem, objective, budgets) -> Allocation:
     sizes = [len(c) for c in problem.candidates]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -134,7 +153,7 @@ def _solve_milp(problem, objective, budgets) -> Allocation:
     constraint = LinearConstraint(matrix, np.concatenate(lower_rhs), np.concatenate(upper_rhs))
     # HiGHS' tolerances are absolute: scale the objective to O(1) coefficients.
     objective = objective / max(float(np.abs(objective).max()), 1e-300)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_silenced():
         warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
         result = milp(objective, integrality=np.ones(n_vars), bounds=Bounds(0.0, upper),
                       constraints=constraint, options=dict(_HIGHS_OPTIONS))
