@@ -16,17 +16,25 @@ import os
 import socket
 import struct
 import tempfile
+import threading
+from typing import Callable
 
 from ..errors import BitqError
 from ..targets.cross import cross_compiler
 from ..targets.presets import TargetPreset
 
-__all__ = ["TrackerAddress", "parse_tracker", "check_tracker", "remote_builder_runner"]
+__all__ = ["TrackerAddress", "parse_tracker", "check_tracker", "answering_session", "remote_builder_runner"]
 
-# Seconds one candidate's RPC session (upload, load, allocate, time) may take: a native device
-# needs a few, a device under qemu-user (an emulated board) tens of them on a loaded machine.
-NATIVE_RUN_TIMEOUT_S = 60.0
-DEVICE_RUN_TIMEOUT_S = 300.0
+# Seconds one candidate's RPC session (upload, load, allocate, time) may take; the device kills
+# a session after it. Sessions took under 1 s here, also under qemu-user (an emulated board).
+RUN_TIMEOUT_S = 60.0
+# TVM's server forks a process per session; under qemu-user that child can hang before it reads
+# a byte (seen on the first session after a server start, 2 of ~6 starts: a lock of qemu's own
+# glib held across the fork). Such a session is dropped when a first call gets no answer within
+# PROBE_TIMEOUT_S and asked for again; the device takes the next request once its session
+# timeout has killed the hung child, so a hang costs about RUN_TIMEOUT_S.
+PROBE_TIMEOUT_S = 20.0
+SESSION_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,40 @@ def check_tracker(address: TrackerAddress, timeout_s: float = 5.0) -> dict:
     return summary
 
 
+def answering_session(request: Callable[[], object], probe_timeout_s: float, attempts: int):
+    """The first session ``request()`` returns whose server answers a call within ``probe_timeout_s``.
+
+    Raises
+    ------
+    BitqError
+        No session answered in ``attempts`` requests.
+    """
+    for _ in range(attempts):
+        session = request()
+        answered = []
+        # a hung server never answers: the call runs in a thread left blocked until the device
+        # kills the session
+        probe = threading.Thread(target=lambda s=session: answered.append(s.cpu(0).exist), daemon=True)
+        probe.start()
+        probe.join(probe_timeout_s)
+        if answered:
+            return session
+    raise BitqError(f"RPC device: no session answered within {probe_timeout_s:g} s in {attempts} attempt(s)")
+
+
+def _create_session(rpc_config, session_timeout_s: float):
+    """MetaSchedule ``f_create_session``: a tracker session whose server answers, with the
+    device's session timeout ``session_timeout_s`` (the runner's own timeout covers retries)."""
+    from tvm import rpc
+
+    def request():
+        tracker = rpc.connect_tracker(rpc_config.tracker_host, rpc_config.tracker_port)
+        return tracker.request(rpc_config.tracker_key, priority=rpc_config.session_priority,
+                               session_timeout=session_timeout_s)
+
+    return answering_session(request, PROBE_TIMEOUT_S, SESSION_ATTEMPTS)
+
+
 def _export_cross(module, compiler_name: str) -> str:
     """MetaSchedule f_export: link a candidate into a shared library for the remote device."""
     import tvm.support.cc
@@ -113,27 +155,28 @@ def _export_cross(module, compiler_name: str) -> str:
     return path
 
 
-def remote_builder_runner(address: TrackerAddress, preset: TargetPreset, run_timeout_s: float | None = None,
+def remote_builder_runner(address: TrackerAddress, preset: TargetPreset, run_timeout_s: float = RUN_TIMEOUT_S,
                           build_timeout_s: float = 120.0, check_timeout_s: float = 5.0):
     """(builder, runner) for :func:`bitq_tvm.tuning.session.tune` measuring on tracker devices.
 
     The builder cross-compiles with the preset's compiler (BitqError naming the Debian package
     when it is missing); a native preset uses the host compiler. The runner uploads each
     candidate library to a device of the key and times it there; ``run_timeout_s`` bounds one
-    candidate's session (default: NATIVE_RUN_TIMEOUT_S for a native preset, else
-    DEVICE_RUN_TIMEOUT_S, which leaves room for qemu). The tracker is checked first
+    candidate's session, and a session that does not answer is asked for again
+    (:func:`answering_session`). The tracker is checked first
     (:func:`check_tracker`).
     """
     from tvm.s_tir import meta_schedule as ms
 
-    if run_timeout_s is None:
-        run_timeout_s = NATIVE_RUN_TIMEOUT_S if preset.is_native else DEVICE_RUN_TIMEOUT_S
     check_tracker(address, check_timeout_s)
     f_export = None
     if cross_compiler(preset) is not None:  # raises if the cross compiler is missing
         f_export = functools.partial(_export_cross, compiler_name=preset.cross_compiler)
     builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=build_timeout_s, f_export=f_export)
+    # the runner's timeout bounds a candidate including its session retries
     config = ms.runner.RPCConfig(tracker_host=address.host, tracker_port=address.port, tracker_key=address.key,
-                                 session_priority=1, session_timeout_sec=int(run_timeout_s))
-    runner = ms.runner.RPCRunner(rpc_config=config, max_workers=1)
+                                 session_priority=1,
+                                 session_timeout_sec=int(SESSION_ATTEMPTS * (run_timeout_s + PROBE_TIMEOUT_S)))
+    runner = ms.runner.RPCRunner(rpc_config=config, max_workers=1,
+                                 f_create_session=functools.partial(_create_session, session_timeout_s=run_timeout_s))
     return builder, runner

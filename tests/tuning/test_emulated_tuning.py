@@ -13,6 +13,11 @@ derives it: block sums are exact int32, only the float32 sum over the nb block t
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
+import types
 
 import numpy as np
 import onnx
@@ -23,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm.s_tir import Schedule
 
 from bitq_tvm.cli import main as cli_main
+from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.schedules.bfp_matmul import (bfp_matmul_compute, bfp_matmul_name, bfp_matmul_ref,
@@ -33,6 +39,7 @@ from bitq_tvm.targets import export, get_target, run_kernel_emulated
 from bitq_tvm.targets.presets import target_names
 from bitq_tvm.targets.remote import connect, start_rpc_server, start_tracker
 from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs
+from bitq_tvm.tuning.remote import answering_session
 from bitq_tvm.tuning.session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, kernel_variant, schedule_bfp_matmul, space_configs
 from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record
@@ -105,13 +112,51 @@ def test_every_search_space_point_computes_right_numbers_emulated(target, varian
         assert np.count_nonzero(got) > got.size // 2  # a zero kernel would pass a zero reference
 
 
+class _FakeSession:
+    """An RPC session whose server answers, or hangs like a forked server process under qemu."""
+
+    def __init__(self, answers: bool):
+        self.answers = answers
+        self.release = threading.Event()
+
+    def cpu(self, index):
+        if not self.answers:
+            self.release.wait()
+        return types.SimpleNamespace(exist=True)
+
+
+PROBE_S = 0.2
+
+
+def test_a_session_that_never_answers_is_asked_for_again():
+    hung, good = _FakeSession(False), _FakeSession(True)
+    requested = iter([hung, good])
+    start = time.monotonic()
+    try:
+        assert answering_session(lambda: next(requested), PROBE_S, 3) is good
+        assert time.monotonic() - start >= PROBE_S  # waited for the hung one first
+        with pytest.raises(BitqError, match="no session answered within 0.2 s in 2 attempt"):
+            answering_session(lambda: hung, PROBE_S, 2)
+    finally:
+        hung.release.set()
+
+
 @pytest.fixture(scope="module")
 def emulated_device():
     """A tracker on 127.0.0.1 with one emulated cortex-a76 registered under KEY."""
     with start_tracker() as tracker:
-        with start_rpc_server(get_target(DEVICE), tracker=tracker.address, key=KEY,
-                              rootfs_dir=ensure_aarch64_rootfs()) as server:
-            yield tracker, server
+        server = start_rpc_server(get_target(DEVICE), tracker=tracker.address, key=KEY,
+                                  rootfs_dir=ensure_aarch64_rootfs())
+        try:
+            with server:
+                yield tracker, server
+        finally:
+            # stop() ends once the server exits, but a session child hung under qemu ignores
+            # SIGTERM and would outlive it in the server's process group
+            try:
+                os.killpg(server.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.slow
