@@ -67,7 +67,7 @@ def cmd_tune(args) -> int:
     rows = [(r.name, f"{tasks.by_name()[r.name].macs:,}", r.trials, r.failed,
              "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}", r.source) for r in summary.results]
     _print_table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows, sys.stdout)
-    if args.trials and preset.is_native:
+    if args.trials and (preset.is_native or preset.emulator is not None):
         seconds = measured_task_seconds(args.work_dir, tasks.bfp, preset, verified=True)
         rejected = sum(1 for r in summary.results if r.best_seconds is not None and r.name.startswith("bfp_")
                        and r.name not in seconds)

@@ -129,7 +129,7 @@ class LatencyTable:
 def measured_task_seconds(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset,
                           verified: bool = True) -> dict[str, float]:
     """Task name -> best measured seconds (failed trials ignored; verified records only if asked)."""
-    if verified and preset.is_native:
+    if verified and (preset.is_native or preset.emulator is not None):
         from .verify import trusted_records
 
         return {name: record_seconds(r) for name, r in trusted_records(work_dir, tasks, preset).items()}

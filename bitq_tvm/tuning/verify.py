@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, register_metaschedule_intrinsics
 
-__all__ = ["VERIFIED_FILE", "Verdict", "random_bfp_inputs", "check_kernel", "schedule_from_record",
+__all__ = ["VERIFIED_FILE", "Verdict", "random_bfp_inputs", "check_kernel", "kernel_runner", "schedule_from_record",
            "verify_tasks", "trusted_records", "tuned_prim_funcs"]
 
 VERIFIED_FILE = "bitq_verified.json"
@@ -61,8 +62,10 @@ def random_bfp_inputs(task: BfpTask, seed: int = 0) -> dict[str, np.ndarray]:
             "qw_rows": t.mantissas.reshape(n, -1), "ew": t.exponents.reshape(n, -1)}
 
 
-def check_kernel(task: BfpTask, kernel: Callable, seed: int = 0) -> float:
-    """Run ``kernel(qa, ea, qw, sw, wcorr, C)`` (tvm.runtime tensors) on random data.
+def check_kernel(task: BfpTask, run: Callable, seed: int = 0) -> float:
+    """Run the kernel on random BFP data and compare with the integer reference.
+
+    ``run(qa, ea, qw, sw, wcorr)`` (NumPy arrays) returns the kernel's C (see :func:`kernel_runner`).
 
     Returns
     -------
@@ -71,11 +74,7 @@ def check_kernel(task: BfpTask, kernel: Callable, seed: int = 0) -> float:
         nonzero error where the tolerance is 0); the kernel is right when it is <= 1.
     """
     data = random_bfp_inputs(task, seed)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(data[name], dev) for name in ("qa", "ea", "qw", "sw", "wcorr")]
-    out = tvm.runtime.tensor(np.full((task.m, task.n), np.nan, np.float32), dev)
-    kernel(*args, out)
-    got = out.numpy().astype(np.float64)
+    got = np.asarray(run(*(data[name] for name in ("qa", "ea", "qw", "sw", "wcorr")))).astype(np.float64)
     ref_args = (data["qa"], data["ea"], data["qw_rows"], data["ew"], task.fmt_a.block_size,
                 task.fmt_a.mantissa_bits, task.fmt_w.mantissa_bits)
     error = np.abs(got - bfp_matmul_ref(*ref_args).astype(np.float64))
@@ -95,11 +94,29 @@ def schedule_from_record(task: BfpTask, record) -> Schedule:
     return sch
 
 
+def kernel_runner(task: BfpTask, executable, preset: TargetPreset, scratch_dir: str) -> Callable:
+    """``run(*inputs) -> C`` for a compiled task kernel: here, or for an emulated target through
+    the qemu kernel runner (the library is cross-exported into ``scratch_dir``)."""
+    if preset.is_native:
+        def run(*arrays):
+            dev = tvm.cpu()
+            out = tvm.runtime.tensor(np.full((task.m, task.n), np.nan, np.float32), dev)
+            executable.mod[task.name](*(tvm.runtime.tensor(a, dev) for a in arrays), out)
+            return out.numpy()
+        return run
+    from ..targets.cross import export
+    from ..targets.emulation import run_kernel_emulated
+
+    lib = export(executable, os.path.join(scratch_dir, f"{task.name}.so"), preset)
+    return lambda *arrays: run_kernel_emulated(lib, task.name, arrays, [((task.m, task.n), "float32")], preset)[0]
+
+
 def _verify_record(task: BfpTask, record, preset: TargetPreset, seed: int) -> Verdict:
     seconds = record_seconds(record)
     try:
         executable = tvm.compile(schedule_from_record(task, record).mod, target=preset.tvm_target())
-        worst = check_kernel(task, executable.mod[task.name], seed)
+        with tempfile.TemporaryDirectory(prefix="bitq-verify-") as scratch:
+            worst = check_kernel(task, kernel_runner(task, executable, preset, scratch), seed)
     except Exception as err:  # noqa: BLE001 - a record that does not rebuild is simply not trusted
         return Verdict(task.name, seconds, False, float("inf"), f"does not rebuild: {str(err).splitlines()[0]}")
     message = "" if worst <= 1.0 else f"wrong numbers: error {worst:.3g} x the tolerance"
@@ -114,11 +131,11 @@ def verify_tasks(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset, 
                  progress: Callable[[str], None] | None = None) -> dict[str, tuple[object, list[Verdict]]]:
     """For each task: (its fastest record that computes right numbers or None, verdicts checked).
 
-    Records are checked fastest first and only until one passes. Emulated/cross targets cannot
-    run here: they raise BitqError (verify them on the device).
+    Records are checked fastest first and only until one passes. Targets that run neither here
+    nor under an emulator (no ``emulator``) raise BitqError: verify them on the device.
     """
-    if not preset.is_native:
-        raise BitqError(f"verification runs kernels on this host; target '{preset.name}' does not run here")
+    if not preset.is_native and preset.emulator is None:
+        raise BitqError(f"verification runs kernels on this host or under qemu; target '{preset.name}' does neither")
     database = open_database(work_dir)
     cache_path = os.path.join(work_dir, VERIFIED_FILE)
     cache = {}

@@ -42,7 +42,7 @@ from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs
 from bitq_tvm.tuning.remote import answering_session
 from bitq_tvm.tuning.session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, kernel_variant, schedule_bfp_matmul, space_configs
-from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record
+from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record, tuned_prim_funcs, verify_tasks
 
 FMT = BFPFormat(8, 32)
 ROWS, IN_FEATURES, OUT_FEATURES = 16, 64, 32
@@ -196,3 +196,8 @@ def test_tune_on_emulated_cortex_a76_through_a_tracker(emulated_device, tmp_path
     del args, out, device, session  # the server serves one session at a time
     assert np.all(np.abs(got - ref) <= bound)
     assert np.count_nonzero(got) > got.size // 2
+
+    # verification (what compile --deploy --tuning-db trusts) runs the kernel under qemu
+    trusted, verdicts = verify_tasks(work_dir, [task], preset)[task.name]
+    assert trusted is not None and verdicts[-1].ok and verdicts[-1].worst <= 1.0
+    assert set(tuned_prim_funcs(work_dir, [task], preset)) == {DEPLOYED_NAME}
