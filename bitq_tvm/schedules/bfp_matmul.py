@@ -203,13 +203,15 @@ def bfp_matmul_tolerance(qa, ea, qw, ew, block_size: int, ma: int, mw: int) -> n
     return terms.shape[-1] * _FLOAT32_EPS * np.abs(terms).sum(-1)
 
 
-def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) -> tirx.PrimFunc:
+def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat,
+                       signed: bool = False) -> tirx.PrimFunc:
     """Unscheduled PrimFunc ``(qa, ea, qw, sw, wcorr, C)`` of the integer BFP matmul.
 
     Shapes: qa int8 [M, Kp], ea int8 [M, nb], qw int8 [Np/16, Kp/4, 16, 4], sw float32 [nb, Np],
-    wcorr int32 [nb, Np], C float32 [M, N]. Blocks: ``a_u8`` (offset activations), ``a_scale``
-    (activation block scales), ``block_sum`` (int32 per block), ``acc`` (scaled sum over blocks),
-    ``C`` (unpadded copy).
+    wcorr int32 [nb, Np], C float32 [M, N]. Blocks: ``a_u8`` (offset activations; unsigned
+    form only), ``a_scale`` (activation block scales), ``block_sum`` (int32 per block), ``acc``
+    (scaled sum over blocks), ``C`` (unpadded copy). ``signed``: the s8 x s8 form of ARM and
+    RISC-V dot products, which multiplies ``qa`` directly and leaves ``wcorr`` unread.
     """
     block = _check_formats(fmt_a, fmt_w)
     if min(M, N, K) <= 0:
@@ -224,11 +226,14 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
     sw = te.placeholder((nb, n_padded), "float32", name="sw")
     wcorr = te.placeholder((nb, n_padded), "int32", name="wcorr")
 
-    a_u8 = te.compute(
-        (M, k_padded),
-        lambda i, k: (qa[i, k].astype("int32") + _ACTIVATION_OFFSET).astype("uint8"),
-        name="a_u8",
-    )
+    if signed:
+        a_in = qa
+    else:
+        a_in = te.compute(
+            (M, k_padded),
+            lambda i, k: (qa[i, k].astype("int32") + _ACTIVATION_OFFSET).astype("uint8"),
+            name="a_u8",
+        )
     a_scale = te.compute(
         (M, nb),
         lambda i, b: power_of_two(ea[i, b].astype("int32") - (fmt_a.mantissa_bits - 2)),
@@ -240,7 +245,7 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
     block_sum = te.compute(
         (M, nb, n_padded),
         lambda i, b, j: te.sum(
-            a_u8[i, b * block + rq * K_QUAD + rl].astype("int32")
+            a_in[i, b * block + rq * K_QUAD + rl].astype("int32")
             * qw[j // LANES, b * (block // K_QUAD) + rq, j % LANES, rl].astype("int32"),
             axis=[rq, rl],
         ),
@@ -250,7 +255,8 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
     acc = te.compute(
         (M, n_padded),
         lambda i, j: te.sum(
-            (block_sum[i, rb, j] + wcorr[rb, j]).astype("float32") * sw[rb, j] * a_scale[i, rb],
+            (block_sum[i, rb, j] if signed else block_sum[i, rb, j] + wcorr[rb, j]).astype("float32")
+            * sw[rb, j] * a_scale[i, rb],
             axis=rb,
         ),
         name="acc",

@@ -35,7 +35,7 @@ from ..formats import BFPFormat
 from ..targets.presets import TargetPreset
 from .float_bits import power_of_two
 from .bfp_matmul import VARIANTS as X86_VARIANTS
-from .bfp_matmul import K_QUAD, LANES, _check_formats, _padded, bfp_matmul_func
+from .bfp_matmul import K_QUAD, LANES, _check_formats, _padded, bfp_matmul_compute, bfp_matmul_func
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
 
@@ -88,31 +88,7 @@ def bfp_matmul_signed_compute(
     Blocks: ``a_scale`` (activation block scales), ``block_sum`` [M, nb, Np] (int32 per block),
     ``acc`` (scaled sum over blocks), ``C`` (unpadded copy).
     """
-    block, k_padded, nb, n_padded = _shapes(M, N, K, fmt_a, fmt_w)
-    qa, ea, qw, sw, wcorr = _placeholders(M, k_padded, nb, n_padded)
-    a_scale = _activation_scales(ea, fmt_a, M, nb)
-    rq = te.reduce_axis((0, block // K_QUAD), name="rq")
-    rl = te.reduce_axis((0, K_QUAD), name="rl")
-    # j innermost: a tensor intrinsic only matches a region contiguous in the innermost dimension
-    block_sum = te.compute(
-        (M, nb, n_padded),
-        lambda i, b, j: te.sum(
-            qa[i, b * block + rq * K_QUAD + rl].astype("int32")
-            * qw[j // LANES, b * (block // K_QUAD) + rq, j % LANES, rl].astype("int32"),
-            axis=[rq, rl],
-        ),
-        name="block_sum",
-    )
-    rb = te.reduce_axis((0, nb), name="rb")
-    acc = te.compute(
-        (M, n_padded),
-        lambda i, j: te.sum(
-            block_sum[i, rb, j].astype("float32") * sw[rb, j] * a_scale[i, rb], axis=rb
-        ),
-        name="acc",
-    )
-    c = te.compute((M, N), lambda i, j: acc[i, j], name="C")
-    return _prim_func([qa, ea, qw, sw, wcorr, c])
+    return bfp_matmul_compute(M, N, K, fmt_a, fmt_w, signed=True)
 
 
 def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) -> tirx.PrimFunc:

@@ -222,6 +222,20 @@ def _schedule_spatial_block(sch: s_tir.Schedule, block, config: CPUScheduleConfi
         _parallelize_leading(sch, loops[:num_spatial], config)
 
 
+def _single_reduction(func, target: Target, config: "CPUScheduleConfig | None"):
+    """(schedule, the one reduction block, config) of an unscheduled LLVM PrimFunc, else None."""
+    if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [info for info in infos if not info.is_injective()]
+    if len(reductions) != 1:
+        return None
+    return sch, reductions[0], config or CPUScheduleConfig.for_target(target)
+
+
 class RegisterTiledContraction(dlight.ScheduleRule):
     """conv2d NCHW, matmul, dense and batched matmul with their fused prologues and epilogues.
 
@@ -237,17 +251,10 @@ class RegisterTiledContraction(dlight.ScheduleRule):
         self.config = config
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
+        found = _single_reduction(func, target, self.config)
+        if found is None:
             return None
-        config = self.config or CPUScheduleConfig.for_target(target)
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        reductions = [info for info in infos if not info.is_injective()]
-        if len(reductions) != 1:
-            return None
-        main = reductions[0]
+        sch, main, config = found
         roles = self._axis_roles(sch, main)
         if roles is None:
             return None
@@ -418,17 +425,10 @@ class SpatialInnerReduction(dlight.ScheduleRule):
         self.config = config
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
+        found = _single_reduction(func, target, self.config)
+        if found is None:
             return None
-        config = self.config or CPUScheduleConfig.for_target(target)
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        reductions = [info for info in infos if not info.is_injective()]
-        if len(reductions) != 1:
-            return None
-        main = reductions[0]
+        sch, main, config = found
         stmt = sch.get(main.block_rv)
         if len(stmt.writes) != 1 or not stmt.reads or any(not isinstance(it.dom, int) for it in main.iters):
             return None
