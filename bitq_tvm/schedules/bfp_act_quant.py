@@ -137,9 +137,9 @@ def bfp_act_quant_func(shape, fmt: BFPFormat, axis: int, groups: int = 1) -> tir
 
     Returns
     -------
-    PrimFunc marked ``tir.is_scheduled`` with no ``global_symbol`` (the BlockBuilder names it).
+    PrimFunc marked ``tirx.is_scheduled`` with no ``global_symbol`` (the BlockBuilder names it).
     """
     shape = tuple(int(d) for d in shape)
     axis = _validate(shape, axis, groups)
     func = _schedule(_build(shape, fmt, axis, groups), fmt, strided=axis < len(shape) - 1)
-    return func.without_attr("global_symbol").with_attr("tir.is_scheduled", True)
+    return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)

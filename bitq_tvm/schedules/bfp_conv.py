@@ -124,4 +124,4 @@ def bfp_im2col_func(geom: ConvGeometry, fmt: BFPFormat, group: int, rows: int | 
     _, channel = sch.split(k_loop, factors=[None, cg_p])
     sch.vectorize(channel)
     sch.parallel(sch.get_loops(sch.get_sblock("EA"))[0])
-    return sch.mod["main"].without_attr("global_symbol").with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)

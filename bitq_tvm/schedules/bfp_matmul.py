@@ -278,17 +278,14 @@ def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
     return rows, groups
 
 
-def schedule_bfp_matmul(sch: Schedule, k_padded: int, rows: int, groups: int, variant: str,
-                        order: str = "columns_outer", intrinsic: str | None = None) -> None:
-    """Schedule the :func:`bfp_matmul_compute` kernel in ``sch`` with one register tile.
+def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str):
+    """The register tiling every BFP matmul schedule shares (x86, ARM, RISC-V).
 
-    ``rows`` x ``groups`` x 16 outputs per tile (rows dividing M); ``order`` puts column tiles
-    (``"columns_outer"``, the default) or row tiles outermost; ``intrinsic`` overrides the
-    variant's tensor intrinsic (the tuning tests plant a wrong one). Tuning searches the tile and
-    the order (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_func` uses a measured default.
+    Parallel over tiles of ``rows`` x ``groups`` x 16 outputs, the block loop inside, the int32
+    block sums computed per block under it. Returns the ``acc`` and ``block_sum`` blocks,
+    ``acc``'s loops (tile, b, rows, groups, lanes) and ``block_sum``'s (rows (empty for a one-row
+    tile), columns, K quads, K within a quad).
     """
-    if intrinsic is None:
-        intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
     acc = sch.get_sblock("acc")
     i, j, b = sch.get_loops(acc)
     i_outer, i_inner = sch.split(i, [None, rows])
@@ -305,6 +302,22 @@ def schedule_bfp_matmul(sch: Schedule, k_padded: int, rows: int, groups: int, va
     sch.compute_at(block_sum, b)
     # Loops compute_at creates below (tile, b); a one-row tile gets no row loop.
     *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
+    return acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k)
+
+
+def schedule_bfp_matmul(sch: Schedule, k_padded: int, rows: int, groups: int, variant: str,
+                        order: str = "columns_outer", intrinsic: str | None = None) -> None:
+    """Schedule the :func:`bfp_matmul_compute` kernel in ``sch`` with one register tile.
+
+    ``rows`` x ``groups`` x 16 outputs per tile (rows dividing M); ``order`` puts column tiles
+    (``"columns_outer"``, the default) or row tiles outermost; ``intrinsic`` overrides the
+    variant's tensor intrinsic (the tuning tests plant a wrong one). Tuning searches the tile and
+    the order (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_func` uses a measured default.
+    """
+    if intrinsic is None:
+        intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
+    acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
+        tile_bfp_matmul(sch, rows, groups, order)
     s_group, s_lane = sch.split(s_col, [groups, LANES])
     for loop in (*s_row, s_group):
         sch.unroll(loop)

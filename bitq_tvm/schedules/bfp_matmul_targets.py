@@ -35,7 +35,8 @@ from ..formats import BFPFormat
 from ..targets.presets import TargetPreset
 from .float_bits import power_of_two
 from .bfp_matmul import VARIANTS as X86_VARIANTS
-from .bfp_matmul import K_QUAD, LANES, _check_formats, _padded, bfp_matmul_compute, bfp_matmul_func
+from .bfp_matmul import (K_QUAD, LANES, _check_formats, _padded, bfp_matmul_compute, bfp_matmul_func,
+                         tile_bfp_matmul)
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
 
@@ -237,19 +238,8 @@ def schedule_bfp_matmul_target(
     intrinsic, intrinsic_lanes = _LANE_INTRINSICS[variant]
     vectorize = variant != "scalar"
 
-    acc = sch.get_sblock("acc")
-    i, j, b = sch.get_loops(acc)
-    i_outer, i_inner = sch.split(i, [None, rows])
-    j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
-    outer = (j_outer, i_outer) if order == "columns_outer" else (i_outer, j_outer)
-    sch.reorder(*outer, b, i_inner, j_group, j_lane)
-    tile_loop = sch.fuse(*outer)
-    sch.parallel(tile_loop)
-
-    block_sum = sch.get_sblock("block_sum")
-    sch.compute_at(block_sum, b)
-    # compute_at drops unit loops: a one-row tile has no row loop
-    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
+    acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
+        tile_bfp_matmul(sch, rows, groups, order)
     for loop in s_row:
         sch.unroll(loop)
     if intrinsic is None:

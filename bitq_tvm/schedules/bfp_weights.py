@@ -171,4 +171,4 @@ def bfp_weight_expand_func(packed: PackedWeights) -> tirx.PrimFunc:
     sch.parallel(task)
     init = sch.decompose_reduction(sum_block, rq_loop)
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch.mod["main"].without_attr("global_symbol").with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
