@@ -162,7 +162,7 @@ def normalize(proto: onnx.ModelProto, path: str, input_shapes=None) -> OnnxModel
     except Exception as err:  # noqa: BLE001 - onnx raises several unrelated types here
         raise BitqError(f"{path}: ONNX shape inference failed: {_first_line(err)}") from None
     layers = _find_layers(proto, path)
-    _layer_weights_to_initializers(proto.graph, layers)
+    layers = _layer_weights_to_initializers(proto.graph, layers)
     return OnnxModel(path=path, proto=proto, input_shapes=shapes, layers=tuple(layers))
 
 
@@ -405,14 +405,45 @@ def _find_layers(proto, path) -> list[Layer]:
     return layers
 
 
+def _relax_param_name(name: str, taken: set) -> str:
+    """The name TVM's ONNX importer gives a kept parameter (it drops torch's ``onnx::`` prefix).
+
+    Layer weights are renamed to it in the normal form, so that a layer's ``weight`` is both its
+    initializer here and its Relax parameter after import; a name the prefix-less form would
+    collide with gets a numbered suffix first.
+    """
+    base = name.removeprefix("onnx::")
+    if base == name:
+        return name
+    candidate, n = base, 1
+    while candidate in taken:
+        candidate, n = f"{base}_{n}", n + 1
+    return candidate
+
+
 def _layer_weights_to_initializers(graph, layers):
     weight_names = {layer.weight for layer in layers}
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    rename = {}
+    for name in sorted(weight_names):
+        new = _relax_param_name(name, taken)
+        if new != name:
+            rename[name] = new
+            taken.add(new)
     nodes, inits = [], []
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] in weight_names:
-            inits.append(numpy_helper.from_array(_constant_node_value(node), node.output[0]))
-        else:
-            nodes.append(node)
+            name = rename.get(node.output[0], node.output[0])
+            inits.append(numpy_helper.from_array(_constant_node_value(node), name))
+            continue
+        for i, inp in enumerate(node.input):
+            if inp in rename:
+                node.input[i] = rename[inp]
+        nodes.append(node)
+    for vi in graph.value_info:
+        if vi.name in rename:
+            vi.name = rename[vi.name]
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
+    return [dataclasses.replace(layer, weight=rename.get(layer.weight, layer.weight)) for layer in layers]

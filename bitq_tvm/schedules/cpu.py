@@ -307,6 +307,7 @@ class RegisterTiledContraction(dlight.ScheduleRule):
         epilogues = [b for b in _root_blocks(sch) if sch.get(b).name_hint not in prologues | {block_name}]
         if len(epilogues) > 1:
             return None
+        epilogues = _tile_fusable(sch, block, epilogues, config)
         for name in prologues:
             _schedule_spatial_block(sch, sch.get_sblock(name), config)
 
@@ -389,6 +390,38 @@ class RegisterTiledContraction(dlight.ScheduleRule):
         return sch
 
 
+def _iteration_count(block) -> int | None:
+    count = 1
+    for iv in block.iter_vars:
+        if not isinstance(iv.dom.extent, tirx.IntImm):
+            return None
+        count *= int(iv.dom.extent)
+    return count
+
+
+def _tile_fusable(sch: s_tir.Schedule, block, epilogues, config: CPUScheduleConfig) -> list:
+    """The epilogues that may be computed tile by tile inside the contraction's loops.
+
+    ``reverse_compute_at`` runs only the epilogue iterations that read a computed tile, so an
+    epilogue with more iterations than the contraction has outputs (a fused ``pad``: its border
+    reads nothing) would leave those elements unwritten (uninitialised memory, seen as wrong and
+    call-to-call different outputs). Such an epilogue stays a loop nest of its own, scheduled as a
+    spatial block after the contraction.
+    """
+    if not epilogues:
+        return epilogues
+    produced = 1
+    for extent in sch.get(block).writes[0].source.shape:
+        if not isinstance(extent, tirx.IntImm):
+            return []
+        produced *= int(extent)
+    count = _iteration_count(sch.get(epilogues[0]))
+    if count is not None and count <= produced:
+        return epilogues
+    _schedule_spatial_block(sch, epilogues[0], config)
+    return []
+
+
 def _output_position(out_indices, var) -> int:
     for position, index in enumerate(out_indices):
         if var in _vars_in([index]):
@@ -456,6 +489,7 @@ class SpatialInnerReduction(dlight.ScheduleRule):
         epilogues = [b for b in _root_blocks(sch) if sch.get(b).name_hint not in prologues | {block_name}]
         if len(epilogues) > 1:
             return None
+        epilogues = _tile_fusable(sch, block, epilogues, config)
         for name in prologues:
             _schedule_spatial_block(sch, sch.get_sblock(name), config)
 
