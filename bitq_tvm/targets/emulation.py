@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bitq_tvm.cache import default_cache_dir
 from bitq_tvm.errors import BitqError
 from bitq_tvm.targets.cross import require_tool
 from bitq_tvm.targets.presets import TargetPreset
@@ -50,14 +51,6 @@ class OutputSpec:
                 f"output spec: dtype {self.dtype} unsupported; use one of "
                 f"{', '.join(sorted(RUNNER_DTYPES))}"
             )
-
-
-def default_cache_dir() -> Path:
-    """``$BITQ_TVM_CACHE_DIR``, else ``$XDG_CACHE_HOME/bitq-tvm``, else ``~/.cache/bitq-tvm``."""
-    if os.environ.get("BITQ_TVM_CACHE_DIR"):
-        return Path(os.environ["BITQ_TVM_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "bitq-tvm"
 
 
 def _ffi_include_dirs() -> list[Path]:

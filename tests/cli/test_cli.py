@@ -131,7 +131,7 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
     elif case == "dynamic":
         path = tmp_path / "dyn.onnx"
         onnx.save(zoo.with_dynamic_batch(zoo.resnet18(image_size=32, num_classes=10)), path)
-        args[1], expect = str(path), "input 'input' has dynamic shape [batch,3,32,32]; pin it with --input-shape"
+        args[1], expect = str(path), "input 'input' has dynamic shape [batch,3,32,32] (rank 4); pin it with --input-shape input:BATCH,3,32,32"
     elif case == "nan":
         path = tmp_path / "nan.onnx"
         tensor = _nan_model(path)

@@ -67,7 +67,7 @@ def test_weights_in_constant_nodes_become_the_same_layers():
 
 def test_dynamic_batch_needs_input_shape(tmp_path):
     path = _save(tmp_path, zoo.with_dynamic_batch(zoo.resnet18(image_size=32, num_classes=10)))
-    with pytest.raises(BitqError, match=r"input 'input' has dynamic shape \[batch,3,32,32\]; pin it with --input-shape"):
+    with pytest.raises(BitqError, match=r"input 'input' has dynamic shape \[batch,3,32,32\] \(rank 4\); pin it with --input-shape input:BATCH,3,32,32"):
         load_onnx(path)
     model = load_onnx(path, parse_input_shapes(["input:2,3,32,32"]))
     assert model.input_shapes == {"input": (2, 3, 32, 32)}
@@ -145,7 +145,9 @@ def test_plan_naming_an_unsupported_layer_op():
     proto = _tiny([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up")], [w], [1, 3, 4, 4], [1, 2, 6, 6])
     model = normalize(proto, "up.onnx")
     assert model.layers == ()
-    with pytest.raises(BitqError, match="layer 'up' is an ONNX ConvTranspose node, which BFP does not support"):
+    assert [(n.name, n.onnx_op) for n in model.fp32_nodes] == [("up", "ConvTranspose")]
+    with pytest.raises(BitqError, match=r"layer 'up' is an ONNX ConvTranspose node \(no BFP lowering for "
+                                        r"ConvTranspose\), which stays FP32"):
         resolve_plan(model, Plan.from_json({"bitq_plan_version": 1, "layers": {"up": "bfp8_b32"}}))
 
 
