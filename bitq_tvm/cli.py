@@ -213,7 +213,7 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     (``argmax_agreement``, ``rel_l2_error``, ``max_abs_diff``, ``fp32_top1``, ``bfp_top1``, BFP vs
     the reference), ``samples``, ``reference``, ``*_seconds`` and ``weight_bytes``.
     """
-    from .api import CompiledModel, _progress, compile_model
+    from .api import CompiledModel, _progress, cast_input, compile_model, input_dtypes
     from .evaluation import check_labels, compare, onnxruntime_reference, top_k
 
     if limit is not None and limit <= 0:
@@ -221,10 +221,13 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     if save_outputs:
         _check_writable(save_outputs, "--save-outputs")
     names = list(model.input_shapes)
+    if len(names) == 1 and names[0] not in data and "x" in data:
+        data = {**data, names[0]: data["x"]}
     missing = [n for n in names if n not in data]
     if missing:
         raise BitqError(f"no data for model input(s) {missing}")
-    feeds = {n: np.asarray(data[n])[:limit] for n in names}
+    dtypes = input_dtypes(model)  # ONNX Runtime takes exactly the declared types
+    feeds = {n: cast_input(n, np.asarray(data[n])[:limit], dtypes[n]) for n in names}
     batches = {model.input_shapes[n][0] for n in names}
     if len(batches) != 1:
         raise BitqError(f"{model.path}: the inputs have different batch sizes "
@@ -262,6 +265,8 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
             raise BitqError(f"{model.path}: the TVM build has {len(outs)} outputs, ONNX Runtime {len(output_names)}")
         results[label] = outs
         results[label + "_formats"] = compiled.formats
+        if label == "bfp" and getattr(compiled, "report", None) is not None:
+            results["stored_weight_bytes"] = _stored_weight_bytes(compiled.report)
 
     per_output = {}
     for i, name in enumerate(output_names):
@@ -285,6 +290,8 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
         stats["tvm_fp32_top1"] = first["top"]["tvm_fp32"]["top1"]
         stats["bfp_top1"] = first["top"]["bfp"]["top1"]
     stats["weight_bytes"] = weight_bytes(model, results["bfp_formats"])
+    if "stored_weight_bytes" in results:
+        stats["stored_weight_bytes"] = results["stored_weight_bytes"]
     if save_outputs:
         arrays = {f"{kind}/{name}": results[kind][i] for kind in ("reference", "fp32", "bfp")
                   for i, name in enumerate(output_names)}
@@ -344,10 +351,6 @@ def _fmt(value, spec) -> str:
 def cmd_eval(args) -> int:
     from .frontend.onnx_model import load_onnx
 
-    if args.limit is not None and args.limit <= 0:
-        raise BitqError(f"--limit {args.limit}: must be > 0")
-    if args.save_outputs:
-        _check_writable(args.save_outputs, "--save-outputs")
     model = load_onnx(args.model, _eval_input_shapes(args))
     plan = _load_plan(args)
     if plan is None:
@@ -381,11 +384,20 @@ def cmd_eval(args) -> int:
     _print_table(["metric", *names], rows)
     fp32, quant = stats["weight_bytes"]
     print(f"layer weight bytes BFP / FP32: {quant:,} / {fp32:,} = {quant / fp32:.3f}x")
+    if "stored_weight_bytes" in stats:
+        stored = stats["stored_weight_bytes"]
+        print(f"integer deployment stores {stored:,} B of layer weights = {stored / fp32:.3f}x FP32 "
+              "(layers left in float simulation at FP32)")
     print(f"run time: ORT {stats['reference_seconds']:.2f} s, TVM FP32 {stats['fp32_seconds']:.2f} s, "
           f"BFP {stats['bfp_seconds']:.2f} s")
     if args.save_outputs:
         print(f"wrote {args.save_outputs} (reference/, fp32/, bfp/ + output name)")
     return 0
+
+
+def _stored_weight_bytes(report) -> int:
+    """Layer weight bytes an integer deployment stores: packed for integer layers, FP32 for the others."""
+    return sum(d.stored_bytes if d.mode == "integer" else d.fp32_bytes for d in report.layers)
 
 
 def cmd_demo(args) -> int:
@@ -412,8 +424,7 @@ def cmd_demo(args) -> int:
         if mode == "integer":
             compiled = compile_deployed(model, plan, args.target, progress=None)
             report = compiled.report
-            quant = sum(d.stored_bytes if d.mode == "integer" else d.fp32_bytes for d in report.layers)
-            fp32 = report.fp32_weight_bytes
+            fp32, quant = report.fp32_weight_bytes, _stored_weight_bytes(report)
             runs_as = f"integer BFP ({report.variant}), {len(report.integer_layers)}/{len(report.layers)} layers"
             fallbacks += [f"{spec} integer: layer '{layer}' stays float BFP simulation ({reason})"
                           for layer, reason in report.fallbacks.items()]

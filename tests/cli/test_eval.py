@@ -180,3 +180,17 @@ def test_eval_user_errors_are_one_line_and_come_before_compiling(files, case):
     assert "Traceback" not in result.stderr and "compiling" not in result.stderr and "reference" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("bitq-tvm: error:")]
     assert len(errors) == 1 and expect in errors[0], result.stderr
+
+
+def test_eval_deploy_reports_the_stored_weight_bytes(capsys):
+    from bitq_tvm.models import zoo
+
+    assert main(["eval", str(zoo.bundled_model_path()), "--data", str(zoo._bundled_file("digits_test.npz")),
+                 "--format", "bfp8_b32", "--deploy", "--limit", "40", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "bfp8_b32 (integer deployment)" in out and "40 samples in batches of 8" in out
+    stored = next(line for line in out.splitlines() if line.startswith("integer deployment stores"))
+    assert 0.26 < float(stored.split(" = ")[1].split("x")[0]) < 0.31  # conv1 (1 channel) stays FP32
+    rows = _table(out)
+    assert float(rows["BFP vs ORT: argmax agreement per sample"]) >= 0.95
+    assert float(rows["TVM FP32 vs ORT: rel-L2"]) < 1e-5
