@@ -209,9 +209,7 @@ def input_dtypes(model: OnnxModel) -> dict[str, np.dtype]:
 def cast_input(name: str, x, dtype: np.dtype) -> np.ndarray:
     """``x`` as a contiguous ``dtype`` array; non-integer data for an integer/bool input is an error."""
     x = np.asarray(x)
-    if dtype.kind in "biu" and x.dtype.kind not in "biu":
-        raise BitqError(f"input '{name}' takes {dtype} values, got {x.dtype} data")
-    if x.dtype.kind not in "biuf":
+    if x.dtype.kind not in "biuf" or (dtype.kind in "biu" and x.dtype.kind not in "biu"):
         raise BitqError(f"input '{name}' takes {dtype} values, got {x.dtype} data")
     return np.ascontiguousarray(x, dtype=dtype)
 

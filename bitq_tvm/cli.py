@@ -209,9 +209,11 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
 
     Returns a dict: per output name under ``outputs`` the :func:`~bitq_tvm.evaluation.compare`
     stats of ``tvm_fp32`` and ``bfp`` against the reference and, with labels, ``top`` (top-1/5 of
-    ``reference``, ``tvm_fp32``, ``bfp``); the first output's figures also at the top level
-    (``argmax_agreement``, ``rel_l2_error``, ``max_abs_diff``, ``fp32_top1``, ``bfp_top1``, BFP vs
-    the reference), ``samples``, ``reference``, ``*_seconds`` and ``weight_bytes``.
+    ``reference``, ``tvm_fp32``, ``bfp``); the first output's figures also at the top level:
+    ``argmax_agreement``, ``rel_l2_error``, ``max_abs_diff`` (BFP vs the reference), ``fp32_top1``
+    (the ONNX Runtime reference), ``tvm_fp32_top1``, ``bfp_top1``; and ``samples``, ``batch``,
+    ``reference`` (its label), ``*_seconds``, ``weight_bytes`` (FP32, bit-packed BFP) and with
+    ``deploy`` ``stored_weight_bytes``.
     """
     from .api import CompiledModel, _progress, cast_input, compile_model, input_dtypes
     from .evaluation import check_labels, compare, onnxruntime_reference, top_k

@@ -19,19 +19,26 @@ from bitq_tvm.plan import Plan
 T, VOCAB, D, C = 6, 11, 32, 7
 
 
-def token_model(batch="batch") -> onnx.ModelProto:
-    """logits[N, T, C] = (embedding[tokens] + features) @ W: an int64 and a float input."""
+def token_model(batch="batch", pooled=False) -> onnx.ModelProto:
+    """logits[N, T, C] = (embedding[tokens] + features) @ W: an int64 and a float input.
+
+    ``pooled`` adds a second output, the mean over T: pooled[N, C].
+    """
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((VOCAB, D)).astype(np.float32)
     w = (rng.standard_normal((D, C)) / np.sqrt(D)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["embedding", "tokens"], ["embedded"], axis=0, name="embed"),
              helper.make_node("Add", ["embedded", "features"], ["summed"], name="add"),
              helper.make_node("MatMul", ["summed", "head.weight"], ["logits"], name="head")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, T, C])]
+    if pooled:
+        nodes.append(helper.make_node("ReduceMean", ["logits"], ["pooled"], axes=[1], keepdims=0, name="pool"))
+        outputs.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [batch, C]))
     graph = helper.make_graph(
         nodes, "tokens",
         [helper.make_tensor_value_info("tokens", TensorProto.INT64, [batch, T]),
          helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, T, D])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, T, C])],
+        outputs,
         initializer=[numpy_helper.from_array(emb, "embedding"), numpy_helper.from_array(w, "head.weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -48,7 +55,8 @@ def files(tmp_path_factory):
     arrays = {"tokens": rng.integers(0, VOCAB, (N, T)), "features": rng.standard_normal((N, T, D)).astype(np.float32),
               "y": rng.integers(0, C, (N, T))}
     paths = {"dynamic": folder / "tokens.onnx", "static": folder / "tokens_b2.onnx", "data": folder / "data.npz",
-             "folder": folder}
+             "pooled": folder / "pooled.onnx", "folder": folder}
+    onnx.save(token_model(batch=2, pooled=True), paths["pooled"])
     onnx.save(token_model(), paths["dynamic"])
     onnx.save(token_model(batch=2), paths["static"])
     np.savez(paths["data"], **arrays)
@@ -108,6 +116,28 @@ def test_eval_two_inputs_int64_tokens_batch_and_saved_outputs(files, capsys):
     one = compile_model(model, Plan.uniform("bfp4_b16"), progress=None)
     last = one.run({"tokens": arrays["tokens"][-1:], "features": arrays["features"][-1:]})[0]
     np.testing.assert_allclose(got["bfp/logits"][-1:], last, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_two_outputs_one_column_each(files, capsys):
+    paths, arrays = files
+    saved = paths["folder"] / "pooled_outputs.npz"
+    assert main(["eval", str(paths["pooled"]), "--data", str(paths["data"]), "--format", "bfp4_b16",
+                 "--save-outputs", str(saved)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["metric", "logits", "pooled"]
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    with np.load(saved) as npz:
+        got = {key: npz[key] for key in npz.files}
+    assert got["bfp/pooled"].shape == (N, C) and got["bfp/logits"].shape == (N, T, C)
+    per_sample = (got["reference/pooled"].argmax(-1) == got["bfp/pooled"].argmax(-1)).mean()
+    per_position = (got["reference/logits"].argmax(-1) == got["bfp/logits"].argmax(-1)).mean()
+    assert cells["BFP vs ORT: argmax agreement per sample"][0] == "-"
+    assert float(cells["BFP vs ORT: argmax agreement per sample"][1]) == pytest.approx(per_sample, abs=5e-5)
+    assert float(cells["BFP vs ORT: argmax agreement per position"][0]) == pytest.approx(per_position, abs=5e-5)
+    assert cells["BFP vs ORT: argmax agreement per position"][1] == "-"
+    assert cells["top-1 BFP"][1] == "-"  # labels 'y' belong to the first output
+    assert all(float(v) < 1e-5 for v in cells["TVM FP32 vs ORT: rel-L2"])
 
 
 def test_a_wrong_tvm_fp32_build_shows_against_ort(files, capsys, monkeypatch):
