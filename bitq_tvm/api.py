@@ -123,19 +123,21 @@ class CompiledModel:
         return self._vm_cache
 
     def input_arrays(self, inputs) -> list[np.ndarray]:
-        """The model inputs as contiguous float32 arrays in input order, shapes checked.
+        """The model inputs as contiguous arrays of their declared ONNX element type, in input order, shapes checked.
 
-        ``inputs`` is a dict by input name or a list in input order.
+        ``inputs`` is a dict by input name or a list in input order. Integer inputs (token ids)
+        take integer data only: float data is an error, not a silent truncation.
         """
         if isinstance(inputs, dict):
             missing = [n for n in self.input_names if n not in inputs]
             if missing:
                 raise BitqError(f"missing model input(s) {missing}")
             inputs = [inputs[n] for n in self.input_names]
+        dtypes = input_dtypes(self.model)
         arrays = []
         for name, x in zip(self.input_names, inputs):
             expected = self.model.input_shapes[name]
-            x = np.ascontiguousarray(x, dtype=np.float32)
+            x = cast_input(name, x, dtypes[name])
             if tuple(x.shape) != tuple(expected):
                 raise BitqError(f"input '{name}' has shape {tuple(x.shape)}, the compiled model takes {tuple(expected)}")
             arrays.append(x)
@@ -147,20 +149,34 @@ class CompiledModel:
         outs = list(out) if isinstance(out, (tvm.ir.Array, list, tuple)) else [out]
         return [o.numpy() for o in outs]
 
-    def run_batched(self, name: str, data: np.ndarray) -> np.ndarray:
-        """Run a dataset through the model's pinned batch size; returns the first output stacked."""
-        batch = self.model.input_shapes[name][0]
-        if tuple(data.shape[1:]) != tuple(self.model.input_shapes[name][1:]):
-            raise BitqError(f"data for input '{name}' has samples of shape {tuple(data.shape[1:])}, "
-                            f"the model takes {tuple(self.model.input_shapes[name][1:])}")
-        outs = []
-        for start in range(0, len(data), batch):
-            chunk = data[start:start + batch]
-            pad = batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self.run({name: chunk})[0][:batch - pad])
-        return np.concatenate(outs)
+    def run_batched(self, inputs, data: np.ndarray | None = None):
+        """Run a dataset through the model's pinned batch size, in chunks (the last zero-padded, then trimmed).
+
+        ``run_batched({"ids": ids, "mask": mask})`` returns every output stacked over the samples,
+        in output order; ``run_batched(name, array)`` (one input) returns the first output.
+        Works for any object with ``model`` and ``run`` (a remote model too).
+        """
+        from .evaluation import chunks, stack_outputs
+
+        if not isinstance(inputs, dict):
+            return CompiledModel.run_batched(self, {inputs: data})[0]
+        names = list(self.model.input_shapes)
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise BitqError(f"no data for model input(s) {missing}")
+        batches = {self.model.input_shapes[n][0] for n in names}
+        if len(batches) != 1:
+            raise BitqError(f"the model's inputs have different batch sizes "
+                            f"{ {n: self.model.input_shapes[n][0] for n in names} }; run it with run()")
+        batch = batches.pop()
+        feeds = {}
+        for name in names:
+            x = np.asarray(inputs[name])
+            if tuple(x.shape[1:]) != tuple(self.model.input_shapes[name][1:]):
+                raise BitqError(f"data for input '{name}' has samples of shape {tuple(x.shape[1:])}, "
+                                f"the model takes {tuple(self.model.input_shapes[name][1:])}")
+            feeds[name] = x
+        return stack_outputs([(self.run(chunk), valid) for chunk, valid in chunks(feeds, batch)], batch)
 
     def export_library(self, path: str) -> None:
         """Write the compiled model as a shared library (atomically)."""
@@ -173,6 +189,29 @@ class CompiledModel:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def input_dtypes(model: OnnxModel) -> dict[str, np.dtype]:
+    """Each model input's declared ONNX element type as a NumPy dtype (int64 for token ids, ...)."""
+    from onnx import helper
+
+    declared = {i.name: i.type.tensor_type.elem_type for i in model.proto.graph.input}
+    dtypes = {}
+    for name in model.input_shapes:
+        try:
+            dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(declared[name]))
+        except (KeyError, TypeError, ValueError):
+            raise BitqError(f"{model.path}: input '{name}' has no NumPy element type "
+                            f"(ONNX type {declared.get(name)})") from None
+    return dtypes
+
+
+def cast_input(name: str, x, dtype: np.dtype) -> np.ndarray:
+    """``x`` as a contiguous ``dtype`` array; non-integer data for an integer/bool input is an error."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf" or (dtype.kind in "biu" and x.dtype.kind not in "biu"):
+        raise BitqError(f"input '{name}' takes {dtype} values, got {x.dtype} data")
+    return np.ascontiguousarray(x, dtype=dtype)
 
 
 def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",

@@ -59,24 +59,36 @@ def test_eval_reports_top1_and_agreement(tmp_path, capsys):
     assert main(["eval", BUNDLED, "--data", str(zoo._bundled_file("digits_test.npz")), "--format", "bfp4_b16"]) == 0
     out = capsys.readouterr().out
     rows = _table(out)
-    assert rows["samples"] == str(len(data["y"]))
-    fp32, bfp = float(rows["top-1 FP32"]), float(rows["top-1 BFP"])
-    assert fp32 >= 0.95 and abs(fp32 - bfp) <= 0.05
-    assert 0.9 <= float(rows["argmax agreement with FP32"]) <= 1.0
+    assert f"{len(data['y'])} samples in batches of 1" in out
+    ref, tvm32, bfp = (float(rows[f"top-1 {who}"]) for who in ("ORT FP32", "TVM FP32", "BFP"))
+    assert ref >= 0.95 and tvm32 == ref and abs(ref - bfp) <= 0.05
+    assert float(rows["top-5 BFP"]) >= bfp  # 10 classes: top-5 is shown
+    assert 0.9 <= float(rows["BFP vs ORT: argmax agreement per sample"]) <= 1.0
+    assert float(rows["TVM FP32 vs ORT: rel-L2"]) < 1e-5
+    assert 0.9 < float(rows["BFP vs ORT: cosine"]) < 1.0
     # Without labels: agreement only.
     np.savez(tmp_path / "nolabels.npz", input=data["x"][:20])
     assert main(["eval", BUNDLED, "--data", str(tmp_path / "nolabels.npz"), "--format", "bfp8_b32"]) == 0
     out = capsys.readouterr().out
-    assert "top-1" not in out and "argmax agreement with FP32" in out
+    assert "top-1" not in out and "BFP vs ORT: argmax agreement per sample" in out
 
 
 def test_demo(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
-    table = [line for line in out.splitlines() if line.startswith("| bfp") or line.startswith("| fp32")]
-    assert [row.split("|")[1].strip() for row in table] == ["fp32", "bfp8_b32", "bfp6_b16", "bfp4_b16"]
-    ratios = [float(row.split("|")[5].strip().rstrip("x")) for row in table]
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+             if line.startswith("| bfp") or line.startswith("| fp32")]
+    assert [(row[0], row[1].split(" (")[0]) for row in table] == [
+        ("fp32", "TVM FP32"), ("bfp8_b32", "BFP simulation"), ("bfp6_b16", "BFP simulation"),
+        ("bfp4_b16", "BFP simulation"), ("bfp8_b32", "integer BFP"), ("bfp4_b16", "integer BFP")]
+    ratios = [float(row[5].rstrip("x")) for row in table]
     assert ratios[0] == 1.0 and ratios[1] < 0.27 and ratios[3] < 0.15
+    # The deployed rows store what they claim (conv1 stays FP32) and classify like the simulation.
+    assert 0.27 < ratios[4] < 0.31 and ratios[3] < ratios[5] < 0.16
+    top1 = [float(row[2].rstrip("%")) for row in table]
+    assert top1[4] >= 97.0 and top1[5] >= 97.0
+    assert all(float(row[7]) > 0 for row in table)  # ms/image measured on every row
+    assert "bfp8_b32 integer: layer 'conv1' stays float BFP simulation" in out
 
 
 @pytest.mark.slow
@@ -88,8 +100,7 @@ def test_zoo_models_through_the_cli(tmp_path, capsys, name, extra):
     assert main(["inspect", str(onnx_path)]) == 0
     assert main(["eval", str(onnx_path), "--data", str(data), "--format", "bfp8_b32"]) == 0
     rows = _table(capsys.readouterr().out)
-    assert rows["samples"] == "2"
-    assert float(rows["output relative L2 error"]) < 0.2
+    assert float(rows["BFP vs ORT: rel-L2"]) < 0.2 and float(rows["TVM FP32 vs ORT: rel-L2"]) < 1e-4
     assert main(["compile", str(onnx_path), "--format", "bfp8_b32", "-o", str(tmp_path / "m.so")]) == 0
 
 
