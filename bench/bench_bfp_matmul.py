@@ -36,7 +36,7 @@ from bitq_tvm.schedules.bfp_matmul import (
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
 AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
-# Tuned int8 VNNI matmul of shared/design/tvm-0.27-notes.md (256x1024x1024, MetaSchedule 32 trials)
+# Tuned int8 VNNI matmul of docs/tvm-0.27-notes.md (256x1024x1024, MetaSchedule 32 trials)
 NOTES_TUNED_INT8_GOPS = 426.0
 SHAPES = [
     ("N=K=1024", 1, 1024, 1024),

@@ -217,6 +217,8 @@ def cmd_compile_deploy(args, model, plan) -> int:
         print(report.table())
     for layer, reason in report.fallbacks.items():
         print(f"fallback: layer '{layer}' runs as float BFP simulation: {reason}")
+    for node in model.fp32_nodes:
+        print(f"fp32: node '{node.name}' ({node.onnx_op}) is not a BFP layer: {node.reason}")
     print(f"wrote {out} (target {deployed.target.name}; integer BFP kernels ({report.variant}) for "
           f"{len(report.integer_layers)}/{len(report.layers)} layers; constants {report.artifact_constant_bytes:,} B "
           f"vs {report.fp32_weight_bytes:,} B FP32 weights; after loading call "

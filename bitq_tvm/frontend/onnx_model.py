@@ -109,12 +109,6 @@ class OnnxModel:
         """The layer weights (initializers), by initializer name."""
         return {t.name: numpy_helper.to_array(t) for t in self.proto.graph.initializer}
 
-    def input_types(self) -> dict[str, np.dtype]:
-        """Element type of each model input, as declared by the model."""
-        graph_inputs = {i.name: i for i in self.proto.graph.input}
-        return {name: np.dtype(helper.tensor_dtype_to_np_dtype(graph_inputs[name].type.tensor_type.elem_type))
-                for name in self.input_shapes}
-
 
 def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
     """Parse ``name:1,3,224,224`` (or ``1,3,224,224`` for a single-input model) options."""
@@ -164,6 +158,7 @@ def normalize(proto: onnx.ModelProto, path: str, input_shapes=None) -> OnnxModel
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
         raise BitqError(f"{path}: invalid ONNX model: {_first_line(err)}") from None
+    _check_importable(proto, path)
     proto = _copy(proto)
     graph = proto.graph
     _initializers_to_constants(graph)
@@ -306,8 +301,8 @@ def _fold_shape_subgraphs(graph):
                 static_shapes[vi.name] = tuple(d.dim_value for d in dims)
             elif vi.type.tensor_type.HasField("shape") and not dims:
                 static_shapes[vi.name] = ()
-    except Exception:  # noqa: BLE001 - folding is best effort; the strict inference later reports
-        return
+    except Exception:  # noqa: BLE001 - best effort: constant-only nodes still fold without shapes
+        static_shapes = {}
     values = _constant_values(graph)
     new_nodes = []
     for node in graph.node:
@@ -401,6 +396,19 @@ def _shape_of(vi_map, name):
     if not all(d.HasField("dim_value") for d in dims):
         return None
     return tuple(d.dim_value for d in dims)
+
+
+def _check_importable(proto, path) -> None:
+    """Ops TVM's ONNX importer has no converter for, named by node before any long work."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    # By op type alone, as the importer dispatches (its map also holds com.microsoft contrib ops).
+    for node in proto.graph.node:
+        if node.op_type not in known:
+            domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
+            raise BitqError(f"{path}: node '{node.name or node.output[0]}' is an ONNX {node.op_type}{domain}, "
+                            "which TVM's ONNX importer cannot convert")
 
 
 def _not_a_layer(node, values) -> str | None:

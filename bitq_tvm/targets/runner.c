@@ -10,7 +10,7 @@
  * call, outputs (zero-initialised) are written after it. Exit status: 0 ok, 2 usage or I/O
  * error, 3 the kernel reported an error (its message is printed on stderr).
  *
- * The library's contract (shared/design/tvm-0.27-notes.md, "Running cross-compiled code"):
+ * The library's contract (docs/tvm-0.27-notes.md, "Running cross-compiled code"):
  * it imports TVMFFIErrorSetRaisedFromCStrParts (defined here, so link with -rdynamic), expects
  * the loader to fill the function-pointer globals __TVMBackendParallelLaunch,
  * __TVMBackendAllocWorkspace and __TVMBackendFreeWorkspace, and exports __tvm_ffi_FUNC with the

@@ -211,3 +211,17 @@ def test_dynamic_input_hint_says_what_is_known(tmp_path, capsys):
     path.write_bytes(paddle_shape_subgraph().SerializeToString())
     assert main(["inspect", str(path)]) == 2
     assert "input 'x' has dynamic shape [?,3,16,16] (rank 4); pin it with --input-shape x:D0,3,16,16" in capsys.readouterr().err
+
+
+def test_op_the_importer_lacks_is_named_before_any_work(tmp_path, capsys):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("FancyOp", ["r"], ["y"], name="my_fancy", domain="acme")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "fancy.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                             helper.make_opsetid("acme", 1)]).SerializeToString())
+    assert main(["compile", str(path), "--format", "bfp8_b32", "-o", str(tmp_path / "fancy.so")]) == 2
+    assert capsys.readouterr().err.strip() == (f"bitq-tvm: error: {path}: node 'my_fancy' is an ONNX FancyOp "
+                                               "(domain 'acme'), which TVM's ONNX importer cannot convert")
+    assert not (tmp_path / "fancy.so").exists()
