@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import BitqError
 from .formats import PRESETS
+from .outputs import check_output_dir, check_output_path  # noqa: F401 - used by cli_plan too
 
 EXIT_USER_ERROR = 2
 
@@ -45,18 +46,38 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="host", help="target preset (see `bitq-tvm targets`); default: host")
 
 
+def _require_layers(model, args) -> None:
+    """A command that quantizes needs at least one BFP layer, else its result means nothing."""
+    from .frontend.onnx_model import LAYER_OPS
+
+    if model.layers:
+        return
+    wants_bfp = getattr(args, "command", None) in ("plan", "eval") or getattr(args, "plan", None) is not None \
+        or getattr(args, "format", None) is not None or getattr(args, "deploy", False)
+    if not wants_bfp:
+        return
+    skipped = [f"{n.op_type} '{n.name or n.output[0]}'" for n in model.proto.graph.node if n.op_type in LAYER_OPS]
+    why = (f"; skipped: {', '.join(skipped[:4])} (BFP takes Conv 2-D and MatMul/Gemm with a constant 2-D weight)"
+           if skipped else "")
+    raise BitqError(f"{model.path}: no layer BFP can quantize{why}")
+
+
 def _load_model(args):
     from .frontend.onnx_model import load_onnx, parse_input_shapes
 
-    return load_onnx(args.model, parse_input_shapes(args.input_shape))
+    model = load_onnx(args.model, parse_input_shapes(args.input_shape))
+    _require_layers(model, args)
+    return model
 
 
 def _load_plan(args):
     from .plan import Plan
 
-    if args.plan:
+    if getattr(args, "plan", None) is not None:
         return Plan.load(args.plan)
-    if args.format:
+    if getattr(args, "format", None) is not None:
+        if not args.format.strip():
+            raise BitqError("--format '': empty; give a format such as bfp8_b32, or fp32")
         return Plan.uniform(args.format)
     return None
 
@@ -99,23 +120,26 @@ def cmd_compile(args) -> int:
 
     from .solver.cli_plan import plan_for_compile
 
+    out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
+    check_output_path(out, "-o")
     model = _load_model(args)
+    plan_given = _load_plan(args)  # a bad --plan/--format fails before the planner runs
     planned = plan_for_compile(args)
     if args.tuning_db and not (args.deploy or planned):
         raise BitqError("--tuning-db feeds the planner (--budget/--lambda/--size-budget) and the integer kernels "
                         "(--deploy); give one of them")
-    plan = planned or _load_plan(args)
+    plan = planned or plan_given
     if args.deploy:
         from .deploy import cmd_compile_deploy
 
         return cmd_compile_deploy(args, model, plan)
     compiled = compile_model(model, plan, args.target)
-    out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
     compiled.export_library(out)
     fp32, quant = weight_bytes(model, compiled.formats)
+    sizes = (f"; packed BFP weights would take {quant:,} B vs {fp32:,} B FP32 = {quant / fp32:.3f}x" if fp32
+             else "; the model has no BFP layers: FP32 throughout")
     print(f"wrote {out} (target {compiled.target.name}; BFP simulation: weights quantized at compile time and "
-          f"stored dequantized, activations quantized at run time; packed BFP weights would take {quant:,} B "
-          f"vs {fp32:,} B FP32 = {quant / fp32:.3f}x)")
+          f"stored dequantized, activations quantized at run time{sizes})")
     return 0
 
 
@@ -503,6 +527,9 @@ def cmd_zoo(args) -> int:
     if args.dynamic_batch:
         proto = zoo.with_dynamic_batch(proto)
     out = args.output or f"{args.name}.onnx"
+    check_output_path(out, "-o")
+    if args.data:
+        check_output_path(args.data, "--data")
     tmp = f"{out}.tmp{os.getpid()}"
     import onnx
 

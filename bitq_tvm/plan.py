@@ -90,7 +90,8 @@ class Plan:
         if not isinstance(data, dict):
             raise BitqError(f"{where}: a plan is a JSON object")
         version = data.get("bitq_plan_version")
-        if version != PLAN_VERSION:
+        # bool is an int in Python (True == 1): only a JSON integer is a version
+        if type(version) is not int or version != PLAN_VERSION:
             raise BitqError(f"{where}: unsupported plan version {version!r} (this bitq-tvm reads version {PLAN_VERSION})")
         layers_json = data.get("layers", {})
         if not isinstance(layers_json, dict):
@@ -107,10 +108,14 @@ class Plan:
         if not os.path.isfile(path):
             raise BitqError(f"{path}: no such plan file")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
+        except UnicodeDecodeError:
+            raise BitqError(f"{path}: not a plan file (not UTF-8 text)") from None
         except json.JSONDecodeError as err:
             raise BitqError(f"{path}: not valid JSON ({err})") from None
+        except OSError as err:
+            raise BitqError(f"{path}: cannot read the plan file ({err.strerror})") from None
         return cls.from_json(data, path)
 
     def to_json(self) -> dict:

@@ -16,6 +16,7 @@ wrote into one normal form that the Relax importer and the NumPy reference both 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -110,8 +111,19 @@ class OnnxModel:
         return {t.name: numpy_helper.to_array(t) for t in self.proto.graph.initializer}
 
 
+#: Most elements an input may have: int32 range, so that shapes, MAC counts (int64) and TVM's
+#: index arithmetic cannot overflow (2**31 float32 values are already 8 GiB).
+MAX_INPUT_ELEMENTS = 2**31 - 1
+
+
 def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
-    """Parse ``name:1,3,224,224`` (or ``1,3,224,224`` for a single-input model) options."""
+    """Parse ``name:1,3,224,224`` (or ``1,3,224,224`` for a single-input model) options.
+
+    Raises
+    ------
+    BitqError
+        Non-integer or non-positive dims, or more than :data:`MAX_INPUT_ELEMENTS` elements.
+    """
     shapes = {}
     for spec in specs or ():
         name, _, dims = spec.rpartition(":")
@@ -121,6 +133,9 @@ def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
             raise BitqError(f"--input-shape '{spec}': expected NAME:D0,D1,... with integer dims") from None
         if not shape or any(d <= 0 for d in shape):
             raise BitqError(f"--input-shape '{spec}': dims must be positive integers")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise BitqError(f"--input-shape '{spec}': {math.prod(shape):,} elements; at most "
+                            f"{MAX_INPUT_ELEMENTS:,} per input")
         shapes[name] = shape
     return shapes
 

@@ -61,6 +61,11 @@ class Calibration:
     source: str = "calibration data"
 
     def __post_init__(self):
+        for name, x in dict(self.inputs).items():
+            dtype = np.asarray(x).dtype
+            if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+                raise BitqError(f"{self.source}: array for input '{name}' has dtype {dtype}; calibration data must "
+                                "be numeric (the model takes float32)")
         inputs = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in dict(self.inputs).items()}
         if not inputs:
             raise BitqError(f"{self.source}: no input arrays")

@@ -115,10 +115,13 @@ def plan_for_compile(args):
 
 
 def cmd_plan(args) -> int:
-    from ..cli import _load_model, _print_table
+    from ..cli import _load_model, _print_table, check_output_dir, check_output_path
     from .planner import verify
     from .report import write_report
 
+    check_output_path(args.output, "-o")
+    if args.report_dir:
+        check_output_dir(args.report_dir, "--report-dir")
     model = _load_model(args)
     result, calib = run_planner(args, model)
     result.plan.save(args.output)

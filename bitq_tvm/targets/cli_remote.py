@@ -28,8 +28,9 @@ def add_remote_args(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--tracker", metavar="HOST:PORT",
                        help="run on a device of --key handed out by this RPC tracker")
     group.add_argument("--key", metavar="K", help="device key registered with the tracker")
-    group.add_argument("--rpc-timeout", metavar="S", type=float, default=10.0,
-                       help="seconds to reach the server/tracker and get a session (default 10)")
+    group.add_argument("--rpc-timeout", metavar="S", type=float, default=60.0,
+                       help="seconds each remote step may take: getting a session, the upload, load_module, "
+                       "each run (default 60)")
 
 
 def remote_runner(args: argparse.Namespace, compiled):
@@ -47,7 +48,7 @@ def remote_runner(args: argparse.Namespace, compiled):
     if args.rpc_timeout <= 0:
         raise BitqError(f"--rpc-timeout {args.rpc_timeout:g}: must be > 0 seconds")
     session = connect(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout_s=args.rpc_timeout)
-    return RemoteModel(session, compiled)
+    return RemoteModel(session, compiled, call_timeout_s=args.rpc_timeout)
 
 
 def add_emulator_command(subparsers) -> None:

@@ -8,7 +8,8 @@ host, natively or under ``qemu-aarch64`` with the rootfs of :mod:`bitq_tvm.targe
         logits = RemoteModel(session, compiled).run_batched("input", x)
 
 Every network step is bounded: an unreachable server or tracker is a :class:`BitqError` within
-the timeout, never a hang (TVM's own clients retry a refused connection for a minute).
+the timeout, never a hang (TVM's own clients retry a refused connection for a minute), and so is
+a device that freezes mid-session (upload, ``load_module`` and each run have a deadline).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ __all__ = ["RpcAddress", "RpcProcess", "RemoteModel", "connect", "free_port", "p
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# Bound on each remote step after the session starts (upload, load_module, one run): generous,
+# because an emulated device runs a model under qemu.
+DEFAULT_CALL_TIMEOUT_S = 300.0
+# Sessions whose device stopped answering mid-call: kept referenced so that their C++ destructor,
+# which would wait for the blocked call, never runs before the process exits.
+_ABANDONED: list = []
 # An emulated server imports TVM under qemu (about 5 s) before it binds its port.
 DEFAULT_READY_TIMEOUT_S = 120.0
 _STOP_GRACE_S = 5.0
@@ -265,8 +272,8 @@ def _probe_server(address: RpcAddress, timeout_s: float) -> None:
         raise BitqError(f"{where}: the server there is not a TVM RPC server")
 
 
-def _within(timeout_s: float, what: str, function: Callable[[], Any]) -> Any:
-    """``function()``, or BitqError after ``timeout_s`` (TVM's connect calls block in C++)."""
+def _within(timeout_s: float, what: str, function: Callable[[], Any], waiting_for: str = "no session") -> Any:
+    """``function()``, or BitqError after ``timeout_s`` (TVM's RPC calls block in C++, unbounded)."""
     result: dict[str, Any] = {}
 
     def target() -> None:
@@ -279,7 +286,7 @@ def _within(timeout_s: float, what: str, function: Callable[[], Any]) -> Any:
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():  # left behind as a daemon: it ends with its socket or with the process
-        raise BitqError(f"{what}: no session within {timeout_s:g} s")
+        raise BitqError(f"{what}: {waiting_for} within {timeout_s:g} s (--rpc-timeout)")
     if "error" in result:
         first_line = (str(result["error"]).strip().splitlines() or [type(result["error"]).__name__])[0]
         raise BitqError(f"{what}: {first_line}")
@@ -344,7 +351,7 @@ class RemoteModel:
 
     LIBRARY_NAME = "bitq_model.so"
 
-    def __init__(self, session, compiled) -> None:
+    def __init__(self, session, compiled, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
         from tvm import relax
 
         from bitq_tvm.targets.cross import export
@@ -352,18 +359,41 @@ class RemoteModel:
         self.session = session
         self.model = compiled.model
         self.target = compiled.target
+        self.call_timeout_s = call_timeout_s
+        self.vm = self.device = None
+        self._trailing_args = []
         with tempfile.TemporaryDirectory(prefix="bitq-remote-") as folder:
             library = Path(folder) / self.LIBRARY_NAME
             export(compiled.executable, library, compiled.target)
-            try:
-                session.upload(str(library), self.LIBRARY_NAME)
-                module = session.load_module(self.LIBRARY_NAME)
-            except Exception as err:  # noqa: BLE001 - TVM raises bare errors for device-side failures
-                raise BitqError(f"loading {self.LIBRARY_NAME} ({compiled.target.name}) on the remote device "
-                                f"failed: {(str(err).strip().splitlines() or ['?'])[0]}") from None
+            what = f"loading {self.LIBRARY_NAME} ({compiled.target.name}) on the remote device"
+            self._bounded(what, lambda: session.upload(str(library), self.LIBRARY_NAME), "upload")
+            module = self._bounded(what, lambda: session.load_module(self.LIBRARY_NAME), "load_module")
         self.device = session.cpu()
-        self.vm = relax.VirtualMachine(module, self.device)
+        self.vm = self._bounded(what, lambda: relax.VirtualMachine(module, self.device), "VM creation")
         self._trailing_args = self._weight_prelude(compiled)
+
+    def _bounded(self, what: str, function: Callable[[], Any], step: str) -> Any:
+        """``function()`` (one remote step) within ``call_timeout_s``, else BitqError.
+
+        A device that stops answering leaves the call blocked in TVM's C++ client; the session
+        is then abandoned (never used or released again: releasing it would wait on the blocked
+        call) and the step is reported.
+        """
+        if self.session is None:
+            raise BitqError(f"{what}: the RPC session is closed (an earlier step timed out)")
+        try:
+            return _within(self.call_timeout_s, what, function, waiting_for=f"{step} got no reply")
+        except BitqError as err:
+            if "got no reply" in str(err):
+                self._abandon()
+            raise
+        except Exception as err:  # noqa: BLE001 - TVM raises bare errors for device-side failures
+            raise BitqError(f"{what}: {step} failed: {(str(err).strip().splitlines() or ['?'])[0]}") from None
+
+    def _abandon(self) -> None:
+        _ABANDONED.append((self.session, self.vm, self.device, self._trailing_args))
+        self.vm = self.device = self.session = None
+        self._trailing_args = []
 
     @property
     def input_names(self) -> list[str]:
@@ -391,11 +421,13 @@ class RemoteModel:
         self.close()
 
     def _call(self, function: str, *args) -> list:
-        """Run a VM function through the stateful interface (the one that works over RPC)."""
-        self.vm.set_input(function, *args)
-        self.vm.invoke_stateful(function)
-        outputs = self.vm.get_outputs(function)
-        return _flatten(outputs)
+        """Run a VM function through the stateful interface (the one that works over RPC), bounded."""
+        def call():
+            self.vm.set_input(function, *args)
+            self.vm.invoke_stateful(function)
+            return _flatten(self.vm.get_outputs(function))
+
+        return self._bounded(f"running '{function}' on the remote device ({self.target.name})", call, "the run")
 
     def _weight_prelude(self, compiled) -> list:
         """Remote tensors an integer-deployed model's ``main`` takes after its inputs.
@@ -417,8 +449,12 @@ class RemoteModel:
         from bitq_tvm.api import CompiledModel
 
         # Same input checks as on the host; they only need ``model`` and ``input_names``.
-        arrays = [tvm.runtime.tensor(x, device=self.device) for x in CompiledModel.input_arrays(self, inputs)]
-        return [output.numpy() for output in self._call("main", *arrays, *self._trailing_args)]
+        host_arrays = CompiledModel.input_arrays(self, inputs)
+        what = f"running 'main' on the remote device ({self.target.name})"
+        arrays = self._bounded(what, lambda: [tvm.runtime.tensor(x, device=self.device) for x in host_arrays],
+                               "the input copy")
+        outputs = self._call("main", *arrays, *self._trailing_args)
+        return self._bounded(what, lambda: [output.numpy() for output in outputs], "the output copy")
 
     def run_batched(self, name: str, data: np.ndarray) -> np.ndarray:
         """Run a dataset through the model's pinned batch size; returns the first output stacked."""

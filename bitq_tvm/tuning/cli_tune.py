@@ -6,6 +6,7 @@ Wire into ``bitq_tvm/cli.py`` with ``add_tune_command(sub)`` inside ``build_pars
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import BitqError
@@ -30,24 +31,46 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-trials-per-task", type=int, default=4, help="floor of the per-task split (default 4)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="measure on devices of this TVM RPC tracker")
     p.add_argument("--key", help="device key registered with --tracker")
+    p.add_argument("--repair", action="store_true", help="drop broken lines of the work dir's database (and the "
+                   "records they invalidate) instead of refusing it")
     p.set_defaults(func=cmd_tune)
     return p
 
 
 def cmd_tune(args) -> int:
-    from ..cli import _print_table
-    from ..frontend.onnx_model import load_onnx, parse_input_shapes
-    from ..solver.candidates import LayerCandidates
     from ..targets.presets import get_target
-    from .latency import latency_table, measured_task_seconds
-    from .remote import parse_tracker, remote_builder_runner
-    from .session import TuningOptions, open_work_dir, tune
-    from .tasks import extract_tasks
+    from .session import open_work_dir, work_dir_lock
 
     if args.key and not args.tracker:
         raise BitqError("--key is only used with --tracker HOST:PORT")
     preset = get_target(args.target)
+    if not preset.is_native and not args.tracker and args.trials:
+        # every trial would fail to run on this host, after minutes of building
+        how = (f"start an emulated device with `bitq-tvm emulator serve --target {preset.name} --tracker HOST:PORT "
+               "--key K` and pass that tracker" if preset.emulator and preset.triple == "aarch64-linux-gnu"
+               else "register the board with a TVM RPC tracker")
+        raise BitqError(f"--target {preset.name}: its kernels cannot run on this host, so tuning needs a device: "
+                        f"give --tracker HOST:PORT --key K ({how})")
     open_work_dir(args.work_dir, preset)  # a wrong work dir fails before the slow steps
+    with work_dir_lock(args.work_dir, _say):  # and so does a second tuner on it
+        return _tune_command(args, preset)
+
+
+def _say(message: str) -> None:
+    print(f"[bitq-tvm tune] {message}", file=sys.stderr, flush=True)
+
+
+def _tune_command(args, preset) -> int:
+    from ..cli import _print_table
+    from ..frontend.onnx_model import load_onnx, parse_input_shapes
+    from ..solver.candidates import LayerCandidates
+    from .latency import latency_table, measured_task_seconds
+    from .remote import parse_tracker, remote_builder_runner
+    from .session import TuningOptions, repair_database, tune
+    from .tasks import extract_tasks
+
+    for message in repair_database(args.work_dir, drop_bad_lines=args.repair):  # a broken database fails now
+        _say(f"repaired {message}")
     model = load_onnx(args.model, parse_input_shapes(args.input_shape))
     candidates = LayerCandidates.from_specs(args.candidates, args.pin).resolve([l.name for l in model.layers])
     tasks = extract_tasks(model, candidates, preset, include_fp32=not args.no_fp32)
@@ -58,7 +81,7 @@ def cmd_tune(args) -> int:
         builder, runner = remote_builder_runner(parse_tracker(args.tracker, args.key), preset)
     options = TuningOptions(min_trials_per_task=args.min_trials_per_task)
     try:
-        summary = tune(tasks.all, preset, args.work_dir, args.trials, options, builder, runner)
+        summary = tune(tasks.all, preset, args.work_dir, args.trials, options, builder, runner, repair=args.repair)
     finally:
         if runner is not None:
             from .session import shutdown_workers
@@ -67,6 +90,9 @@ def cmd_tune(args) -> int:
     rows = [(r.name, f"{tasks.by_name()[r.name].macs:,}", r.trials, r.failed,
              "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}", r.source) for r in summary.results]
     _print_table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows, sys.stdout)
+    if summary.all_failed:
+        raise BitqError(f"all {summary.new_trials} trial(s) of this run failed to build or run on {preset.name}; "
+                        f"nothing was tuned (causes: {os.path.join(args.work_dir, 'logs', 'meta_schedule.log')})")
     if args.trials and (preset.is_native or preset.emulator is not None):
         seconds = measured_task_seconds(args.work_dir, tasks.bfp, preset, verified=True)
         rejected = sum(1 for r in summary.results if r.best_seconds is not None and r.name.startswith("bfp_")

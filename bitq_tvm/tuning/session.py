@@ -7,13 +7,22 @@ search space ran out (``bitq_exhausted.json``, so a resume does not search them 
 
 Resuming: MetaSchedule appends one JSON line per workload and per measured trial. A run killed
 while writing leaves at most a partial last line, which :func:`repair_database` truncates before
-MetaSchedule reads the files (it would otherwise fail to parse them). Records already present are
-kept and count towards each task's trial budget, so a resumed run only runs the remaining trials.
+MetaSchedule reads the files (it would otherwise fail to parse them); a broken line anywhere else
+is reported with its line number and only dropped on request (``tune --repair``). Records already
+present are kept and count towards each task's trial budget, so a resumed run only runs the
+remaining trials. Records reach the file once per MetaSchedule batch, so a task is measured in
+several batches: a kill loses the batch in flight, not the whole task.
+
+One tuner per work dir: :func:`work_dir_lock` holds an ``flock`` on ``bitq_tune.lock`` (which
+names the holder's pid); the kernel releases it when the holder dies, so a lock left by a killed
+run is stale by construction and taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -41,6 +50,7 @@ __all__ = [
     "split_trials",
     "open_work_dir",
     "repair_database",
+    "work_dir_lock",
     "open_database",
     "workload_key",
     "records_by_task",
@@ -55,6 +65,10 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 # Tasks whose search space ran out of unmeasured candidates, with their trial count then.
 EXHAUSTED_FILE = "bitq_exhausted.json"
+LOCK_FILE = "bitq_tune.lock"
+# A task is measured in at least this many MetaSchedule batches (when its budget allows), so that a
+# kill inside a task loses at most about 1/BATCHES_PER_TASK of its trials.
+BATCHES_PER_TASK = 4
 MANIFEST_VERSION = 1
 # MetaSchedule's run_secs for a candidate that failed to build or run.
 FAILED_RUN_SECS = 1e10
@@ -118,6 +132,16 @@ class TuningSummary:
     def total_trials(self) -> int:
         return sum(r.trials for r in self.results)
 
+    @property
+    def new_trials(self) -> int:
+        """Trials this run measured (the database held the others before)."""
+        return sum(r.trials - r.before for r in self.results)
+
+    @property
+    def all_failed(self) -> bool:
+        """True when trials ran and not one task has a working measured schedule."""
+        return self.new_trials > 0 and all(r.best_seconds is None for r in self.results)
+
 
 def split_trials(tasks: Sequence, total: int, min_per_task: int,
                  caps: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -171,10 +195,14 @@ def open_work_dir(work_dir: str, preset: TargetPreset, create: bool = True) -> d
         The work dir belongs to another target, bitq-tvm or TVM version, has database files but
         no manifest, or its manifest is unreadable.
     """
+    from ..outputs import check_output_dir
+
     path = os.path.join(work_dir, MANIFEST_FILE)
     if not create and not os.path.exists(path):
         raise BitqError(f"tuning database {work_dir}: no {MANIFEST_FILE} there (not a `bitq-tvm tune` work dir)")
-    os.makedirs(work_dir, exist_ok=True)
+    if create:
+        check_output_dir(work_dir, "--work-dir")
+        os.makedirs(work_dir, exist_ok=True)
     expected = _manifest(preset)
     if not os.path.exists(path):
         if any(os.path.exists(os.path.join(work_dir, f)) for f in (WORKLOAD_FILE, RECORD_FILE)):
@@ -219,28 +247,92 @@ def _truncate_partial_line(path: str) -> str | None:
     return f"{os.path.basename(path)}: removed a partial last line ({len(data) - keep} bytes)"
 
 
-def _drop_dangling_records(work_dir: str) -> str | None:
-    """Drop record lines naming a workload line that is not there (its line was the partial one)."""
-    with open(os.path.join(work_dir, WORKLOAD_FILE), "rb") as f:
-        workloads = f.read().count(b"\n")
-    path = os.path.join(work_dir, RECORD_FILE)
+def _bad_lines(path: str, is_record: bool) -> list[tuple[int, str]]:
+    """(1-based line number, reason) of the lines of a database file MetaSchedule cannot read."""
+    if not os.path.exists(path):
+        return []
+    bad = []
     with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)[0] < workloads]
-    if len(kept) == len(lines):
-        return None
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as err:  # UnicodeDecodeError too
+                bad.append((number, f"not valid JSON: {str(err).splitlines()[0]}"))
+                continue
+            if not isinstance(value, list) or (is_record and (not value or type(value[0]) is not int)):
+                bad.append((number, "not a " + ("[workload index, record] array" if is_record else "workload array")))
+    return bad
+
+
+def _rewrite_lines(path: str, lines: list[bytes]) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.writelines(kept)
+        f.writelines(lines)
     os.replace(tmp, path)
-    return f"{RECORD_FILE}: removed {len(lines) - len(kept)} record(s) of a lost workload line"
 
 
-def repair_database(work_dir: str) -> tuple[str, ...]:
-    """Make the JSON database readable after a kill; returns one message per repair made."""
+def _drop_lines(work_dir: str, bad_workloads: set[int], bad_records: set[int]) -> str | None:
+    """Drop broken lines (1-based numbers) and the records of dropped or missing workloads.
+
+    Workloads are referenced by their 0-based line index, so the records of the workloads after a
+    dropped one are renumbered.
+    """
+    workload_path, record_path = os.path.join(work_dir, WORKLOAD_FILE), os.path.join(work_dir, RECORD_FILE)
+    with open(workload_path, "rb") as f:
+        workloads = f.read().splitlines(keepends=True)
+    new_index, kept_workloads = {}, []
+    for index, line in enumerate(workloads):
+        if index + 1 not in bad_workloads and line.strip():
+            new_index[index] = len(kept_workloads)
+            kept_workloads.append(line)
+    with open(record_path, "rb") as f:
+        records = f.read().splitlines(keepends=True)
+    kept_records = []
+    for number, line in enumerate(records, 1):
+        if number in bad_records or not line.strip():
+            continue
+        value = json.loads(line)
+        if value[0] not in new_index:
+            continue
+        if new_index[value[0]] != value[0]:
+            line = (json.dumps([new_index[value[0]], *value[1:]]) + "\n").encode()
+        kept_records.append(line)
+    dropped_w, dropped_r = len(workloads) - len(kept_workloads), len(records) - len(kept_records)
+    if not dropped_w and not dropped_r:
+        return None
+    if dropped_w:
+        _rewrite_lines(workload_path, kept_workloads)
+    _rewrite_lines(record_path, kept_records)
+    parts = [f"{WORKLOAD_FILE}: removed {dropped_w} broken line(s)"] if dropped_w else []
+    bad_r = len(bad_records)
+    if bad_r:
+        parts.append(f"{RECORD_FILE}: removed {bad_r} broken line(s)")
+    if dropped_r - bad_r:
+        parts.append(f"{RECORD_FILE}: removed {dropped_r - bad_r} record(s) of a lost workload line")
+    return "; ".join(parts)
+
+
+def repair_database(work_dir: str, drop_bad_lines: bool = False) -> tuple[str, ...]:
+    """Make the JSON database readable after a kill; returns one message per repair made.
+
+    A partial last line (a kill mid-append) is always removed, with the records of a workload
+    line lost that way. A broken line elsewhere is not what a kill leaves: it is a
+    :class:`BitqError` naming the file and line, unless ``drop_bad_lines`` (``tune --repair``).
+    """
     repairs = [_truncate_partial_line(os.path.join(work_dir, name)) for name in (WORKLOAD_FILE, RECORD_FILE)]
-    if all(os.path.exists(os.path.join(work_dir, name)) for name in (WORKLOAD_FILE, RECORD_FILE)):
-        repairs.append(_drop_dangling_records(work_dir))
+    paths = {name: os.path.join(work_dir, name) for name in (WORKLOAD_FILE, RECORD_FILE)}
+    bad = {name: _bad_lines(path, name == RECORD_FILE) for name, path in paths.items()}
+    if not drop_bad_lines:
+        for name, lines in bad.items():
+            if lines:
+                number, reason = lines[0]
+                more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+                raise BitqError(f"tuning database {work_dir}: {name} line {number} is broken ({reason}){more}; "
+                                "`bitq-tvm tune ... --repair` drops broken lines and the records they invalidate")
+    if all(os.path.exists(path) for path in paths.values()):
+        repairs.append(_drop_lines(work_dir, {n for n, _ in bad[WORKLOAD_FILE]}, {n for n, _ in bad[RECORD_FILE]}))
     return tuple(r for r in repairs if r)
 
 
@@ -250,6 +342,60 @@ def open_database(work_dir: str):
 
     repair_database(work_dir)
     return ms.database.JSONDatabase(work_dir=work_dir, module_equality="structural")
+
+
+# Work dirs whose lock this process holds: realpath -> [fd, depth] (the lock is re-entrant here).
+_held_locks: dict[str, list[int]] = {}
+
+
+def _lock_holder(fd: int) -> int | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: str, progress: Callable[[str], None] | None = None):
+    """Hold the tuning lock of ``work_dir`` (one tuner per work dir); re-entrant within a process.
+
+    Raises
+    ------
+    BitqError
+        Another live process holds it (the message names its pid).
+    """
+    key = os.path.realpath(work_dir)
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    path = os.path.join(work_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise BitqError(f"--work-dir {work_dir}: cannot create {LOCK_FILE} ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise BitqError(f"--work-dir {work_dir}: another `bitq-tvm tune` (pid {holder or '?'}) is tuning it; "
+                        "wait for it to finish or use another work dir") from None
+    stale = _lock_holder(fd)
+    if stale is not None and progress:
+        progress(f"{LOCK_FILE}: the previous tuner (pid {stale}) ended without releasing it; taking over")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        os.ftruncate(fd, 0)  # the file stays: deleting it would let two tuners lock different files
+        os.close(fd)
 
 
 def _task_mod(task) -> tvm.IRModule:
@@ -322,7 +468,7 @@ def _tune_context(task, target, options: TuningOptions, logger):
 
 def tune(tasks: Sequence[BfpTask | Fp32Task], preset: TargetPreset, work_dir: str, trials: int,
          options: TuningOptions = TuningOptions(), builder=None, runner=None,
-         progress: Callable[[str], None] | None = _progress) -> TuningSummary:
+         progress: Callable[[str], None] | None = _progress, repair: bool = False) -> TuningSummary:
     """Tune ``tasks`` for ``preset`` with ``trials`` trials in total, resuming ``work_dir``.
 
     Parameters
@@ -333,18 +479,30 @@ def tune(tasks: Sequence[BfpTask | Fp32Task], preset: TargetPreset, work_dir: st
         Zero runs nothing: every task keeps its default (hand) schedule.
     builder, runner : MetaSchedule Builder / Runner, optional
         Local ones by default; :mod:`bitq_tvm.tuning.remote` makes RPC ones.
+    repair : bool
+        Drop broken database lines (see :func:`repair_database`) instead of refusing.
 
     Returns
     -------
     TuningSummary
-    """
-    from tvm.s_tir import meta_schedule as ms
 
+    Raises
+    ------
+    BitqError
+        Another tuner holds the work dir (:func:`work_dir_lock`), or its database is broken.
+    """
     say = progress or (lambda message: None)
     if not tasks:
         raise BitqError("nothing to tune: the model has no tasks for these candidates")
     open_work_dir(work_dir, preset)
-    repairs = repair_database(work_dir)
+    with work_dir_lock(work_dir, say):
+        return _tune_locked(tasks, preset, work_dir, trials, options, builder, runner, say, repair)
+
+
+def _tune_locked(tasks, preset, work_dir, trials, options, builder, runner, say, repair) -> TuningSummary:
+    from tvm.s_tir import meta_schedule as ms
+
+    repairs = repair_database(work_dir, drop_bad_lines=repair)
     for message in repairs:
         say(f"repaired {message}")
     caps = {t.name: len(space_configs(t)) for t in tasks if isinstance(t, BfpTask)}
@@ -390,6 +548,11 @@ def shutdown_workers(runner) -> None:
         pool.shutdown(wait=True)
 
 
+def _batch_size(remaining: int, options: TuningOptions) -> int:
+    """Trials per MetaSchedule batch: records are written per batch, so a task gets several."""
+    return max(1, min(options.trials_per_iteration, remaining, max(2, math.ceil(remaining / BATCHES_PER_TASK))))
+
+
 def _tune_each(tasks, budget, before, target, options, builder, runner, database, work_dir, say) -> list[TaskResult]:
     from tvm.s_tir import meta_schedule as ms
 
@@ -411,7 +574,7 @@ def _tune_each(tasks, budget, before, target, options, builder, runner, database
             logger = logging.getLogger(f"tvm.s_tir.meta_schedule.bitq.{task.name}")
             ms.tune_tasks(tasks=[_tune_context(task, target, options, logger)], task_weights=[1.0],
                           work_dir=work_dir, max_trials_global=remaining, max_trials_per_task=remaining,
-                          num_trials_per_iter=min(options.trials_per_iteration, remaining), builder=builder,
+                          num_trials_per_iter=_batch_size(remaining, options), builder=builder,
                           runner=runner, database=database, cost_model=ms.cost_model.XGBModel(num_tuning_cores=1),
                           task_scheduler="round-robin")
         records = records_by_task(database, [task])[task.name]

@@ -156,3 +156,109 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("bitq-tvm: error:")]
     assert len(error_lines) == 1 and expect in error_lines[0], result.stderr
     assert not out.exists()
+
+
+def _matmul_3d_weight_model(path):
+    """A MatMul whose constant weight is 3-D: no layer BFP can quantize."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 8, 4), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm3d")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])], initializer=[weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("case", ["shape_too_big", "shape_overflows_int64", "matmul_3d_compile", "matmul_3d_eval",
+                                  "binary_plan", "plan_version_true", "empty_format", "empty_plan", "string_calib",
+                                  "compile_missing_dir", "compile_into_a_file", "plan_missing_dir", "zoo_missing_dir",
+                                  "zoo_data_missing_dir"])
+def test_more_user_errors_are_one_line_exit_2_before_the_work(tmp_path, case):
+    out = tmp_path / "out.so"
+    args = ["compile", BUNDLED, "--format", "bfp8_b32", "-o", str(out)]
+    written = out
+    if case == "shape_too_big":
+        args = ["inspect", BUNDLED, "--input-shape", "input:99999999999999999999,1,8,8"]
+        expect = "--input-shape 'input:99999999999999999999,1,8,8': 6,399,999,999,999,999,999,936 elements; at most"
+    elif case == "shape_overflows_int64":  # MACs = 2**50 * 16 * 64 * 9 > 2**63
+        args = ["inspect", BUNDLED, "--input-shape", "input:1125899906842624,1,8,8"]
+        expect = "elements; at most 2,147,483,647 per input"
+    elif case.startswith("matmul_3d"):
+        model = tmp_path / "mm3d.onnx"
+        _matmul_3d_weight_model(model)
+        args[1] = str(model)
+        if case == "matmul_3d_eval":
+            np.savez(tmp_path / "d.npz", x=np.ones((4, 3, 8), np.float32))
+            args = ["eval", str(model), "--data", str(tmp_path / "d.npz"), "--format", "bfp8_b32"]
+        expect = "mm3d.onnx: no layer BFP can quantize; skipped: MatMul 'mm3d'"
+    elif case == "binary_plan":
+        (tmp_path / "plan.json").write_bytes(b"\xff\xfe\x00\x01 binary")
+        args[2:4], expect = ["--plan", str(tmp_path / "plan.json")], "plan.json: not a plan file (not UTF-8 text)"
+    elif case == "plan_version_true":
+        (tmp_path / "plan.json").write_text('{"bitq_plan_version": true, "default": "bfp8_b32"}')
+        args[2:4], expect = ["--plan", str(tmp_path / "plan.json")], "unsupported plan version True"
+    elif case == "empty_format":
+        args[3], expect = "", "--format '': empty"
+    elif case == "empty_plan":
+        args[2:4], expect = ["--plan", ""], ": no such plan file"
+    elif case == "string_calib":
+        np.savez(tmp_path / "c.npz", x=np.full((8, 1, 8, 8), "a"))
+        args = ["plan", BUNDLED, "--calib", str(tmp_path / "c.npz"), "--budget", "1%", "-o", str(tmp_path / "p.json")]
+        expect, written = "c.npz: array for input 'input' has dtype <U1; calibration data must be numeric", \
+            tmp_path / "p.json"
+    elif case == "compile_missing_dir":
+        written = tmp_path / "nope" / "m.so"
+        args[5], expect = str(written), f"-o {written}: directory {tmp_path / 'nope'} does not exist"
+    elif case == "compile_into_a_file":
+        (tmp_path / "file").write_text("")
+        written = tmp_path / "file" / "m.so"
+        args[5], expect = str(written), "does not exist"
+    elif case == "plan_missing_dir":
+        written = tmp_path / "nope" / "p.json"
+        args = ["plan", BUNDLED, "--calib", str(zoo._bundled_file("digits_test.npz")), "--budget", "1%",
+                "-o", str(written)]
+        expect = "does not exist"
+    elif case == "zoo_missing_dir":
+        written = tmp_path / "nope" / "r.onnx"
+        args, expect = ["zoo", "resnet18", "-o", str(written)], "does not exist"
+    elif case == "zoo_data_missing_dir":
+        written = tmp_path / "r.onnx"
+        args = ["zoo", "resnet18", "-o", str(written), "--data", str(tmp_path / "nope" / "d.npz")]
+        expect = "--data"
+    result = subprocess.run([sys.executable, "-m", "bitq_tvm.cli", *args], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("bitq-tvm: error:")]
+    assert len(error_lines) == 1 and expect in error_lines[0], result.stderr
+    assert not written.exists()
+    assert "[bitq-tvm] compiling" not in result.stderr  # refused before the work
+
+
+@pytest.mark.parametrize("command", ["compile", "plan", "tune", "zoo"])
+def test_read_only_output_folders_are_refused_before_the_work(tmp_path, monkeypatch, capsys, command):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits: make the folder refuse new files as a read-only mount does
+        import tempfile
+
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and os.path.realpath(dir) == os.path.realpath(read_only):
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr("bitq_tvm.outputs.tempfile.mkstemp", mkstemp)
+    target = read_only / "out"
+    argv = {"compile": ["compile", BUNDLED, "--format", "bfp8_b32", "-o", str(target)],
+            "plan": ["plan", BUNDLED, "--calib", str(zoo._bundled_file("digits_test.npz")), "--budget", "1%",
+                     "-o", str(target)],
+            "tune": ["tune", BUNDLED, "--trials", "4", "--work-dir", str(target)],
+            "zoo": ["zoo", "resnet18", "-o", str(target)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    option = "--work-dir" if command == "tune" else "-o"
+    assert f"bitq-tvm: error: {option} {target}: cannot write in {read_only} (Permission denied)" in err
+    assert "[bitq-tvm] compiling" not in err and not target.exists()

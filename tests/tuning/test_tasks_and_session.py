@@ -152,3 +152,98 @@ def test_cli_tune_zero_trials_and_wrong_work_dir(tmp_path, capsys):
     with pytest.raises(BitqError, match="records are never mixed"):
         args.func(args)
     shutil.rmtree(work)
+
+
+def _run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "bitq_tvm.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(result, expect):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("bitq-tvm: error:")]
+    assert len(lines) == 1 and expect in lines[0], result.stderr
+
+
+def test_a_second_tuner_on_a_work_dir_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from bitq_tvm.tuning.session import LOCK_FILE, work_dir_lock
+
+    work = str(tmp_path / "db")
+    open_work_dir(work, host_preset())
+    with work_dir_lock(work):  # this process is the running tuner
+        with work_dir_lock(work):  # re-entrant for the same process (cmd_tune, then tune())
+            pass
+        result = _run_cli("tune", str(bundled_model_path()), "--trials", "4", "--work-dir", work)
+        _one_error_line(result, f"--work-dir {work}: another `bitq-tvm tune` (pid {os.getpid()}) is tuning it")
+    # a tuner killed while holding the lock leaves its pid behind; the kernel released the lock
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "db" / LOCK_FILE).write_text(dead.stdout)
+    result = _run_cli("tune", str(bundled_model_path()), "--trials", "0", "--work-dir", work,
+                      "--candidates", "w=8;a=8;b=32", "--no-fp32")
+    assert result.returncode == 0, result.stderr
+    assert f"previous tuner (pid {dead.stdout.strip()}) ended without releasing it" in result.stderr
+
+
+def test_a_broken_middle_line_is_reported_with_its_number_and_dropped_on_request(tmp_path):
+    work = tmp_path / "db"
+    work.mkdir()
+    (work / WORKLOAD_FILE).write_text('["1","AAA"]\n["2","BBB"]\n["3","CCC"]\n')
+    (work / RECORD_FILE).write_text('[0,[1]]\n[1,[2]]\n{"oops\n[2,[3]]\n[2,[4]]\n')
+    with pytest.raises(BitqError, match=r"database_tuning_record.json line 3 is broken \(not valid JSON.*--repair"):
+        repair_database(str(work))
+    assert (work / RECORD_FILE).read_text().count("\n") == 5  # nothing touched without --repair
+    repairs = repair_database(str(work), drop_bad_lines=True)
+    assert repairs == ("database_tuning_record.json: removed 1 broken line(s)",)
+    assert (work / RECORD_FILE).read_text() == '[0,[1]]\n[1,[2]]\n[2,[3]]\n[2,[4]]\n'
+    # a broken workload line: its records go, later workloads' records are renumbered
+    (work / WORKLOAD_FILE).write_text('["1","AAA"]\nnot json\n["3","CCC"]\n')
+    with pytest.raises(BitqError, match=r"database_workload.json line 2 is broken"):
+        repair_database(str(work))
+    repair_database(str(work), drop_bad_lines=True)
+    assert (work / WORKLOAD_FILE).read_text() == '["1","AAA"]\n["3","CCC"]\n'
+    assert [json.loads(line) for line in (work / RECORD_FILE).read_text().splitlines()] == [[0, [1]], [1, [3]],
+                                                                                            [1, [4]]]
+
+
+def test_cli_tune_reports_a_broken_database_line_before_the_work(tmp_path):
+    work = tmp_path / "db"
+    open_work_dir(str(work), host_preset())
+    (work / WORKLOAD_FILE).write_text('["1","AAA"]\n')
+    (work / RECORD_FILE).write_text('[0,[1]]\n[0,\x00garbage\n[0,[2]]\n')
+    result = _run_cli("tune", str(bundled_model_path()), "--trials", "4", "--work-dir", str(work))
+    _one_error_line(result, "database_tuning_record.json line 2 is broken")
+    assert "--repair" in result.stderr and "BFP GEMM task" not in result.stderr  # before task extraction
+
+
+def test_cli_tune_for_a_cross_target_without_a_device_is_refused_up_front(tmp_path):
+    result = _run_cli("tune", str(bundled_model_path()), "--trials", "8", "--target", "cortex-a76",
+                      "--work-dir", str(tmp_path / "db"))
+    _one_error_line(result, "--target cortex-a76: its kernels cannot run on this host, so tuning needs a device: "
+                            "give --tracker HOST:PORT --key K")
+    assert not (tmp_path / "db").exists()
+
+
+def test_a_run_whose_every_trial_failed_is_an_error(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from bitq_tvm.tuning import cli_tune, session
+    from bitq_tvm.tuning.session import TaskResult, TuningSummary
+
+    def all_failed(tasks, preset, work_dir, trials, *args, **kwargs):
+        return TuningSummary(work_dir, preset.name, tuple(TaskResult(t.name, 4, 0, 4, 4, None, 1.0) for t in tasks))
+
+    monkeypatch.setattr(session, "tune", all_failed)
+    parser = argparse.ArgumentParser()
+    cli_tune.add_tune_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tune", str(bundled_model_path()), "--trials", "4", "--work-dir", str(tmp_path / "db"),
+                              "--candidates", "w=8;a=8;b=32", "--no-fp32"])
+    with pytest.raises(BitqError, match=r"all 16 trial\(s\) of this run failed to build or run on host; nothing was "
+                                        r"tuned \(causes: .*meta_schedule.log\)"):
+        args.func(args)
+    assert "| bfp_matmul_" in capsys.readouterr().out  # the table still shows what failed

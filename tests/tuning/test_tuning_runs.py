@@ -1,7 +1,12 @@
 """Real (tiny) tuning runs: kill + resume, verification of tuned kernels, the latency table.
 
 One module-scoped work dir is tuned once (4 trials of a 16x32x64 BFP8 GEMM) by a subprocess that
-is SIGKILLed after its first records land, then resumed here; the other tests read it.
+is SIGKILLed after its first records land, then resumed here; the other tests read it. The
+subprocess uses the default batch option: a task is measured in several batches (records land per
+batch), so the kill falls inside the task and its first batch survives.
+
+No wall-clock expectation: the wait for the first record is bounded only by KILL_DEADLINE_S, a
+bound against a hang far above any loaded machine's duration, not a speed requirement.
 """
 
 import os
@@ -35,7 +40,7 @@ FMT8 = BFPFormat(8, 32)
 TASK = BfpTask(16, 32, 64, FMT8, FMT8, "vnni")
 TRIALS = 4
 OPTIONS = TuningOptions(min_trials_per_task=TRIALS, trials_per_iteration=2, population_size=16)
-KILL_DEADLINE_S = 120
+KILL_DEADLINE_S = 1800
 
 _TUNE_SCRIPT = textwrap.dedent("""
     import sys
@@ -45,7 +50,7 @@ _TUNE_SCRIPT = textwrap.dedent("""
     from bitq_tvm.tuning.tasks import BfpTask
     fmt = BFPFormat(8, 32)
     tune([BfpTask(16, 32, 64, fmt, fmt, "vnni")], host_preset(), sys.argv[1], {trials},
-         TuningOptions(min_trials_per_task={trials}, trials_per_iteration=2, population_size=16))
+         TuningOptions(min_trials_per_task={trials}, population_size=16))
 """).format(trials=TRIALS)
 
 
@@ -67,8 +72,8 @@ def tuned(tmp_path_factory):
         deadline = time.monotonic() + KILL_DEADLINE_S
         while not (os.path.exists(records) and _lines(records)):
             assert proc.poll() is None, "the tuning subprocess ended before writing a record"
-            assert time.monotonic() < deadline, "no tuning record within the deadline"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline, f"no tuning record within {KILL_DEADLINE_S} s: hung?"
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
