@@ -14,9 +14,11 @@ from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
 from bitq_tvm.targets import get_target, host_preset
 from bitq_tvm.tuning.session import (MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, open_work_dir, repair_database,
                                      split_trials, tune)
-from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, extract_tasks, layer_gemm, space_configs
+from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, extract_tasks, kernel_variant, layer_gemm, space_configs
 
 FMT8 = BFPFormat(8, 32)
+# The kernel variant deployment and tuning use on this host (vnni or avx2, by its CPU).
+HOST_VARIANT = kernel_variant(host_preset())
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def test_digits_tasks_have_expected_shapes_and_names(digits):
     # conv1 (1 -> 16 channels, 3x3, 8x8 output): K = 9 offsets x 1 channel padded to a 32-block
     # conv2 (16 -> 32): 9 x 16 -> 9 x 32; fc1 512 -> 64; fc2 64 -> 10
     shapes = {"conv1": "m64_n16_k288", "conv2": "m64_n32_k288", "fc1": "m1_n64_k512", "fc2": "m1_n10_k64"}
-    expected = sorted(f"bfp_matmul_{shape}_a8b32_w{w}b32_vnni" for shape in shapes.values() for w in (4, 8))
+    expected = sorted(f"bfp_matmul_{shape}_a8b32_w{w}b32_{HOST_VARIANT}" for shape in shapes.values() for w in (4, 8))
     assert [t.name for t in tasks.bfp] == expected
     users = {u for t in tasks.bfp for u in t.users}
     assert users == {(layer, f"w{w}a8_b32") for layer in shapes for w in (4, 8)}
@@ -65,9 +67,9 @@ def test_avx2_target_names_avx2_variant(digits):
 
 
 def test_split_trials_by_mac_share_with_minimum():
-    big = BfpTask(256, 256, 1024, FMT8, FMT8, "vnni")
-    mid = BfpTask(64, 256, 1024, FMT8, FMT8, "vnni")
-    small = BfpTask(1, 16, 64, FMT8, FMT8, "vnni")
+    big = BfpTask(256, 256, 1024, FMT8, FMT8, HOST_VARIANT)
+    mid = BfpTask(64, 256, 1024, FMT8, FMT8, HOST_VARIANT)
+    small = BfpTask(1, 16, 64, FMT8, FMT8, HOST_VARIANT)
     budget = split_trials([big, mid, small], 100, 4)
     assert sum(budget.values()) == 100
     assert budget[small.name] == 4  # the floor
@@ -82,7 +84,7 @@ def test_split_trials_by_mac_share_with_minimum():
 
 
 def test_space_configs_divide_the_shape():
-    task = BfpTask(6, 48, 64, FMT8, FMT8, "vnni")
+    task = BfpTask(6, 48, 64, FMT8, FMT8, HOST_VARIANT)
     configs = space_configs(task)
     assert configs and all(6 % rows == 0 and 3 % groups == 0 and rows * groups <= 8 for rows, groups, _ in configs)
     assert {order for _, _, order in configs} == {"columns_outer", "rows_outer"}
@@ -110,7 +112,7 @@ def test_work_dir_from_another_target_or_version_is_refused(tmp_path):
 
 
 def test_zero_trials_uses_defaults_and_says_so(tmp_path, capsys):
-    task = BfpTask(16, 32, 64, FMT8, FMT8, "vnni")
+    task = BfpTask(16, 32, 64, FMT8, FMT8, HOST_VARIANT)
     summary = tune([task], host_preset(), str(tmp_path / "db"), 0)
     assert [r.source for r in summary.results] == ["default"]
     assert summary.total_trials == 0
@@ -146,7 +148,7 @@ def test_cli_tune_zero_trials_and_wrong_work_dir(tmp_path, capsys):
                               "--candidates", "w=8;a=8;b=32", "--no-fp32"])
     assert args.func(args) == 0
     out = capsys.readouterr()
-    assert "bfp_matmul_m64_n32_k288_a8b32_w8b32_vnni" in out.out and "default" in out.out
+    assert f"bfp_matmul_m64_n32_k288_a8b32_w8b32_{HOST_VARIANT}" in out.out and "default" in out.out
     args = parser.parse_args(["tune", str(bundled_model_path()), "--trials", "0", "--work-dir", work,
                               "--target", "avx2"])
     with pytest.raises(BitqError, match="records are never mixed"):
