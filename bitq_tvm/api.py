@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from .errors import BitqError
-from .frontend.onnx_model import OnnxModel, load_onnx  # noqa: F401 - re-exported
+from .frontend.onnx_model import OnnxModel, cast_input, input_dtypes, load_onnx  # noqa: F401 - re-exported
 from .passes import AnnotateBFPLayers, InsertBFPSimulation
 from .plan import LayerFormats, Plan
 from .schedules.cpu import cpu_pipeline
@@ -189,29 +189,6 @@ class CompiledModel:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-
-
-def input_dtypes(model: OnnxModel) -> dict[str, np.dtype]:
-    """Each model input's declared ONNX element type as a NumPy dtype (int64 for token ids, ...)."""
-    from onnx import helper
-
-    declared = {i.name: i.type.tensor_type.elem_type for i in model.proto.graph.input}
-    dtypes = {}
-    for name in model.input_shapes:
-        try:
-            dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(declared[name]))
-        except (KeyError, TypeError, ValueError):
-            raise BitqError(f"{model.path}: input '{name}' has no NumPy element type "
-                            f"(ONNX type {declared.get(name)})") from None
-    return dtypes
-
-
-def cast_input(name: str, x, dtype: np.dtype) -> np.ndarray:
-    """``x`` as a contiguous ``dtype`` array; non-integer data for an integer/bool input is an error."""
-    x = np.asarray(x)
-    if x.dtype.kind not in "biuf" or (dtype.kind in "biu" and x.dtype.kind not in "biu"):
-        raise BitqError(f"input '{name}' takes {dtype} values, got {x.dtype} data")
-    return np.ascontiguousarray(x, dtype=dtype)
 
 
 def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",

@@ -116,6 +116,27 @@ class OnnxModel:
 MAX_INPUT_ELEMENTS = 2**31 - 1
 
 
+def input_dtypes(model: "OnnxModel") -> dict[str, np.dtype]:
+    """Each model input's declared ONNX element type as a NumPy dtype (int64 for token ids, ...)."""
+    declared = {i.name: i.type.tensor_type.elem_type for i in model.proto.graph.input}
+    dtypes = {}
+    for name in model.input_shapes:
+        try:
+            dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(declared[name]))
+        except (KeyError, TypeError, ValueError):
+            raise BitqError(f"{model.path}: input '{name}' has no NumPy element type "
+                            f"(ONNX type {declared.get(name)})") from None
+    return dtypes
+
+
+def cast_input(name: str, x, dtype: np.dtype) -> np.ndarray:
+    """``x`` as a contiguous ``dtype`` array; non-integer data for an integer/bool input is an error."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf" or (dtype.kind in "biu" and x.dtype.kind not in "biu"):
+        raise BitqError(f"input '{name}' takes {dtype} values, got {x.dtype} data")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
 def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
     """Parse ``name:1,3,224,224`` (or ``1,3,224,224`` for a single-input model) options.
 

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 
 from ..errors import BitqError
 from ..formats import BFPFormat, fake_quantize_np
-from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel
+from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
 from ..frontend.reference import act_block_axis, weight_block_axis
 from .candidates import Candidate
 
@@ -66,7 +66,9 @@ class Calibration:
             if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
                 raise BitqError(f"{self.source}: array for input '{name}' has dtype {dtype}; calibration data must "
                                 "be numeric (the model takes float32)")
-        inputs = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in dict(self.inputs).items()}
+        # Float data runs as float32; integer inputs (token ids) keep their integer type.
+        inputs = {name: np.ascontiguousarray(x, dtype=np.float32 if np.asarray(x).dtype.kind == "f" else None)
+                  for name, x in dict(self.inputs).items()}
         if not inputs:
             raise BitqError(f"{self.source}: no input arrays")
         counts = {name: len(x) for name, x in inputs.items()}
@@ -131,7 +133,7 @@ def load_calibration(path, model: OnnxModel, key: str | None = None, labels_key:
     names = list(model.input_shapes)
     if key is not None and key not in data:
         raise BitqError(f"{path}: no array named '{key}' (arrays: {sorted(data)})")
-    inputs = {}
+    inputs, dtypes = {}, input_dtypes(model)
     for name in names:
         fallbacks = [key] if key is not None else [name, "calib", "x"]
         if len(names) > 1:
@@ -139,7 +141,10 @@ def load_calibration(path, model: OnnxModel, key: str | None = None, labels_key:
         found = next((k for k in fallbacks if k in data), None)
         if found is None:
             raise BitqError(f"{path}: no array for model input '{name}' (tried {fallbacks}; arrays: {sorted(data)})")
-        inputs[name] = data[found]
+        try:
+            inputs[name] = cast_input(name, data[found], dtypes[name])
+        except BitqError as err:
+            raise BitqError(f"{path}: array '{found}': {err}") from None
     labels = None
     if labels_key is not None:
         if labels_key not in data:

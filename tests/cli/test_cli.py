@@ -204,7 +204,7 @@ def test_more_user_errors_are_one_line_exit_2_before_the_work(tmp_path, case):
     elif case == "string_calib":
         np.savez(tmp_path / "c.npz", x=np.full((8, 1, 8, 8), "a"))
         args = ["plan", BUNDLED, "--calib", str(tmp_path / "c.npz"), "--budget", "1%", "-o", str(tmp_path / "p.json")]
-        expect, written = "c.npz: array for input 'input' has dtype <U1; calibration data must be numeric", \
+        expect, written = "c.npz: array 'x': input 'input' takes float32 values, got <U1 data", \
             tmp_path / "p.json"
     elif case == "compile_missing_dir":
         written = tmp_path / "nope" / "m.so"

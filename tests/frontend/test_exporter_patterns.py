@@ -225,3 +225,18 @@ def test_op_the_importer_lacks_is_named_before_any_work(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"bitq-tvm: error: {path}: node 'my_fancy' is an ONNX FancyOp "
                                                "(domain 'acme'), which TVM's ONNX importer cannot convert")
     assert not (tmp_path / "fancy.so").exists()
+
+
+def test_plan_calibrates_a_model_with_int64_token_inputs(tmp_path):
+    """Calibration feeds token ids as the int64 the model declares (not as float32)."""
+    path, calib, out = tmp_path / "tokens.onnx", tmp_path / "tokens.npz", tmp_path / "plan.json"
+    path.write_bytes(token_transformer().SerializeToString())
+    rng = np.random.default_rng(0)
+    np.savez(calib, input_ids=rng.integers(0, 50, (8, 8)), token_type_ids=rng.integers(0, 2, (8, 8)))
+    assert main(["plan", str(path), "--input-shape", "input_ids:4,8", "--input-shape", "token_type_ids:4,8",
+                 "--calib", str(calib), "--budget", "1%", "-o", str(out)]) == 0
+    plan = Plan.load(str(out))
+    assert set(plan.layers) == {f"/attn/{n}/MatMul" for n in ("q", "k", "v", "out")}
+    np.savez(calib, input_ids=rng.standard_normal((8, 8)), token_type_ids=rng.integers(0, 2, (8, 8)))
+    assert main(["plan", str(path), "--input-shape", "input_ids:4,8", "--input-shape", "token_type_ids:4,8",
+                 "--calib", str(calib), "--budget", "1%", "-o", str(out) + ".2"]) == 2
