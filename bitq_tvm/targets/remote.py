@@ -401,7 +401,7 @@ class _Worker:
         _LIVE_WORKERS.add(self)
         os.set_blocking(self.process.stdin.fileno(), False)
         self._buffer = b""
-        self.request(None, start_timeout_s, "starting the RPC worker process", "the start")
+        self.request(None, start_timeout_s, "starting the RPC worker process", "the start", option="")
 
     @property
     def alive(self) -> bool:
@@ -414,8 +414,11 @@ class _Worker:
             return ""
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
-    def request(self, message, timeout_s: float, what: str, step: str) -> Any:
-        """Send ``message`` (None: only read) and return the reply's value within ``timeout_s``."""
+    def request(self, message, timeout_s: float, what: str, step: str, option: str = "--rpc-timeout") -> Any:
+        """Send ``message`` (None: only read) and return the reply's value within ``timeout_s``.
+
+        ``option``: the setting that bounds the step, named in the timeout's message.
+        """
         from bitq_tvm.targets.rpc_worker import encode
 
         if self.process is None:
@@ -427,7 +430,8 @@ class _Worker:
             reply = self._receive(deadline)
         except TimeoutError:
             self.kill()
-            raise BitqError(f"{what}: {step} got no reply within {timeout_s:g} s (--rpc-timeout)") from None
+            bound = f" ({option})" if option else ""
+            raise BitqError(f"{what}: {step} got no reply within {timeout_s:g} s{bound}") from None
         except (EOFError, OSError):
             status = self.process.poll()
             tail = self.log_tail()
@@ -482,7 +486,7 @@ class _Worker:
         if self.process is None:
             return
         try:
-            self.request(("close",), grace_s, "closing the RPC session", "the close")
+            self.request(("close",), grace_s, "closing the RPC session", "the close", option="")
             self.process.wait(grace_s)
         except (BitqError, subprocess.TimeoutExpired):
             pass
