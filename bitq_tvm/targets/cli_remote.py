@@ -36,10 +36,11 @@ def add_remote_args(parser: argparse.ArgumentParser) -> None:
 def remote_runner(args: argparse.Namespace, compiled):
     """A :class:`~bitq_tvm.targets.remote.RemoteModel` of ``compiled`` when ``--rpc``/``--tracker`` is given, else None.
 
-    The model is exported for its target (cross compiled), uploaded and loaded; the result has
-    ``run``/``run_batched`` like the compiled model itself.
+    The model is exported for its target (cross compiled), uploaded and loaded by a worker
+    process that holds the RPC session; the result has ``run``/``run_batched`` like the compiled
+    model itself, and every remote step is bounded by ``--rpc-timeout``.
     """
-    from bitq_tvm.targets.remote import RemoteModel, connect
+    from bitq_tvm.targets.remote import RemoteModel, RpcDevice
 
     if not getattr(args, "rpc", None) and not getattr(args, "tracker", None):
         if getattr(args, "key", None):
@@ -47,8 +48,10 @@ def remote_runner(args: argparse.Namespace, compiled):
         return None
     if args.rpc_timeout <= 0:
         raise BitqError(f"--rpc-timeout {args.rpc_timeout:g}: must be > 0 seconds")
-    session = connect(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout_s=args.rpc_timeout)
-    return RemoteModel(session, compiled, call_timeout_s=args.rpc_timeout)
+    if args.rpc and args.tracker:
+        raise BitqError("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT")
+    device = RpcDevice(rpc=args.rpc, tracker=args.tracker, key=args.key)
+    return RemoteModel(device, compiled, call_timeout_s=args.rpc_timeout, connect_timeout_s=args.rpc_timeout)
 
 
 def add_emulator_command(subparsers) -> None:

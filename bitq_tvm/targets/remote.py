@@ -4,17 +4,22 @@ The device side is TVM's own ``python -m tvm.exec.rpc_server``: on a real board,
 host, natively or under ``qemu-aarch64`` with the rootfs of :mod:`bitq_tvm.targets.rootfs`::
 
     with start_rpc_server(get_target("cortex-a76")) as server:
-        session = connect(rpc=server.address)
-        logits = RemoteModel(session, compiled).run_batched("input", x)
+        with RemoteModel(server.address, compiled) as remote:
+            logits = remote.run_batched("input", x)
 
 Every network step is bounded: an unreachable server or tracker is a :class:`BitqError` within
 the timeout, never a hang (TVM's own clients retry a refused connection for a minute), and so is
 a device that freezes mid-session (upload, ``load_module`` and each run have a deadline).
+:class:`RemoteModel` keeps its RPC client in a worker process for that: a TVM client call
+blocked on a frozen device holds the GIL, so only a process the caller can kill is bounded.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import select
+import shutil
 import signal
 import socket
 import struct
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +38,7 @@ import numpy as np
 from bitq_tvm.errors import BitqError
 from bitq_tvm.targets.presets import TargetPreset
 
-__all__ = ["RpcAddress", "RpcProcess", "RemoteModel", "connect", "free_port", "parse_address", "start_rpc_server",
+__all__ = ["RpcAddress", "RpcDevice", "RpcProcess", "RemoteModel", "connect", "free_port", "parse_address", "start_rpc_server",
            "start_tracker"]
 
 LOOPBACK = "127.0.0.1"
@@ -40,9 +46,14 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # Bound on each remote step after the session starts (upload, load_module, one run): generous,
 # because an emulated device runs a model under qemu.
 DEFAULT_CALL_TIMEOUT_S = 300.0
-# Sessions whose device stopped answering mid-call: kept referenced so that their C++ destructor,
-# which would wait for the blocked call, never runs before the process exits.
-_ABANDONED: list = []
+# A worker process imports TVM (a few seconds; more on a loaded machine) before it answers.
+WORKER_START_TIMEOUT_S = 120.0
+# Extra time the parent gives the worker's own (bounded) connection attempt before killing it.
+_CONNECT_MARGIN_S = 10.0
+# How long close() lets the worker release its session before killing it.
+_CLOSE_GRACE_S = 10.0
+# Workers not yet ended: killed at exit, so no worker outlives the process that started it.
+_LIVE_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
 # An emulated server imports TVM under qemu (about 5 s) before it binds its port.
 DEFAULT_READY_TIMEOUT_S = 120.0
 _STOP_GRACE_S = 5.0
@@ -340,79 +351,261 @@ def connect(rpc: str | RpcAddress | None = None, tracker: str | RpcAddress | Non
     return _within(timeout_s, f"--tracker {address} --key {key}", request)
 
 
+@dataclass(frozen=True)
+class RpcDevice:
+    """Where a :class:`RemoteModel` gets its device: an RPC server (``rpc``) or a ``tracker`` and ``key``.
+
+    A ``"host:port"`` string or an :class:`RpcAddress` given to :class:`RemoteModel` means
+    ``RpcDevice(rpc=...)``.
+    """
+
+    rpc: str | RpcAddress | None = None
+    tracker: str | RpcAddress | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        if self.rpc is not None:
+            return f"--rpc {self.rpc}"
+        return f"--tracker {self.tracker} --key {self.key}"
+
+
+def _as_device(where) -> RpcDevice:
+    if isinstance(where, RpcDevice):
+        return where
+    if isinstance(where, (str, RpcAddress)):
+        return RpcDevice(rpc=str(where))
+    raise BitqError(f"RemoteModel takes the device's address (HOST:PORT or an RpcDevice), not "
+                    f"{type(where).__name__}: the RPC session lives in a worker process")
+
+
+class _Worker:
+    """The child process that holds the TVM RPC client (:mod:`bitq_tvm.targets.rpc_worker`).
+
+    The child leads its own process group; every request waits for its reply with a deadline,
+    and a missed deadline kills the whole group (a TVM client call blocked on a frozen device
+    holds the child's GIL, so nothing short of a kill takes it back).
+    """
+
+    def __init__(self, start_timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
+        import bitq_tvm
+
+        self.log_dir = Path(tempfile.mkdtemp(prefix="bitq-rpc-worker-"))
+        self.log_path = self.log_dir / "worker.log"
+        env = dict(os.environ)
+        package_root = str(Path(bitq_tvm.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "bitq_tvm.targets.rpc_worker"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            cwd=self.log_dir, env=env, start_new_session=True)
+        _LIVE_WORKERS.add(self)
+        os.set_blocking(self.process.stdin.fileno(), False)
+        self._buffer = b""
+        self.request(None, start_timeout_s, "starting the RPC worker process", "the start", option="")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+    def request(self, message, timeout_s: float, what: str, step: str, option: str = "--rpc-timeout") -> Any:
+        """Send ``message`` (None: only read) and return the reply's value within ``timeout_s``.
+
+        ``option``: the setting that bounds the step, named in the timeout's message.
+        """
+        from bitq_tvm.targets.rpc_worker import encode
+
+        if self.process is None:
+            raise BitqError(f"{what}: the RPC session is closed (an earlier step timed out or failed)")
+        deadline = time.monotonic() + timeout_s
+        try:
+            if message is not None:
+                self._send(encode(message), deadline)
+            reply = self._receive(deadline)
+        except TimeoutError:
+            self.kill()
+            bound = f" ({option})" if option else ""
+            raise BitqError(f"{what}: {step} got no reply within {timeout_s:g} s{bound}") from None
+        except (EOFError, OSError):
+            status = self.process.poll()
+            tail = self.log_tail()
+            self.kill()
+            raise BitqError(f"{what}: the RPC worker process exited (status {status})"
+                            + (f": {tail}" if tail else "")) from None
+        kind, value = reply
+        if kind == "ok":
+            return value
+        if kind == "bitq_error":
+            raise BitqError(value)
+        raise BitqError(f"{what}: {step} failed: {value}")
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        fd, view = self.process.stdin.fileno(), memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            _, writable, _ = select.select([], [fd], [], remaining)
+            if writable:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    pass
+
+    def _read_exact(self, size: int, deadline: float) -> bytes:
+        fd = self.process.stdout.fileno()
+        while len(self._buffer) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if readable:
+                chunk = os.read(fd, max(size - len(self._buffer), 1 << 16))
+                if not chunk:
+                    raise EOFError
+                self._buffer += chunk
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def _receive(self, deadline: float):
+        import pickle
+
+        from bitq_tvm.targets.rpc_worker import _HEADER
+
+        (size,) = _HEADER.unpack(self._read_exact(_HEADER.size, deadline))
+        return pickle.loads(self._read_exact(size, deadline))
+
+    def close(self, grace_s: float) -> None:
+        """Ask the child to release its session and exit; kill its group after ``grace_s`` anyway."""
+        if self.process is None:
+            return
+        try:
+            self.request(("close",), grace_s, "closing the RPC session", "the close", option="")
+            self.process.wait(grace_s)
+        except (BitqError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group and reap the child (idempotent)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        _LIVE_WORKERS.discard(self)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        for pipe in (process.stdin, process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def _kill_live_workers() -> None:
+    for worker in list(_LIVE_WORKERS):
+        worker.kill()
+
+
+atexit.register(_kill_live_workers)
+
+
 class RemoteModel:
-    """A compiled model loaded into an RPC session: ``run``/``run_batched`` like ``CompiledModel``.
+    """A compiled model loaded on a remote device: ``run``/``run_batched`` like ``CompiledModel``.
 
     Works for any compiled Relax model with ``executable``, ``target``, ``model`` (simulation or
     integer deployment): the library is exported for ``compiled.target`` (cross compiled with
-    the preset's compiler), uploaded, loaded with ``load_module``, and run by a Relax
-    VirtualMachine on the remote CPU. Inputs and outputs cross the connection as arrays.
+    the preset's compiler) here, then a worker process (:mod:`bitq_tvm.targets.rpc_worker`)
+    opens the RPC session to ``device``, uploads the library, loads it with ``load_module`` and
+    runs it with a Relax VirtualMachine on the remote CPU. Inputs and outputs cross as arrays.
+
+    Parameters
+    ----------
+    device
+        ``"host:port"`` / :class:`RpcAddress` of an RPC server, or an :class:`RpcDevice`
+        (``tracker`` and ``key``).
+    compiled
+        The compiled model.
+    call_timeout_s
+        Bound on each remote step after the session starts: the upload, ``load_module``, each run.
+        A step that gets no reply in time kills the worker (its whole process group) and is a
+        one-line :class:`BitqError` naming the step; the model is closed after that.
+    connect_timeout_s
+        Bound on reaching the server or tracker and getting a session (see :func:`connect`).
+
+    Use as a context manager or call :meth:`close`: TVM's server serves one session at a time.
+    The worker dies with the thread that created the model (Linux ``PR_SET_PDEATHSIG``), so
+    create a model in a thread that outlives its use.
     """
 
     LIBRARY_NAME = "bitq_model.so"
 
-    def __init__(self, session, compiled, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
-        from tvm import relax
-
+    def __init__(self, device, compiled, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
         from bitq_tvm.targets.cross import export
 
-        self.session = session
+        self._worker = None
+        self.where = _as_device(device)
         self.model = compiled.model
         self.target = compiled.target
         self.call_timeout_s = call_timeout_s
-        self.vm = self.device = None
-        self._trailing_args = []
-        with tempfile.TemporaryDirectory(prefix="bitq-remote-") as folder:
-            library = Path(folder) / self.LIBRARY_NAME
-            export(compiled.executable, library, compiled.target)
-            what = f"loading {self.LIBRARY_NAME} ({compiled.target.name}) on the remote device"
-            self._bounded(what, lambda: session.upload(str(library), self.LIBRARY_NAME), "upload")
-            module = self._bounded(what, lambda: session.load_module(self.LIBRARY_NAME), "load_module")
-        self.device = session.cpu()
-        self.vm = self._bounded(what, lambda: relax.VirtualMachine(module, self.device), "VM creation")
-        self._trailing_args = self._weight_prelude(compiled)
-
-    def _bounded(self, what: str, function: Callable[[], Any], step: str) -> Any:
-        """``function()`` (one remote step) within ``call_timeout_s``, else BitqError.
-
-        A device that stops answering leaves the call blocked in TVM's C++ client; the session
-        is then abandoned (never used or released again: releasing it would wait on the blocked
-        call) and the step is reported.
-        """
-        if self.session is None:
-            raise BitqError(f"{what}: the RPC session is closed (an earlier step timed out)")
+        self._worker = _Worker()
         try:
-            return _within(self.call_timeout_s, what, function, waiting_for=f"{step} got no reply")
-        except BitqError as err:
-            if "got no reply" in str(err):
-                self._abandon()
-            raise
-        except Exception as err:  # noqa: BLE001 - TVM raises bare errors for device-side failures
-            raise BitqError(f"{what}: {step} failed: {(str(err).strip().splitlines() or ['?'])[0]}") from None
+            # The child bounds the connection itself (clear messages); this is the backstop.
+            self._worker.request(("connect", self.where.rpc and str(self.where.rpc),
+                                  self.where.tracker and str(self.where.tracker), self.where.key,
+                                  connect_timeout_s), 2 * connect_timeout_s + _CONNECT_MARGIN_S, str(self.where), "the session request")
+            what = f"loading {self.LIBRARY_NAME} ({compiled.target.name}) on the remote device"
+            with tempfile.TemporaryDirectory(prefix="bitq-remote-") as folder:
+                library = Path(folder) / self.LIBRARY_NAME
+                export(compiled.executable, library, compiled.target)
+                self._step(what, "upload", ("upload", str(library), self.LIBRARY_NAME))
+            self._step(what, "load_module", ("load_module", self.LIBRARY_NAME))
+            self._step(what, "VM creation", ("create_vm",))
+            report = getattr(compiled, "report", None)
+            if report is not None and report.integer_layers:
+                # An integer-deployed model (bitq_tvm.deploy) stores packed weights and expands
+                # them once on the device: w = EXPAND(*PACKED()), then main(inputs..., *w).
+                from bitq_tvm.passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
 
-    def _abandon(self) -> None:
-        _ABANDONED.append((self.session, self.vm, self.device, self._trailing_args))
-        self.vm = self.device = self.session = None
-        self._trailing_args = []
+                self._step(f"running '{EXPAND_FUNCTION}' on the remote device ({self.target.name})", "the run",
+                           ("prelude", PACKED_FUNCTION, EXPAND_FUNCTION))
+        except BaseException:
+            self.close()
+            raise
+
+    def _step(self, what: str, step: str, message: tuple) -> Any:
+        if self._worker is None:
+            raise BitqError(f"{what}: the remote model is closed")
+        return self._worker.request(message, self.call_timeout_s, what, step)
 
     @property
     def input_names(self) -> list[str]:
         return list(self.model.input_shapes)
 
     def close(self) -> None:
-        """End the session: TVM's server serves one session at a time, so release it when done.
-
-        The C++ session ends when its last remote object (module, VM, tensors, device) is
-        gone. TVM's VirtualMachine sits in a reference cycle, so its attributes (the remote
-        functions) are cleared here instead of waiting for the garbage collector.
-        """
-        if getattr(self, "vm", None) is not None:
-            self.vm.__dict__.clear()
-        self.vm = self.device = self.session = None
-        self._trailing_args = []
+        """Release the session and end the worker process (killed if the device does not answer)."""
+        worker, self._worker = getattr(self, "_worker", None), None
+        if worker is not None:
+            worker.close(min(self.call_timeout_s, _CLOSE_GRACE_S))
 
     def __del__(self) -> None:
-        self.close()  # so a dropped RemoteModel frees the server without a gc pass
+        try:
+            self.close()  # so a dropped RemoteModel frees the server and its worker
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __enter__(self) -> "RemoteModel":
         return self
@@ -420,51 +613,18 @@ class RemoteModel:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _call(self, function: str, *args) -> list:
-        """Run a VM function through the stateful interface (the one that works over RPC), bounded."""
-        def call():
-            self.vm.set_input(function, *args)
-            self.vm.invoke_stateful(function)
-            return _flatten(self.vm.get_outputs(function))
-
-        return self._bounded(f"running '{function}' on the remote device ({self.target.name})", call, "the run")
-
-    def _weight_prelude(self, compiled) -> list:
-        """Remote tensors an integer-deployed model's ``main`` takes after its inputs.
-
-        Such a model (:mod:`bitq_tvm.deploy`) stores packed weights and expands them once:
-        ``w = EXPAND(*PACKED())``, then ``main(inputs..., *w)``. The expanded weights stay on
-        the device.
-        """
-        report = getattr(compiled, "report", None)
-        if report is None or not report.integer_layers:
-            return []
-        from bitq_tvm.passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
-
-        return self._call(EXPAND_FUNCTION, *self._call(PACKED_FUNCTION))
-
     def run(self, inputs) -> list[np.ndarray]:
         """Run once; ``inputs`` is a dict by input name or a list in input order."""
-        import tvm
         from bitq_tvm.api import CompiledModel
 
         # Same input checks as on the host; they only need ``model`` and ``input_names``.
         host_arrays = CompiledModel.input_arrays(self, inputs)
-        what = f"running 'main' on the remote device ({self.target.name})"
-        arrays = self._bounded(what, lambda: [tvm.runtime.tensor(x, device=self.device) for x in host_arrays],
-                               "the input copy")
-        outputs = self._call("main", *arrays, *self._trailing_args)
-        return self._bounded(what, lambda: [output.numpy() for output in outputs], "the output copy")
+        return self._step(f"running 'main' on the remote device ({self.target.name})", "the run",
+                          ("run", host_arrays))
 
-    def run_batched(self, name: str, data: np.ndarray) -> np.ndarray:
-        """Run a dataset through the model's pinned batch size; returns the first output stacked."""
+    def run_batched(self, name: str, data: np.ndarray | None = None):
+        """Run a dataset through the model's pinned batch size, like ``CompiledModel.run_batched``."""
         from bitq_tvm.api import CompiledModel
 
         # Same padding and stacking as on the host; it only needs ``model`` and ``run``.
         return CompiledModel.run_batched(self, name, data)
-
-
-def _flatten(value) -> list:
-    if isinstance(value, (tuple, list)):
-        return [leaf for item in value for leaf in _flatten(item)]
-    return [value]

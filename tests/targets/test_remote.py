@@ -32,7 +32,7 @@ from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
 from bitq_tvm.targets import export, get_target
 from bitq_tvm.targets.cli_remote import add_emulator_command, add_remote_args, remote_runner
-from bitq_tvm.targets.remote import RemoteModel, connect, free_port, start_rpc_server, start_tracker
+from bitq_tvm.targets.remote import RemoteModel, RpcDevice, connect, free_port, start_rpc_server, start_tracker
 from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs, is_ready, rootfs_size_bytes
 
 TARGET = "cortex-a76"
@@ -162,7 +162,7 @@ def test_rootfs_is_cached(rootfs):
 @pytest.mark.slow
 def test_emulated_device_runs_digits_like_the_host(server, digits):
     _, data, host, device = digits
-    with RemoteModel(connect(rpc=server.address), device) as remote:
+    with RemoteModel(server.address, device) as remote:
         on_device = remote.run_batched("input", data["x"])
     on_host = host.run_batched("input", data["x"])
     assert_matches_host(on_device, on_host)
@@ -174,7 +174,7 @@ def test_tracker_hands_out_the_emulated_device(tracked_server, digits):
     tracker, _ = tracked_server
     _, data, host, device = digits
     images = data["x"][:64]
-    with RemoteModel(connect(tracker=tracker.address, key="bitq-a76", timeout_s=30.0), device) as remote:
+    with RemoteModel(RpcDevice(tracker=tracker.address, key="bitq-a76"), device, connect_timeout_s=30.0) as remote:
         assert_matches_host(remote.run_batched("input", images), host.run_batched("input", images))
 
 
@@ -206,7 +206,7 @@ def test_resnet18_on_the_emulated_device_matches_the_host(server, tmp_path):
     images = zoo.synthetic_inputs(proto, 2, seed=0)[name]
     host = compile_model(model, Plan.uniform(PLAN), "host", progress=None)
     device = compile_model(model, Plan.uniform(PLAN), TARGET, progress=None)
-    with RemoteModel(connect(rpc=server.address), device) as remote:
+    with RemoteModel(server.address, device) as remote:
         assert_matches_host(remote.run_batched(name, images), host.run_batched(name, images))
 
 
@@ -229,7 +229,7 @@ def test_integer_deployment_on_the_emulated_device_matches_the_host_simulation(s
         host = compile_model(model, Plan.uniform(PLAN), "host", progress=None)
     deployed = compile_deployed(model, Plan.uniform(PLAN), TARGET, progress=None)
     assert deployed.report.variant == "sdot" and deployed.report.integer_layers
-    with RemoteModel(connect(rpc=server.address), deployed) as remote:
+    with RemoteModel(server.address, deployed) as remote:
         assert_matches_host(remote.run_batched(name, inputs), host.run_batched(name, inputs))
 
 
@@ -301,15 +301,15 @@ def test_emulator_serve_command_serves_until_interrupted(rootfs, digits, monkeyp
         while True:  # wait for the server to come up under qemu
             try:
                 session = connect(rpc=f"127.0.0.1:{port}", timeout_s=2.0)
+                del session  # up: release the probe session for the model's worker
                 break
             except BitqError:
                 assert time.monotonic() < deadline and serving.is_alive()
                 time.sleep(0.5)
         _, data, host, device = digits
         images = data["x"][:8]
-        with RemoteModel(session, device) as remote:
+        with RemoteModel(f"127.0.0.1:{port}", device) as remote:
             assert_matches_host(remote.run_batched("input", images), host.run_batched("input", images))
-        del session
     finally:
         stop.set()
         serving.join(30)
@@ -384,3 +384,8 @@ def test_riscv_digits_matmul_layers_match_the_x86_simulation(name, variant, tmp_
         simulation_bound = bound + K * np.finfo(np.float64).eps * (np.abs(fa) @ np.abs(fw).T)
         assert np.all(np.abs(got - fa @ fw.T) <= simulation_bound), layer
         assert np.count_nonzero(got) > got.size // 4, layer  # real activations: relu zeros, not all
+
+
+def test_remote_model_takes_the_device_address_not_a_session(digits):
+    with pytest.raises(BitqError, match="RemoteModel takes the device's address.*not object"):
+        RemoteModel(object(), digits[3])
