@@ -201,17 +201,6 @@ def _declared_output_shape(model):
     return tuple(d.dim_value for d in dims)
 
 
-def _check_writable(path: str, option: str) -> None:
-    """Fail before the work if ``path`` cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise BitqError(f"{option} {path}: is a directory")
-    if not os.path.isdir(folder):
-        raise BitqError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise BitqError(f"{option} {path}: not writable")
-
-
 def _save_npz(path: str, arrays: dict) -> None:
     """``np.savez`` to ``path`` atomically (temporary file + rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -248,7 +237,7 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     if limit is not None and limit <= 0:
         raise BitqError(f"--limit {limit}: must be > 0")
     if save_outputs:
-        _check_writable(save_outputs, "--save-outputs")
+        check_output_path(save_outputs, "--save-outputs")
     names = list(model.input_shapes)
     if len(names) == 1 and names[0] not in data and "x" in data:
         data = {**data, names[0]: data["x"]}
