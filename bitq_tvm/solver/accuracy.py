@@ -18,7 +18,9 @@ For every layer l and candidate q the predicted loss is
 Losses add over layers (independent small errors add in power), so the predicted loss of a plan,
 in relative logit MSE, is the sum of its layers' losses. With labels, a measured curve maps it to
 the top-1 drop: noise scaled to several levels is injected at every layer at once and the drop in
-top-1 accuracy recorded against the measured logit MSE; the curve is made monotone and
+top-1 accuracy recorded against the measured logit MSE. Where too few samples flip to resolve a
+drop, a margin model fitted to the resolved points stands in (a top-1 count saturates at 0 for
+small noise, which would make every cheap plan look free); the curve is made monotone and
 interpolated linearly (0 at 0). Budgets in top-1 points go through its inverse, which keeps the
 optimisation linear.
 """
@@ -74,6 +76,11 @@ class Calibration:
         counts = {name: len(x) for name, x in inputs.items()}
         if len(set(counts.values())) != 1:
             raise BitqError(f"{self.source}: the input arrays hold different sample counts {counts}")
+        for name, x in inputs.items():
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+                raise BitqError(f"{self.source}: input '{name}' holds NaN or Inf in {bad} of {len(x)} samples; "
+                                "calibration data must be finite")
         object.__setattr__(self, "inputs", MappingProxyType(inputs))
         if self.labels is not None:
             labels = np.asarray(self.labels).reshape(-1)
@@ -99,6 +106,20 @@ class Calibration:
             return None
         batch = next(iter(model.input_shapes.values()))[0]
         return self.labels[: self.n_samples // batch * batch]
+
+
+MIN_CALIBRATION_SAMPLES = 8  # fewer: sensitivities and the top-1 curve are noise
+FEW_CALIBRATION_SAMPLES = 32  # fewer: planned, with a warning that the losses are coarse
+
+
+def check_labels(calib: Calibration, labels: np.ndarray | None, classes: int) -> None:
+    """Raise BitqError if ``labels`` fall outside the first output's ``classes`` classes."""
+    if labels is None or not len(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise BitqError(f"{calib.source}: labels range {low}..{high}, but the model's first output has {classes} "
+                        f"classes (0..{classes - 1}); check --labels")
 
 
 def check_calibration(model: OnnxModel, calib: Calibration) -> None:
@@ -242,7 +263,8 @@ class AccuracyTerm:
 
     ``weight_noise[layer][format name]`` and ``act_noise[...]`` are mean squared errors;
     ``weight_sensitivity[layer]`` and ``act_sensitivity[layer]`` are relative logit MSE per unit
-    noise power. ``curve`` (labels only) holds measured (relative logit MSE, top-1 drop) points.
+    noise power. ``curve`` (labels only) holds the (relative logit MSE, top-1 drop) points budgets
+    use; ``measured_curve`` the raw measured ones (see :func:`_top1_curve`).
     """
 
     weight_noise: Mapping[str, Mapping[str, float]]
@@ -253,6 +275,7 @@ class AccuracyTerm:
     fp32_top1: float | None = None
     curve: tuple[tuple[float, float], ...] = ()
     noise_kind: str = "quantization"
+    measured_curve: tuple[tuple[float, float], ...] = ()
 
     @property
     def unit(self) -> str:
@@ -316,9 +339,21 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         raise BitqError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     batches = calib.batches(model)
     labels = calib.used_labels(model)
+    used = sum(len(next(iter(b.values()))) for b in batches)
+    if used < MIN_CALIBRATION_SAMPLES:
+        raise BitqError(f"{calib.source}: {used} calibration samples; the accuracy term needs at least "
+                        f"{MIN_CALIBRATION_SAMPLES} (64 or more recommended)")
+    if progress and used < FEW_CALIBRATION_SAMPLES:
+        progress(f"warning: only {used} calibration samples: sensitivities and predicted losses are coarse "
+                 f"(64 or more recommended)")
     graph = NoiseGraph(model)
     rng = np.random.default_rng(seed)
     reference = [graph.run(b) for b in batches]
+    if labels is not None:
+        check_labels(calib, labels, int(np.prod(reference[0].shape[1:])) if reference[0].ndim == 2
+                     else int(reference[0].shape[-1]))
+        if progress and len(np.unique(labels)) < 2:
+            progress("warning: every calibration label is the same class: the top-1 curve says little")
     captured = [graph.capture(b) for b in batches]
     weights = model.weights()
     w_noise, a_noise, w_sens, a_sens, probes = {}, {}, {}, {}, {}
@@ -347,16 +382,19 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         if progress:
             progress(f"accuracy term {index + 1}/{len(model.layers)} {layer.name}: sensitivity weight "
                      f"{w_sens[layer.name]:.3g}, activation {a_sens[layer.name]:.3g} per unit noise power")
-    curve, fp32_top1 = (), None
+    curve, measured_curve, fp32_top1 = (), (), None
     if labels is not None:
         fp32_top1 = _top1(reference, labels)
-        curve = _top1_curve(graph, batches, reference, labels, probes, fp32_top1)
+        curve, measured_curve = _top1_curve(graph, batches, reference, labels, probes, fp32_top1)
         if progress:
-            progress("top-1 drop vs relative logit MSE: " + ", ".join(f"{m:.2e}->{d * 100:.2f}%" for m, d in curve))
+            progress("top-1 drop vs relative logit MSE, measured: "
+                     + ", ".join(f"{m:.2e}->{d * 100:.2f}%" for m, d in measured_curve))
+            progress("curve used (margin model where fewer than 3 samples flip): "
+                     + ", ".join(f"{m:.2e}->{d * 100:.3f}%" for m, d in curve))
     return AccuracyTerm(weight_noise=MappingProxyType(w_noise), act_noise=MappingProxyType(a_noise),
                         weight_sensitivity=MappingProxyType(w_sens), act_sensitivity=MappingProxyType(a_sens),
                         n_samples=sum(len(next(iter(b.values()))) for b in batches), fp32_top1=fp32_top1,
-                        curve=curve, noise_kind=noise)
+                        curve=curve, noise_kind=noise, measured_curve=measured_curve)
 
 
 def _probe(powers: Mapping[str, float]) -> BFPFormat | None:
@@ -386,8 +424,17 @@ def _sensitivity(graph, batches, reference, key, errors, power) -> float:
     return measure_output_mse(graph, batches, reference, key, errors) / power
 
 
-def _top1_curve(graph, batches, reference, labels, probes, fp32_top1) -> tuple[tuple[float, float], ...]:
-    points = []
+def _top1_curve(graph, batches, reference, labels, probes, fp32_top1):
+    """Measured (relative logit MSE, top-1 drop) points, and the curve the budgets use.
+
+    A top-1 count saturates: with small noise no calibration sample flips and the measured drop is
+    0 (or 1/N by luck), so every cheap plan would look free. The curve therefore takes the
+    measured drop only where it is resolved (at least :data:`_RESOLVED_FLIPS` samples flip) and
+    elsewhere the margin model (:func:`_margin_model`) fitted to the resolved points: the expected
+    top-1 drop when Gaussian noise of that relative MSE meets each sample's logit margin. Model
+    points below the first measured level make the curve rise smoothly from 0.
+    """
+    measured = []
     for scale in _CURVE_SCALES:
         amplitude = np.float32(np.sqrt(scale))
         outputs = []
@@ -399,5 +446,44 @@ def _top1_curve(graph, batches, reference, labels, probes, fp32_top1) -> tuple[t
                 if a_errors is not None:
                     noise[("a", name)] = amplitude * a_errors[b_index]
             outputs.append(graph.run(batch, noise))
-        points.append((_rel_mse(outputs, reference), fp32_top1 - _top1(outputs, labels)))
-    return tuple(sorted(points))
+        measured.append((_rel_mse(outputs, reference), fp32_top1 - _top1(outputs, labels)))
+    measured = sorted(measured)
+    model = _margin_model(reference, labels, fp32_top1, measured)
+    resolved = _RESOLVED_FLIPS / len(labels)
+    curve = [(m, d if d >= resolved else model(m)) for m, d in measured]
+    first = measured[0][0]
+    low = [(first * f, model(first * f)) for f in (0.01, 0.03, 0.1, 0.3) if first > 0]
+    return tuple(low + curve), tuple(measured)
+
+
+_RESOLVED_FLIPS = 3  # a measured top-1 drop counts once this many calibration samples flip
+
+
+def _margin_model(reference, labels, fp32_top1, measured):
+    """``mse -> expected top-1 drop``: each sample keeps its label while the noise on (its label's
+    logit - the runner-up's) stays below its FP32 margin; per-logit noise variance = mse x mean
+    logit power, scaled by a factor fitted (log-grid least squares) to the resolved measured drops."""
+    from scipy.special import ndtr
+
+    logits = np.concatenate([r.reshape(r.shape[0], -1) for r in reference]).astype(np.float64)
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    margin = logits[rows, labels] - others.max(axis=1)
+    power = float(np.mean(logits * logits))
+
+    def drop(mse, alpha):
+        sigma = alpha * np.sqrt(2.0 * max(mse, 0.0) * power)
+        if sigma <= 0:
+            return 0.0
+        return max(fp32_top1 - float(np.mean(ndtr(margin / sigma))), 0.0)
+
+    resolved = _RESOLVED_FLIPS / len(labels)
+    points = [(m, d) for m, d in measured if resolved <= d <= 0.5 * max(fp32_top1, resolved)]
+    alpha = 1.0
+    if points:
+        grid = np.logspace(-2, 2, 161)
+        errors = [sum((np.log1p(drop(m, a) / resolved) - np.log1p(d / resolved)) ** 2 for m, d in points)
+                  for a in grid]
+        alpha = float(grid[int(np.argmin(errors))])
+    return lambda mse: drop(mse, alpha)
