@@ -217,7 +217,8 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         if progress:
             for name, note in notes.items():
                 progress(f"{name}: {note}")
-    accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress)
+    accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress,
+                                     budget=objective.value if objective.kind == "budget" else None)
     performance = performance_term(model, preset, table, measured, deployed=deployed)
     if deployed:
         table = _drop_dominated(model, table, accuracy, performance, ties, candidates.pinned(names))
