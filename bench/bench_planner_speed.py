@@ -6,7 +6,8 @@ Prints a markdown table and the command that produced it:
 
 Zoo models are built at ``--zoo-size`` pixels (random He weights, synthetic inputs); the corpus
 model runs at its 224x224 input with uniform random images in [-1, 1] (the planner's speed does not
-depend on the pixel values). Unlabelled calibration, budget 1% relative logit MSE.
+depend on the pixel values). Unlabelled calibration, BitQ's weighted objective (``--lambda``,
+default 1), so that every layer is measured (a budget can stop early as infeasible).
 """
 
 import argparse
@@ -43,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--models", default="pplcnet_orientation,mobilenet_v2,resnet18")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--zoo-size", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=0.01)
+    parser.add_argument("--lambda", dest="lam", type=float, default=1.0)
     args = parser.parse_args(argv)
 
     from bitq_tvm.solver.accuracy import Calibration
@@ -56,7 +57,7 @@ def main(argv=None):
             calib = Calibration(x)
             lines = []
             start = time.perf_counter()
-            result = plan_model(model, calib, Objective("budget", args.budget), progress=lines.append)
+            result = plan_model(model, calib, Objective("lambda", args.lam), progress=lines.append)
             seconds = time.perf_counter() - start
             measured = sum(1 for n in result.candidates.values() if any(not c.is_fp32 for c in n))
             rows.append((name, size, len(model.layers), measured, args.samples, f"{seconds:.1f}",

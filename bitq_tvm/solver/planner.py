@@ -7,7 +7,8 @@ Objectives (exactly one):
   is the top-1 drop as a fraction (``0.5%`` = half a top-1 point) when the calibration data has
   labels, else the relative logit MSE ``sum (y_q - y)^2 / sum y^2`` (``0.5%`` = 0.005);
 * ``size_budget`` (``--size-budget MB``): least predicted loss with layer weights <= MB * 10^6
-  bytes (BFP bit-packed: m bits per element plus E bits per block).
+  bytes, as the deployed artifact stores them (:mod:`.deployment`: packed mantissas, int8
+  exponents, padding; float fallbacks at FP32).
 
 The MILP's accuracy term is always the additive relative logit MSE; a top-1 budget goes through
 the measured curve (:mod:`.accuracy`). :func:`verify` compiles the plan with TVM and measures its
@@ -217,6 +218,9 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         if progress:
             for name, note in notes.items():
                 progress(f"{name}: {note}")
+        if isinstance(measured, Mapping):  # latencies of candidates deployment dropped do not apply
+            kept = {(name, c.label) for name, cands in table.items() for c in cands}
+            measured = {key: value for key, value in measured.items() if key in kept}
     accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress,
                                      budget=objective.value if objective.kind == "budget" else None)
     performance = performance_term(model, preset, table, measured, deployed=deployed)

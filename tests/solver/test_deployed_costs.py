@@ -64,3 +64,12 @@ def test_planned_bytes_equal_deployed_artifact_bytes(digits):
     for d in report.layers:
         assert result.plan.layers[d.layer].info["weight_bytes"] == (
             d.stored_bytes if d.mode == "integer" else d.fp32_bytes), d
+
+
+def test_measured_latencies_of_dropped_candidates_are_ignored(digits):
+    # a tuning database measures what the user's grid asked for; conv1's BFP kernels never deploy
+    model, calib = digits
+    label = GRID.default.candidates[0].label
+    measured = {("conv1", label): 1e-4, ("fc1", label): 1e-3}
+    result = plan_model(model, calib, Objective("lambda", 1.0), candidates=GRID, measured=measured, progress=None)
+    assert result.performance.measured == {("fc1", label): 1e-3}
