@@ -47,10 +47,11 @@ from ..schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..schedules.bfp_conv import ConvGeometry, bfp_im2col_func
 from ..schedules.bfp_matmul import K_QUAD, bfp_matmul_name, padded_rows
 from ..schedules.bfp_matmul_targets import ALL_VARIANTS, bfp_matmul_target_func
-from ..schedules.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized
+from ..schedules.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized, packed_nbytes
 from .annotate_layers import annotated_layers, weight_param
 
-__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger"]
+__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger", "format_problem",
+           "conv_problem", "integer_support", "integer_weight_bytes"]
 
 EXPAND_FUNCTION = "bitq_expand_weights"
 PACKED_FUNCTION = "bitq_packed_weights"
@@ -86,17 +87,62 @@ class LayerDeployment:
             raise BitqError(f"LayerDeployment({self.layer}): a fallback needs a reason")
 
 
-def _block_size_problem(lf: LayerFormats) -> str | None:
-    if lf.weight is None or lf.activation is None:
-        missing = "activation" if lf.activation is None else "weight"
+def format_problem(weight: BFPFormat | None, activation: BFPFormat | None) -> str | None:
+    """Why the integer kernel cannot run a layer in these formats (None: it can, shape permitting)."""
+    if weight is None or activation is None:
+        missing = "activation" if activation is None else "weight"
         return f"{missing} is FP32 in the plan: the integer kernel needs both operands in BFP"
-    if lf.weight.block_size != lf.activation.block_size:
-        return (f"weight block size {lf.weight.block_size} != activation block size "
-                f"{lf.activation.block_size}: one integer dot product per block needs one block size")
-    block = lf.weight.block_size
+    if weight.block_size != activation.block_size:
+        return (f"weight block size {weight.block_size} != activation block size "
+                f"{activation.block_size}: one integer dot product per block needs one block size")
+    block = weight.block_size
     if block % K_QUAD or not _MIN_BLOCK <= block <= _MAX_BLOCK:
         return f"block size {block} is not a multiple of {K_QUAD} in [{_MIN_BLOCK}, {_MAX_BLOCK}] (kernel constraint)"
     return None
+
+
+def conv_channels_padded(group_channels: int, fmt: BFPFormat) -> int:
+    """In-group input channels after zero-padding to whole blocks (the conv kernel's K per offset)."""
+    return -(-group_channels // fmt.block_size) * fmt.block_size
+
+
+def conv_problem(group_channels: int, groups: int, fmt: BFPFormat,
+                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
+    """Why the integer kernel does not run a conv of this grouping in ``fmt`` (None: it does)."""
+    if groups > 1 and group_channels == 1:
+        return "depthwise conv (1 input channel per group): a block would hold 1 value and B-1 zeros"
+    cg_p = conv_channels_padded(group_channels, fmt)
+    if cg_p > max_padding_ratio * group_channels:
+        return (f"{group_channels} input channels per group padded to {cg_p} (block {fmt.block_size}): "
+                f"the integer kernel would do {cg_p / group_channels:.1f}x the work")
+    return None
+
+
+def integer_support(kind: str, weight_shape, groups: int, weight: BFPFormat | None, activation: BFPFormat | None,
+                    max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
+    """The pass's rule from shapes alone (the planner uses it to price candidates as deployed).
+
+    ``kind`` is ``"conv2d"`` (weight OIHW) or ``"matmul"`` (2-D weight). Returns None when the
+    layer becomes an integer kernel, else the reason it stays float simulation.
+    """
+    reason = format_problem(weight, activation)
+    if reason is not None:
+        return reason
+    if kind == "matmul":
+        return None if len(weight_shape) == 2 else (
+            f"matmul by a {len(weight_shape)}-D weight (kernel: 2-D weights)")
+    return conv_problem(int(weight_shape[1]), groups, weight, max_padding_ratio)
+
+
+def integer_weight_bytes(kind: str, weight_shape, groups: int, fmt: BFPFormat, reduction: int | None = None) -> int:
+    """Bytes the pass stores for a layer it lowers (the sum of its :class:`PackedWeights`)."""
+    if kind == "matmul":
+        k = int(reduction)
+        n = int(np.prod(weight_shape)) // k
+        return packed_nbytes(n, -(-k // fmt.block_size) * fmt.block_size, fmt)
+    o, cg, kh, kw = (int(d) for d in weight_shape)
+    k_padded = kh * kw * conv_channels_padded(cg, fmt)
+    return groups * packed_nbytes(o // groups, k_padded, fmt)
 
 
 def _shape(expr: relax.Expr) -> list[int]:
@@ -208,12 +254,10 @@ class _Lowerer(PyExprMutator):
         pad = [int(p) for p in attrs.padding]
         geom = ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
                             tuple(pad), tuple(int(d) for d in attrs.dilation), int(attrs.groups))
-        if geom.groups > 1 and cg == 1:
-            return None, "depthwise conv (1 input channel per group): a block would hold 1 value and B-1 zeros"
+        reason = conv_problem(cg, geom.groups, lf.weight, self.max_padding_ratio)
+        if reason is not None:
+            return None, reason
         cg_p = geom.group_channels_padded(lf.weight)
-        if cg_p > self.max_padding_ratio * cg:
-            return None, (f"{cg} input channels per group padded to {cg_p} (block {lf.weight.block_size}): "
-                          f"the integer kernel would do {cg_p / cg:.1f}x the work")
         stored = self.params[param.name]
         try:
             t = quantize_np(stored, lf.weight, axis=1, name=param.name)
@@ -264,7 +308,7 @@ class _Lowerer(PyExprMutator):
             self.report[layer] = LayerDeployment(layer, kind, "fp32", fp32_bytes=fp32_bytes)
             super().visit_var_binding_(binding)
             return
-        reason = _block_size_problem(lf)
+        reason = format_problem(lf.weight, lf.activation)
         result = None
         if reason is None:
             call = self.visit_expr(value)

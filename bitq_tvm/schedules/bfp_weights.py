@@ -75,7 +75,7 @@ class PackedWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored in the artifact for this weight."""
+        """Bytes stored in the artifact for this weight (equals :func:`packed_nbytes`)."""
         return self.qw.nbytes + self.ew.nbytes
 
     def mantissas(self) -> np.ndarray:
@@ -95,6 +95,16 @@ class PackedWeights:
             "sw": np.ldexp(np.float32(1), self.ew.astype(np.int32) - self.fmt.scale_shift).astype(np.float32),
             "wcorr": (-_ACTIVATION_OFFSET * block_sums.T).astype(np.int32),
         }
+
+
+def packed_nbytes(n: int, k_padded: int, fmt: BFPFormat) -> int:
+    """Bytes :func:`pack_quantized` stores for an [n, k_padded] weight in ``fmt``: outputs padded to
+    16 lanes, mantissas one per byte (two per byte when m <= 4), one int8 exponent per block."""
+    if k_padded % fmt.block_size:
+        raise BitqError(f"packed_nbytes: K {k_padded} is not a multiple of the block size {fmt.block_size}")
+    n_padded = -(-n // LANES) * LANES
+    mantissa_bytes = n_padded * k_padded // (2 if fmt.mantissa_bits <= _NIBBLE_MAX_MANTISSA_BITS else 1)
+    return mantissa_bytes + n_padded * (k_padded // fmt.block_size)
 
 
 def pack_quantized(mantissas: np.ndarray, exponents: np.ndarray, fmt: BFPFormat, name: str) -> PackedWeights:

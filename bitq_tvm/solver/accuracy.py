@@ -18,7 +18,9 @@ For every layer l and candidate q the predicted loss is
 Losses add over layers (independent small errors add in power), so the predicted loss of a plan,
 in relative logit MSE, is the sum of its layers' losses. With labels, a measured curve maps it to
 the top-1 drop: noise scaled to several levels is injected at every layer at once and the drop in
-top-1 accuracy recorded against the measured logit MSE; the curve is made monotone and
+top-1 accuracy recorded against the measured logit MSE. Where too few samples flip to resolve a
+drop, a margin model fitted to the resolved points stands in (a top-1 count saturates at 0 for
+small noise, which would make every cheap plan look free); the curve is made monotone and
 interpolated linearly (0 at 0). Budgets in top-1 points go through its inverse, which keeps the
 optimisation linear.
 """
@@ -74,6 +76,11 @@ class Calibration:
         counts = {name: len(x) for name, x in inputs.items()}
         if len(set(counts.values())) != 1:
             raise BitqError(f"{self.source}: the input arrays hold different sample counts {counts}")
+        for name, x in inputs.items():
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+                raise BitqError(f"{self.source}: input '{name}' holds NaN or Inf in {bad} of {len(x)} samples; "
+                                "calibration data must be finite")
         object.__setattr__(self, "inputs", MappingProxyType(inputs))
         if self.labels is not None:
             labels = np.asarray(self.labels).reshape(-1)
@@ -99,6 +106,20 @@ class Calibration:
             return None
         batch = next(iter(model.input_shapes.values()))[0]
         return self.labels[: self.n_samples // batch * batch]
+
+
+MIN_CALIBRATION_SAMPLES = 8  # fewer: sensitivities and the top-1 curve are noise
+FEW_CALIBRATION_SAMPLES = 32  # fewer: planned, with a warning that the losses are coarse
+
+
+def check_labels(calib: Calibration, labels: np.ndarray | None, classes: int) -> None:
+    """Raise BitqError if ``labels`` fall outside the first output's ``classes`` classes."""
+    if labels is None or not len(labels):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise BitqError(f"{calib.source}: labels range {low}..{high}, but the model's first output has {classes} "
+                        f"classes (0..{classes - 1}); check --labels")
 
 
 def check_calibration(model: OnnxModel, calib: Calibration) -> None:
@@ -164,6 +185,138 @@ def noise_power(x: np.ndarray, fmt: BFPFormat | None, axis: int, groups: int = 1
     return float(np.mean(error * error))
 
 
+def _session(model: OnnxModel, proto: onnx.ModelProto):
+    """An onnxruntime CPU session: 2 threads (the machine is shared), the idle pool not spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise BitqError(f"{model.path}: onnxruntime cannot run the model for calibration: "
+                        f"{str(err).strip().splitlines()[0]}") from None
+
+
+def _layer_nodes(model: OnnxModel) -> dict[str, int]:
+    """Layer name -> index of its node in the graph (nodes are in topological order)."""
+    by_weight = {layer.weight: layer.name for layer in model.layers}
+    return {by_weight[node.input[1]]: i for i, node in enumerate(model.proto.graph.node)
+            if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in by_weight}
+
+
+def _boundary(model: OnnxModel, start: int) -> list[str]:
+    """Tensors computed before node ``start`` (or graph inputs) that nodes from ``start`` on read."""
+    graph = model.proto.graph
+    constants = {i.name for i in graph.initializer}
+    before = {i.name for i in graph.input if i.name not in constants}
+    for node in graph.node[:start]:
+        if node.op_type != "Constant":
+            before.update(node.output)
+    needed = []
+    for node in graph.node[start:]:
+        for name in node.input:
+            if name and name in before and name not in needed:
+                needed.append(name)
+    return needed
+
+
+class SuffixNoiseGraphs:
+    """Noise probes that reuse the FP32 activations: one onnxruntime session per layer group.
+
+    The layers measured are cut into groups of ``group_size`` consecutive layers; group g's
+    session runs only the nodes from its first layer on, fed with the FP32 tensors that cross that
+    cut (captured once per batch by :meth:`capture`), with noise inputs on its own layers. The
+    output equals the whole model's with the same noise (the nodes before the cut see no noise).
+    One session is alive at a time.
+    """
+
+    def __init__(self, model: OnnxModel, layers, group_size: int = 4):
+        self.model = model
+        nodes = _layer_nodes(model)
+        ordered = sorted(layers, key=lambda name: nodes[name])
+        self.groups = [ordered[i:i + group_size] for i in range(0, len(ordered), group_size)]
+        self.group_of = {name: g for g, group in enumerate(self.groups) for name in group}
+        self.starts = [nodes[group[0]] for group in self.groups]
+        self.boundaries = [_boundary(model, start) for start in self.starts]
+        self.output = model.proto.graph.output[0].name
+        self._current = None
+        self._values = None
+
+    def capture(self, batches) -> None:
+        """Run the FP32 model once per batch and keep every cut's crossing tensors."""
+        names = list(dict.fromkeys(n for b in self.boundaries for n in b))
+        inputs = set(self.model.input_shapes)
+        outputs = [n for n in names if n not in inputs]
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.model.proto)
+        del proto.graph.output[:]
+        proto.graph.output.extend([onnx.ValueInfoProto(name=n) for n in outputs])
+        session = _session(self.model, proto)
+        self._values = []
+        for batch in batches:
+            values = dict(zip(outputs, session.run(outputs, dict(batch)))) if outputs else {}
+            values.update({n: batch[n] for n in names if n in inputs})
+            self._values.append(values)
+
+    def _build(self, g: int):
+        graph_src = self.model.proto.graph
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.model.proto)
+        graph = proto.graph
+        start, group = self.starts[g], set(self.groups[g])
+        by_weight = {layer.weight: layer for layer in self.model.layers if layer.name in group}
+        constants = {i.name for i in graph_src.initializer}
+        noise_inputs, new_nodes = {}, [n for n in graph_src.node[:start] if n.op_type == "Constant"]
+        for node in graph_src.node[start:]:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            node = copy
+            layer = by_weight.get(node.input[1]) if node.op_type in LAYER_OPS and len(node.input) > 1 else None
+            if layer is not None:
+                for kind, slot, shape in (("w", 1, layer.weight_shape), ("a", 0, layer.input_shape)):
+                    noise = f"bitq.noise.{kind}.{layer.name}"
+                    new_nodes.append(helper.make_node("Add", [node.input[slot], noise], [noise + ".sum"]))
+                    noise_inputs[(kind, layer.name)] = (noise, np.zeros(shape, np.float32))
+                    node.input[slot] = noise + ".sum"
+            new_nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        kept = [i for i in graph.input if i.name in constants]
+        del graph.input[:]
+        graph.input.extend(kept)
+        sample = self._values[0]
+        for name in self.boundaries[g]:
+            value = np.asarray(sample[name])
+            graph.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+        for noise, zeros in noise_inputs.values():
+            graph.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, list(zeros.shape)))
+        del graph.output[:]
+        graph.output.extend([o for o in graph_src.output[:1]])
+        return _session(self.model, proto), noise_inputs
+
+    def run(self, b_index: int, noise: Mapping) -> np.ndarray:
+        """The first output on batch ``b_index`` with ``noise[("w"|"a", layer)]`` (one group's layers)."""
+        if self._values is None:
+            raise BitqError("SuffixNoiseGraphs.run before capture")
+        groups = {self.group_of[name] for _, name in noise}
+        if len(groups) != 1:
+            raise BitqError("SuffixNoiseGraphs.run: noise must sit on the layers of one group")
+        g = groups.pop()
+        if self._current is None or self._current[0] != g:
+            self._current = (g, *self._build(g))
+        _, session, noise_inputs = self._current
+        feeds = {name: self._values[b_index][name] for name in self.boundaries[g]}
+        for name, zeros in noise_inputs.values():
+            feeds[name] = zeros
+        for key, value in noise.items():
+            feeds[noise_inputs[key][0]] = np.asarray(value, np.float32)
+        return session.run([self.output], feeds)[0]
+
+
 class NoiseGraph:
     """The model in onnxruntime with a noise input in front of every layer's weight and input.
 
@@ -198,14 +351,7 @@ class NoiseGraph:
             new_nodes.append(node)
         del graph.node[:]
         graph.node.extend(new_nodes)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2  # the machine is shared; more threads only contend
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BitqError(f"{model.path}: onnxruntime cannot run the model for calibration: "
-                            f"{str(err).strip().splitlines()[0]}") from None
+        self.session = _session(model, proto)
         self.output = model.proto.graph.output[0].name
 
     def run(self, batch: dict[str, np.ndarray], noise: Mapping | None = None) -> np.ndarray:
@@ -242,7 +388,8 @@ class AccuracyTerm:
 
     ``weight_noise[layer][format name]`` and ``act_noise[...]`` are mean squared errors;
     ``weight_sensitivity[layer]`` and ``act_sensitivity[layer]`` are relative logit MSE per unit
-    noise power. ``curve`` (labels only) holds measured (relative logit MSE, top-1 drop) points.
+    noise power. ``curve`` (labels only) holds the (relative logit MSE, top-1 drop) points budgets
+    use; ``measured_curve`` the raw measured ones (see :func:`_top1_curve`).
     """
 
     weight_noise: Mapping[str, Mapping[str, float]]
@@ -253,6 +400,7 @@ class AccuracyTerm:
     fp32_top1: float | None = None
     curve: tuple[tuple[float, float], ...] = ()
     noise_kind: str = "quantization"
+    measured_curve: tuple[tuple[float, float], ...] = ()
 
     @property
     def unit(self) -> str:
@@ -294,7 +442,8 @@ class AccuracyTerm:
 
 
 def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapping[str, tuple[Candidate, ...]],
-                          noise: str = "quantization", seed: int = 0, progress=_progress) -> AccuracyTerm:
+                          noise: str = "quantization", seed: int = 0, progress=_progress,
+                          budget: float | None = None, group_size: int = 4) -> AccuracyTerm:
     """Measure noise powers and sensitivities of every layer on ``calib``.
 
     Parameters
@@ -310,53 +459,117 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
     seed : int
         Seed of the Gaussian noise.
     progress : callable or None
-        Called with one line per layer.
+        Called with one line per layer (with elapsed time and ETA).
+    budget : float, optional
+        An accuracy-loss budget in the user unit: as soon as the layers measured so far, each at its
+        most precise candidate, already exceed it, BitqError says so (before the rest is measured).
+    group_size : int
+        Layers per onnxruntime session of the sensitivity probes (:class:`SuffixNoiseGraphs`).
+
+    Order: noise powers and probe errors of every layer (NumPy), the top-1 curve (labels), then
+    the sensitivities, one suffix session per group of layers, reusing the FP32 activations.
     """
+    import time
+
     if noise not in NOISE_KINDS:
         raise BitqError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     batches = calib.batches(model)
     labels = calib.used_labels(model)
+    used = sum(len(next(iter(b.values()))) for b in batches)
+    if used < MIN_CALIBRATION_SAMPLES:
+        raise BitqError(f"{calib.source}: {used} calibration samples; the accuracy term needs at least "
+                        f"{MIN_CALIBRATION_SAMPLES} (64 or more recommended)")
+    if progress and used < FEW_CALIBRATION_SAMPLES:
+        progress(f"warning: only {used} calibration samples: sensitivities and predicted losses are coarse "
+                 f"(64 or more recommended)")
+    started = time.perf_counter()
     graph = NoiseGraph(model)
     rng = np.random.default_rng(seed)
     reference = [graph.run(b) for b in batches]
+    if labels is not None:
+        check_labels(calib, labels, int(np.prod(reference[0].shape[1:])) if reference[0].ndim == 2
+                     else int(reference[0].shape[-1]))
+        if progress and len(np.unique(labels)) < 2:
+            progress("warning: every calibration label is the same class: the top-1 curve says little")
     captured = [graph.capture(b) for b in batches]
     weights = model.weights()
-    w_noise, a_noise, w_sens, a_sens, probes = {}, {}, {}, {}, {}
-    for index, layer in enumerate(model.layers):
+    w_noise, a_noise, w_sens, a_sens, probes, powers = {}, {}, {}, {}, {}, {}
+    for layer in model.layers:
         cands = [c for c in candidates[layer.name] if not c.is_fp32]
+        w_sens[layer.name] = a_sens[layer.name] = 0.0
         if not cands:  # pinned to fp32: no noise, sensitivity irrelevant
             w_noise[layer.name], a_noise[layer.name] = {}, {}
-            w_sens[layer.name] = a_sens[layer.name] = 0.0
             continue
         w = weights[layer.weight]
-        acts = np.concatenate([c[layer.name] for c in captured])
         axis, groups = act_block_axis(layer)
         w_axis = weight_block_axis(layer)
         w_noise[layer.name] = {f.name: noise_power(w, f, w_axis) for f in {c.weight for c in cands}}
-        a_noise[layer.name] = {f.name: noise_power(acts, f, axis, groups) for f in {c.activation for c in cands}}
+        a_noise[layer.name] = {f.name: _batched_noise_power([c[layer.name] for c in captured], f, axis, groups)
+                               for f in {c.activation for c in cands}}
         w_probe = _probe(w_noise[layer.name])
         a_probe = _probe(a_noise[layer.name])
         w_error = _error(w, w_probe, w_axis, w_noise[layer.name][w_probe.name], noise, rng) if w_probe else None
         a_errors = [_error(c[layer.name], a_probe, axis, a_noise[layer.name][a_probe.name], noise, rng, groups)
                     for c in captured] if a_probe else None
         probes[layer.name] = (w_error, a_errors)
-        w_sens[layer.name] = _sensitivity(graph, batches, reference, ("w", layer.name), [w_error] * len(batches),
-                                          w_noise[layer.name][w_probe.name]) if w_probe else 0.0
-        a_sens[layer.name] = _sensitivity(graph, batches, reference, ("a", layer.name), a_errors,
-                                          a_noise[layer.name][a_probe.name]) if a_probe else 0.0
-        if progress:
-            progress(f"accuracy term {index + 1}/{len(model.layers)} {layer.name}: sensitivity weight "
-                     f"{w_sens[layer.name]:.3g}, activation {a_sens[layer.name]:.3g} per unit noise power")
-    curve, fp32_top1 = (), None
+        powers[layer.name] = (w_noise[layer.name][w_probe.name] if w_probe else 0.0,
+                              a_noise[layer.name][a_probe.name] if a_probe else 0.0)
+    del captured
+    if progress:
+        progress(f"noise powers of {len(probes)} layers in {time.perf_counter() - started:.1f} s")
+    curve, measured_curve, fp32_top1 = (), (), None
     if labels is not None:
         fp32_top1 = _top1(reference, labels)
-        curve = _top1_curve(graph, batches, reference, labels, probes, fp32_top1)
+        curve, measured_curve = _top1_curve(graph, batches, reference, labels, probes, fp32_top1)
         if progress:
-            progress("top-1 drop vs relative logit MSE: " + ", ".join(f"{m:.2e}->{d * 100:.2f}%" for m, d in curve))
+            progress("top-1 drop vs relative logit MSE, measured: "
+                     + ", ".join(f"{m:.2e}->{d * 100:.2f}%" for m, d in measured_curve))
+            progress("curve used (margin model where fewer than 3 samples flip): "
+                     + ", ".join(f"{m:.2e}->{d * 100:.3f}%" for m, d in curve))
+    del graph
+    unit_term = AccuracyTerm({}, {}, {}, {}, used, fp32_top1, curve)
+    mse_budget = unit_term.from_user_units(budget) if budget is not None else None
+    suffix = SuffixNoiseGraphs(model, list(probes), group_size)
+    suffix.capture(batches)
+    best_so_far, phase = 0.0, time.perf_counter()
+    for done, name in enumerate(g for group in suffix.groups for g in group):
+        w_error, a_errors = probes[name]
+        w_power, a_power = powers[name]
+        if w_error is not None and w_power > 0:
+            outputs = [suffix.run(b, {("w", name): w_error}) for b in range(len(batches))]
+            w_sens[name] = _rel_mse(outputs, reference) / w_power
+        if a_errors is not None and a_power > 0:
+            outputs = [suffix.run(b, {("a", name): a_errors[b]}) for b in range(len(batches))]
+            a_sens[name] = _rel_mse(outputs, reference) / a_power
+        best_so_far += min(w_sens[name] * w_noise[name][c.weight.name] + a_sens[name] * a_noise[name][c.activation.name]
+                           if not c.is_fp32 else 0.0 for c in candidates[name])
+        if progress:
+            elapsed = time.perf_counter() - phase
+            eta = elapsed / (done + 1) * (len(probes) - done - 1)
+            progress(f"accuracy term {done + 1}/{len(probes)} {name}: sensitivity weight {w_sens[name]:.3g}, "
+                     f"activation {a_sens[name]:.3g} per unit noise power "
+                     f"[{time.perf_counter() - started:.0f} s, ETA {eta:.0f} s]")
+        if mse_budget is not None and best_so_far > mse_budget:
+            best = unit_term.to_user_units(best_so_far)
+            unit = TOP1_UNIT if curve else LOGIT_MSE_UNIT
+            raise BitqError(f"--budget {budget * 100:.4g}% ({unit}) is infeasible: the best achievable predicted "
+                            f"loss with these candidates is at least {best * 100:.4g}% (relative logit MSE "
+                            f"{best_so_far:.3g} from {done + 1} of {len(probes)} layers, each at its most precise "
+                            "candidate); raise the budget or add higher-precision candidates")
     return AccuracyTerm(weight_noise=MappingProxyType(w_noise), act_noise=MappingProxyType(a_noise),
                         weight_sensitivity=MappingProxyType(w_sens), act_sensitivity=MappingProxyType(a_sens),
-                        n_samples=sum(len(next(iter(b.values()))) for b in batches), fp32_top1=fp32_top1,
-                        curve=curve, noise_kind=noise)
+                        n_samples=used, fp32_top1=fp32_top1, curve=curve, noise_kind=noise,
+                        measured_curve=measured_curve)
+
+
+def _batched_noise_power(xs, fmt, axis, groups) -> float:
+    """:func:`noise_power` over the concatenation of ``xs`` (blocks never span samples), without
+    materialising the concatenation."""
+    total, count = 0.0, 0
+    for x in xs:
+        total += noise_power(x, fmt, axis, groups) * x.size
+        count += x.size
+    return total / max(count, 1)
 
 
 def _probe(powers: Mapping[str, float]) -> BFPFormat | None:
@@ -386,8 +599,17 @@ def _sensitivity(graph, batches, reference, key, errors, power) -> float:
     return measure_output_mse(graph, batches, reference, key, errors) / power
 
 
-def _top1_curve(graph, batches, reference, labels, probes, fp32_top1) -> tuple[tuple[float, float], ...]:
-    points = []
+def _top1_curve(graph, batches, reference, labels, probes, fp32_top1):
+    """Measured (relative logit MSE, top-1 drop) points, and the curve the budgets use.
+
+    A top-1 count saturates: with small noise no calibration sample flips and the measured drop is
+    0 (or 1/N by luck), so every cheap plan would look free. The curve therefore takes the
+    measured drop only where it is resolved (at least :data:`_RESOLVED_FLIPS` samples flip) and
+    elsewhere the margin model (:func:`_margin_model`) fitted to the resolved points: the expected
+    top-1 drop when Gaussian noise of that relative MSE meets each sample's logit margin. Model
+    points below the first measured level make the curve rise smoothly from 0.
+    """
+    measured = []
     for scale in _CURVE_SCALES:
         amplitude = np.float32(np.sqrt(scale))
         outputs = []
@@ -399,5 +621,44 @@ def _top1_curve(graph, batches, reference, labels, probes, fp32_top1) -> tuple[t
                 if a_errors is not None:
                     noise[("a", name)] = amplitude * a_errors[b_index]
             outputs.append(graph.run(batch, noise))
-        points.append((_rel_mse(outputs, reference), fp32_top1 - _top1(outputs, labels)))
-    return tuple(sorted(points))
+        measured.append((_rel_mse(outputs, reference), fp32_top1 - _top1(outputs, labels)))
+    measured = sorted(measured)
+    model = _margin_model(reference, labels, fp32_top1, measured)
+    resolved = _RESOLVED_FLIPS / len(labels)
+    curve = [(m, d if d >= resolved else model(m)) for m, d in measured]
+    first = measured[0][0]
+    low = [(first * f, model(first * f)) for f in (0.01, 0.03, 0.1, 0.3) if first > 0]
+    return tuple(low + curve), tuple(measured)
+
+
+_RESOLVED_FLIPS = 3  # a measured top-1 drop counts once this many calibration samples flip
+
+
+def _margin_model(reference, labels, fp32_top1, measured):
+    """``mse -> expected top-1 drop``: each sample keeps its label while the noise on (its label's
+    logit - the runner-up's) stays below its FP32 margin; per-logit noise variance = mse x mean
+    logit power, scaled by a factor fitted (log-grid least squares) to the resolved measured drops."""
+    from scipy.special import ndtr
+
+    logits = np.concatenate([r.reshape(r.shape[0], -1) for r in reference]).astype(np.float64)
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    margin = logits[rows, labels] - others.max(axis=1)
+    power = float(np.mean(logits * logits))
+
+    def drop(mse, alpha):
+        sigma = alpha * np.sqrt(2.0 * max(mse, 0.0) * power)
+        if sigma <= 0:
+            return 0.0
+        return max(fp32_top1 - float(np.mean(ndtr(margin / sigma))), 0.0)
+
+    resolved = _RESOLVED_FLIPS / len(labels)
+    points = [(m, d) for m, d in measured if resolved <= d <= 0.5 * max(fp32_top1, resolved)]
+    alpha = 1.0
+    if points:
+        grid = np.logspace(-2, 2, 161)
+        errors = [sum((np.log1p(drop(m, a) / resolved) - np.log1p(d / resolved)) ** 2 for m, d in points)
+                  for a in grid]
+        alpha = float(grid[int(np.argmin(errors))])
+    return lambda mse: drop(mse, alpha)

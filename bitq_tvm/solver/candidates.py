@@ -192,6 +192,12 @@ class LayerCandidates:
             table[name] = parse_candidate(spec, f"--pin '{pin}'")
         return cls(default, table)
 
+    def pinned(self, layer_names) -> set[str]:
+        """Names of the layers a pin applies to (``first``/``last`` resolved)."""
+        names = list(layer_names)
+        aliases = {"first": names[0], "last": names[-1]} if names else {}
+        return {aliases.get(pin, pin) for pin in self.pins}
+
     def resolve(self, layer_names) -> dict[str, tuple[Candidate, ...]]:
         """Layer name -> its candidates; ``first``/``last`` pins name the first/last layer.
 

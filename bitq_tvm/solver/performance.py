@@ -78,7 +78,7 @@ class PerformanceTerm:
 
 
 def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping[str, tuple[Candidate, ...]],
-                     measured: Measured | None = None) -> PerformanceTerm:
+                     measured: Measured | None = None, deployed: bool = True) -> PerformanceTerm:
     """DM costs of every layer's candidates on ``preset``, overridden by ``measured`` latencies.
 
     Parameters
@@ -89,13 +89,24 @@ def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping
         Layer name -> its candidates.
     measured : mapping or callable, optional
         ``{(layer, label): seconds}`` or ``f(layer, label) -> seconds or None``.
+    deployed : bool
+        Bits per element as deployed (:mod:`.deployment`: packed storage, padding, exponents,
+        float fallbacks at FP32), else BitQ's nominal ``m + E / B``.
     """
+    from .deployment import deployed_cost
+
     hierarchy = memory_hierarchy(preset)
     model_costs = {}
     for layer in model.layers:
         cands = candidates[layer.name]
-        costs = layer_costs(conv_shape(model, layer), [bits_per_element(c.weight) for c in cands],
-                            [bits_per_element(c.activation) for c in cands], [c.block_size for c in cands],
+        if deployed:
+            deploys = [deployed_cost(layer, c) for c in cands]
+            w_bits, a_bits = [d.weight_bits for d in deploys], [d.activation_bits for d in deploys]
+            blocks = [c.block_size if d.integer else None for c, d in zip(cands, deploys)]
+        else:
+            w_bits, a_bits = [bits_per_element(c.weight) for c in cands], [bits_per_element(c.activation) for c in cands]
+            blocks = [c.block_size for c in cands]
+        costs = layer_costs(conv_shape(model, layer), w_bits, a_bits, blocks,
                             hierarchy, macs_per_cycle=float(preset.int8_macs_per_cycle))
         model_costs[layer.name] = MappingProxyType({c.label: cost for c, cost in zip(cands, costs)})
     found = {}

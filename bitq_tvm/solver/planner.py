@@ -7,7 +7,8 @@ Objectives (exactly one):
   is the top-1 drop as a fraction (``0.5%`` = half a top-1 point) when the calibration data has
   labels, else the relative logit MSE ``sum (y_q - y)^2 / sum y^2`` (``0.5%`` = 0.005);
 * ``size_budget`` (``--size-budget MB``): least predicted loss with layer weights <= MB * 10^6
-  bytes (BFP bit-packed: m bits per element plus E bits per block).
+  bytes, as the deployed artifact stores them (:mod:`.deployment`: packed mantissas, int8
+  exponents, padding; float fallbacks at FP32).
 
 The MILP's accuracy term is always the additive relative logit MSE; a top-1 budget goes through
 the measured curve (:mod:`.accuracy`). :func:`verify` compiles the plan with TVM and measures its
@@ -80,8 +81,14 @@ def _show_loss(value: float, unit: str) -> str:
     return f"{value * 100:.3g}% {unit}" if unit else f"{value:.4g}"
 
 
-def weight_size_bytes(layer: Layer, candidate: Candidate) -> int:
-    """Bit-packed bytes of the layer's weight under ``candidate`` (ragged-block padding not stored)."""
+def weight_size_bytes(layer: Layer, candidate: Candidate, deployed: bool = True) -> int:
+    """Bytes of the layer's weight under ``candidate``: as deployed (the integer kernel's packed
+    storage, padding and exponents included; float fallbacks at FP32), or, with ``deployed=False``,
+    bit-packed m bits per element plus E bits per block (ragged-block padding not stored)."""
+    if deployed:
+        from .deployment import deployed_cost
+
+        return deployed_cost(layer, candidate).weight_bytes
     fmt = candidate.weight
     if fmt is None:
         return 4 * layer.params
@@ -124,7 +131,7 @@ class PlanResult:
 
 
 def build_problem(model: OnnxModel, candidates: Mapping[str, tuple[Candidate, ...]], accuracy: AccuracyTerm,
-                  performance: PerformanceTerm, ties=()) -> AllocationProblem:
+                  performance: PerformanceTerm, ties=(), deployed: bool = True) -> AllocationProblem:
     """The allocation problem: per layer and candidate, predicted loss, performance cost and weight bytes."""
     names = [layer.name for layer in model.layers]
     return AllocationProblem(
@@ -132,7 +139,7 @@ def build_problem(model: OnnxModel, candidates: Mapping[str, tuple[Candidate, ..
         candidates=[[c.label for c in candidates[n]] for n in names],
         acc_loss=[[accuracy.layer_loss(n, c) for c in candidates[n]] for n in names],
         perf=[[performance.cost[n][c.label] for c in candidates[n]] for n in names],
-        size_bytes=[[weight_size_bytes(layer, c) for c in candidates[layer.name]] for layer in model.layers],
+        size_bytes=[[weight_size_bytes(layer, c, deployed) for c in candidates[layer.name]] for layer in model.layers],
         ties=tuple(tuple(group) for group in ties))
 
 
@@ -171,7 +178,7 @@ def solve_objective(problem: AllocationProblem, accuracy: AccuracyTerm, objectiv
 
 def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, target: str | TargetPreset = "host",
                candidates: LayerCandidates | None = None, ties=(), measured: Measured | None = None,
-               noise: str = "quantization", progress=_progress) -> PlanResult:
+               noise: str = "quantization", progress=_progress, deployed: bool = True) -> PlanResult:
     """Measure the accuracy and performance terms and solve for ``objective``.
 
     Parameters
@@ -190,16 +197,36 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         Measured latencies overriding the DM model (see :func:`performance_term`).
     noise : {"quantization", "gaussian"}
         Noise injected to measure sensitivities.
+    deployed : bool
+        Price candidates as ``compile --deploy`` runs them (:mod:`.deployment`, default): layers
+        take only candidates that become integer kernels (FP32 if none does, e.g. depthwise convs;
+        pinned layers keep their pins at their fallback cost), weight bytes and traffic are the
+        deployed ones. ``False``: BitQ's nominal m + E/B bits for every candidate.
 
     Returns
     -------
     PlanResult
     """
     preset = get_target(target) if isinstance(target, str) else target
-    table = (candidates or LayerCandidates()).resolve([layer.name for layer in model.layers])
-    accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress)
-    performance = performance_term(model, preset, table, measured)
-    problem = build_problem(model, table, accuracy, performance, ties)
+    candidates = candidates or LayerCandidates()
+    names = [layer.name for layer in model.layers]
+    table = candidates.resolve(names)
+    if deployed:
+        from .deployment import deployable_candidates
+
+        table, notes = deployable_candidates(model, table, candidates.pinned(names))
+        if progress:
+            for name, note in notes.items():
+                progress(f"{name}: {note}")
+        if isinstance(measured, Mapping):  # latencies of candidates deployment dropped do not apply
+            kept = {(name, c.label) for name, cands in table.items() for c in cands}
+            measured = {key: value for key, value in measured.items() if key in kept}
+    accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress,
+                                     budget=objective.value if objective.kind == "budget" else None)
+    performance = performance_term(model, preset, table, measured, deployed=deployed)
+    if deployed:
+        table = _drop_dominated(model, table, accuracy, performance, ties, candidates.pinned(names))
+    problem = build_problem(model, table, accuracy, performance, ties, deployed=deployed)
     allocation = solve_objective(problem, accuracy, objective)
     front = tuple(pareto_front(problem))
     labels = dict.fromkeys(c.label for n in problem.layer_names for c in table[n])
@@ -213,6 +240,28 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
                  f"{result.average_weight_bits(allocation):.2f} weight bits/param, perf {allocation.perf:.4g} "
                  f"{performance.unit}")
     return dataclasses.replace(result, plan=plan)
+
+
+def _drop_dominated(model, table, accuracy, performance, ties, pinned):
+    """Drop candidates that deploy at exactly the cost of another one with less predicted loss
+    (e.g. 6-bit activations: the kernel reads int8 mantissas either way). Tied and pinned layers
+    keep theirs (ties compare labels across layers)."""
+    tied = {name for group in ties for name in group}
+    out = {}
+    for layer in model.layers:
+        cands = table[layer.name]
+        if layer.name in tied or layer.name in pinned or len(cands) == 1:
+            out[layer.name] = cands
+            continue
+        best = {}
+        for c in cands:
+            key = (performance.cost[layer.name][c.label], weight_size_bytes(layer, c))
+            loss = accuracy.layer_loss(layer.name, c)
+            if key not in best or loss < best[key][0]:
+                best[key] = (loss, c)
+        keep = {c.label for _, c in best.values()}
+        out[layer.name] = tuple(c for c in cands if c.label in keep)
+    return out
 
 
 def allocation_plan(result: PlanResult, allocation: Allocation) -> Plan:
