@@ -48,17 +48,14 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 
 def _require_layers(model, args) -> None:
     """A command that quantizes needs at least one BFP layer, else its result means nothing."""
-    from .frontend.onnx_model import LAYER_OPS
-
     if model.layers:
         return
     wants_bfp = getattr(args, "command", None) in ("plan", "eval") or getattr(args, "plan", None) is not None \
         or getattr(args, "format", None) is not None or getattr(args, "deploy", False)
     if not wants_bfp:
         return
-    skipped = [f"{n.op_type} '{n.name or n.output[0]}'" for n in model.proto.graph.node if n.op_type in LAYER_OPS]
-    why = (f"; skipped: {', '.join(skipped[:4])} (BFP takes Conv 2-D and MatMul/Gemm with a constant 2-D weight)"
-           if skipped else "")
+    skipped = [f"{n.onnx_op} '{n.name}' ({n.reason})" for n in model.fp32_nodes]
+    why = f"; skipped: {', '.join(skipped[:4])}" if skipped else ""
     raise BitqError(f"{model.path}: no layer BFP can quantize{why}")
 
 
@@ -370,6 +367,7 @@ def cmd_eval(args) -> int:
     from .frontend.onnx_model import load_onnx
 
     model = load_onnx(args.model, _eval_input_shapes(args))
+    _require_layers(model, args)
     plan = _load_plan(args)
     if plan is None:
         raise BitqError("eval: give --format or --plan (the BFP side of the comparison)")
