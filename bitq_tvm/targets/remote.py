@@ -95,6 +95,15 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
+def _log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log file joined on one line (for one-line error messages)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
 class RpcProcess:
     """A started ``tvm.exec.rpc_server`` or ``rpc_tracker`` process (its own process group).
 
@@ -112,11 +121,7 @@ class RpcProcess:
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of the process's output (for error messages)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+        return _log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Terminate the process group, then kill what is left of it.
@@ -408,11 +413,7 @@ class _Worker:
         return self.process is not None
 
     def log_tail(self, lines: int = 3) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+        return _log_tail(self.log_path, lines)
 
     def request(self, message, timeout_s: float, what: str, step: str, option: str = "--rpc-timeout") -> Any:
         """Send ``message`` (None: only read) and return the reply's value within ``timeout_s``.
