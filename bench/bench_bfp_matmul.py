@@ -3,7 +3,7 @@
 Usage: python bench/bench_bfp_matmul.py [--repeat 30] [--block 32]
 
 BFP8 (m = 8 for activations and weights) with block size B; for each shape C[M, N] = A[M, K] @
-W[N, K].T it times the three kernel variants of ``bitq_tvm.schedules.bfp_matmul``, a TVM FP32
+W[N, K].T it times the three kernel variants of ``bitq_tvm.kernels.bfp_matmul``, a TVM FP32
 kernel with the same kind of simple hand schedule (4 x 32 register tile, weights pre-packed
 [N/16, K, 16], parallel over tiles) and NumPy FP32 (OpenBLAS, its own threads). GOPS counts
 2*M*N*K useful operations (unpadded N). Each time is the best of ``--repeat`` single calls: the
@@ -27,7 +27,7 @@ from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
 from bitq_tvm.formats import BFPFormat
-from bitq_tvm.schedules.bfp_matmul import (
+from bitq_tvm.kernels.bfp_matmul import (
     LANES,
     bfp_matmul_func,
     pack_weights,

@@ -25,8 +25,8 @@ import numpy as np
 import tvm
 
 from bitq_tvm.formats import BFPFormat
-from bitq_tvm.schedules.bfp_matmul import pack_weights, quantize_activations_np
-from bitq_tvm.schedules.bfp_matmul_targets import bfp_matmul_for_target
+from bitq_tvm.kernels.bfp_matmul import pack_weights, quantize_activations_np
+from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_for_target
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 
 CASES = [

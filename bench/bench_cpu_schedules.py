@@ -20,7 +20,7 @@ import tvm.relax.frontend.onnx  # noqa: F401  (registers relax.frontend.onnx)
 from tvm import relax
 
 from bitq_tvm.models import zoo
-from bitq_tvm.schedules.cpu import cpu_pipeline
+from bitq_tvm.kernels.cpu import cpu_pipeline
 
 
 def _compile(model, feeds, target, pipeline):

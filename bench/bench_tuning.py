@@ -25,7 +25,7 @@ import numpy as np
 import tvm
 
 from bitq_tvm.formats import parse_format
-from bitq_tvm.schedules.bfp_matmul import bfp_matmul_func
+from bitq_tvm.kernels.bfp_matmul import bfp_matmul_func
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.session import TuningOptions, tune
 from bitq_tvm.tuning.tasks import BfpTask, kernel_variant

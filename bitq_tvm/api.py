@@ -27,7 +27,7 @@ from .errors import BitqError
 from .frontend.onnx_model import OnnxModel, cast_input, input_dtypes, load_onnx  # noqa: F401 - re-exported
 from .passes import AnnotateBFPLayers, InsertBFPSimulation
 from .plan import LayerFormats, Plan
-from .schedules.cpu import cpu_pipeline
+from .kernels.cpu import cpu_pipeline
 from .targets.presets import TargetPreset, get_target
 
 

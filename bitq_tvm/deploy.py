@@ -27,11 +27,11 @@ from .api import CompiledModel, _progress, check_weights, import_relax, resolve_
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel
 from .passes import AnnotateBFPLayers, InsertBFPSimulation
-from .schedules.bfp_matmul_targets import default_variant
+from .kernels.bfp_matmul_targets import default_variant
 from .passes.lower_bfp_integer import (DEFAULT_MAX_PADDING_RATIO, EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment,
                                        LowerBFPInteger)
 from .plan import LayerFormats, Plan
-from .schedules.cpu import cpu_pipeline
+from .kernels.cpu import cpu_pipeline
 from .targets.presets import TargetPreset, get_target
 
 __all__ = ["DeploymentReport", "DeployedModel", "deploy_passes", "compile_deployed", "relax_constant_bytes",

@@ -15,7 +15,7 @@ from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_byte
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
 from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
-from bitq_tvm.schedules.bfp_matmul_targets import default_variant
+from bitq_tvm.kernels.bfp_matmul_targets import default_variant
 from bitq_tvm.targets.presets import get_target
 
 REL_TOL = 1e-4

@@ -3,7 +3,7 @@
 Where it sits: after :class:`~bitq_tvm.passes.AnnotateBFPLayers` (it finds layers by the names that
 pass recorded) and before parameters are bound and constants folded. Each planned layer's
 ``conv2d``/``matmul`` gets its operands replaced by ``call_tir`` of the BFP fake-quant kernel
-(:mod:`bitq_tvm.schedules.bfp_quant`) with blocks along the op's reduction axis: input channels
+(:mod:`bitq_tvm.kernels.bfp_quant`) with blocks along the op's reduction axis: input channels
 within a group (per kernel offset) for convs, K for matmuls. Once the weights are bound,
 ``FoldConstant`` runs the weight kernels at compile time, so only activations are quantized at
 run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
@@ -18,7 +18,7 @@ from tvm.ir import IRModule
 from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
-from ..schedules.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
+from ..kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
 from .annotate_layers import annotated_layers
 
 _PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")

@@ -5,12 +5,12 @@ Where it sits: right after :class:`~bitq_tvm.passes.AnnotateBFPLayers`, before
 left in float, see :attr:`LowerBFPInteger.fallback_formats`) and before the weights are bound.
 Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports becomes:
 
-1. ``call_tir`` of the activation quantizer (:mod:`~bitq_tvm.schedules.bfp_act_quant`): float
+1. ``call_tir`` of the activation quantizer (:mod:`~bitq_tvm.kernels.bfp_act_quant`): float
    input -> int8 mantissas + int8 exponents, blocks along K (matmul) or input channels per group
    (conv, written NHWC);
-2. convs only: ``call_tir`` of one im2col per group (:mod:`~bitq_tvm.schedules.bfp_conv`),
+2. convs only: ``call_tir`` of one im2col per group (:mod:`~bitq_tvm.kernels.bfp_conv`),
    skipped for pointwise convs;
-3. ``call_tir`` of the integer BFP matmul (:mod:`~bitq_tvm.schedules.bfp_matmul`, variant
+3. ``call_tir`` of the integer BFP matmul (:mod:`~bitq_tvm.kernels.bfp_matmul`, variant
    vnni/avx2/generic from the target's intrinsic family) against the weight packed at compile
    time in NumPy from the parameter array (quantized in its stored layout, like the simulation);
 4. float reshapes (and a transpose back to NCHW for convs) that TVM legalizes and fuses with the
@@ -20,7 +20,7 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
 Weight storage: mantissas (two per byte when m <= 4) and int8 exponents are the constants
 returned by the Relax function :data:`PACKED_FUNCTION`. :data:`EXPAND_FUNCTION` derives from
 them the matmul's operands (float scales, offset corrections, unpacked 4-bit mantissas; see
-:mod:`~bitq_tvm.schedules.bfp_weights`), which ``main`` takes as trailing parameters: after
+:mod:`~bitq_tvm.kernels.bfp_weights`), which ``main`` takes as trailing parameters: after
 loading, call ``expand(*packed())`` once and pass its results to every ``main`` call
 (:class:`bitq_tvm.deploy.DeployedModel` does this). The expansion is not per inference.
 
@@ -43,11 +43,11 @@ from tvm.relax import PyExprMutator, expr_functor
 from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
-from ..schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from ..schedules.bfp_conv import ConvGeometry, bfp_im2col_func
-from ..schedules.bfp_matmul import K_QUAD, bfp_matmul_name, padded_rows
-from ..schedules.bfp_matmul_targets import ALL_VARIANTS, bfp_matmul_target_func
-from ..schedules.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized, packed_nbytes
+from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
+from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
+from ..kernels.bfp_matmul import K_QUAD, bfp_matmul_name, padded_rows
+from ..kernels.bfp_matmul_targets import ALL_VARIANTS, bfp_matmul_target_func
+from ..kernels.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized, packed_nbytes
 from .annotate_layers import annotated_layers, weight_param
 
 __all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger", "format_problem",
@@ -352,11 +352,11 @@ class LowerBFPInteger:
     params : dict
         Weight parameter name -> array (``api.import_relax``), packed at compile time.
     variant : str
-        Matmul kernel variant (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant` of the target).
+        Matmul kernel variant (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant` of the target).
     max_padding_ratio : float
         Largest padded/real in-group channel ratio a conv may have and still be lowered.
     kernels : dict, optional
-        Tuned kernels by name (:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_name`, the tuning
+        Tuned kernels by name (:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_name`, the tuning
         database key); kernels not in it use the default schedule. :attr:`tuned_used` lists the
         ones used.
 

@@ -1,16 +1,16 @@
 """Tuning tasks: one per distinct integer BFP GEMM a model needs, plus its FP32 work.
 
-A BFP layer runs as im2col + :func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_compute`: a conv
+A BFP layer runs as im2col + :func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_compute`: a conv
 with output ``[N, C_out, OH, OW]`` is a GEMM with ``M = N * OH * OW`` rows, ``C_out / groups``
 columns and ``K = KH * KW * pad(C_in / groups, B)`` (blocks run along the in-group channels of one
 kernel offset, so each offset pads its channels to whole blocks); a matmul is ``M = rows``,
 ``N = out features``, ``K = pad(in features, B)``. Layers x candidate formats that give the same
 (M, N, K, formats, kernel variant) share one task. The variant is the one deployment runs on the
-target (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant`: ``vnni``/``avx2``/
+target (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant`: ``vnni``/``avx2``/
 ``generic`` on x86, ``sdot``/``neon`` on ARM, ``rvv``/``scalar`` on RISC-V), so the kernel
 measured is the kernel deployed: x86 variants tune the unsigned-offset compute of
-:mod:`~bitq_tvm.schedules.bfp_matmul`, the others the signed one of
-:mod:`~bitq_tvm.schedules.bfp_matmul_targets`.
+:mod:`~bitq_tvm.kernels.bfp_matmul`, the others the signed one of
+:mod:`~bitq_tvm.kernels.bfp_matmul_targets`.
 
 Task names are deterministic and double as keys: the task's PrimFunc carries its name as
 ``global_symbol``, so every workload in a MetaSchedule database names its task, e.g.
@@ -38,12 +38,12 @@ from tvm.s_tir import Schedule, TensorIntrin
 from ..errors import BitqError
 from ..formats import BFPFormat
 from ..frontend.onnx_model import Layer, OnnxModel
-from ..schedules.bfp_matmul import LANES, bfp_matmul_compute, bfp_matmul_name, padded_rows
-from ..schedules.bfp_matmul import VARIANTS as X86_VARIANTS
-from ..schedules.bfp_matmul import schedule_bfp_matmul as schedule_kernel
-from ..schedules.bfp_matmul_targets import (LANE_MAJOR_VARIANTS, bfp_matmul_signed_compute, default_variant,
+from ..kernels.bfp_matmul import LANES, bfp_matmul_compute, bfp_matmul_name, padded_rows
+from ..kernels.bfp_matmul import VARIANTS as X86_VARIANTS
+from ..kernels.bfp_matmul import schedule_bfp_matmul as schedule_kernel
+from ..kernels.bfp_matmul_targets import (LANE_MAJOR_VARIANTS, bfp_matmul_signed_compute, default_variant,
                                             schedule_bfp_matmul_target)
-from ..schedules.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
+from ..kernels.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
 from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
 
@@ -88,7 +88,7 @@ def register_metaschedule_intrinsics() -> None:
 
 def kernel_variant(preset: TargetPreset) -> str:
     """The BFP matmul variant a target tunes: the one deployment compiles for it
-    (:func:`~bitq_tvm.schedules.bfp_matmul_targets.default_variant`)."""
+    (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant`)."""
     return default_variant(preset)
 
 
@@ -271,8 +271,8 @@ def space_configs(task: BfpTask) -> tuple[tuple[int, int, str], ...]:
 def schedule_bfp_matmul(sch: Schedule, task: BfpTask, rows: int, groups: int, order: str,
                         intrinsic: str | None = None) -> None:
     """Schedule ``task``'s kernel in ``sch`` with one register tile and loop order (see
-    :func:`bitq_tvm.schedules.bfp_matmul.schedule_bfp_matmul` for x86 variants,
-    :func:`bitq_tvm.schedules.bfp_matmul_targets.schedule_bfp_matmul_target` for the others).
+    :func:`bitq_tvm.kernels.bfp_matmul.schedule_bfp_matmul` for x86 variants,
+    :func:`bitq_tvm.kernels.bfp_matmul_targets.schedule_bfp_matmul_target` for the others).
     ``intrinsic`` replaces an x86 variant's tensor intrinsic (tests plant a wrong one)."""
     if task.variant in X86_VARIANTS:
         schedule_kernel(sch, task.k, rows, groups, task.variant, order, intrinsic)

@@ -4,8 +4,8 @@ MetaSchedule measures speed only, and tensorize accepts a region an intrinsic do
 match (see the TVM notes), so a fast record can compute the wrong thing. Each task's records are
 tried fastest first: the schedule is rebuilt from the record's trace, run on random BFP data
 (wide per-row ranges, an all-zero block, a zero weight row), and compared with
-:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_ref` within
-:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_tolerance`. The first record that passes is the
+:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_ref` within
+:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_tolerance`. The first record that passes is the
 task's trusted schedule; failing ones are reported and excluded. Verdicts are cached in the work
 dir (``bitq_verified.json``), keyed by task and trace, so nothing is rebuilt twice.
 """
@@ -25,7 +25,7 @@ from tvm.s_tir import Schedule
 
 from ..errors import BitqError
 from ..formats import quantize_np
-from ..schedules.bfp_matmul import bfp_matmul_ref, bfp_matmul_tolerance, pack_weights, quantize_activations_np
+from ..kernels.bfp_matmul import bfp_matmul_ref, bfp_matmul_tolerance, pack_weights, quantize_activations_np
 from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, register_metaschedule_intrinsics

@@ -13,7 +13,7 @@ from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import fake_quantize_np, get_format
 from bitq_tvm.passes import AnnotateBFPLayers, InsertBFPSimulation
 from bitq_tvm.plan import LayerFormats
-from bitq_tvm.schedules.bfp_quant import bfp_fake_quant_func
+from bitq_tvm.kernels.bfp_quant import bfp_fake_quant_func
 
 WEIGHTS = {"conv1_weight": "conv1", "fc_weight": "fc"}
 B8, B4, B6 = get_format("bfp8_b32"), get_format("bfp4_b16"), get_format("bfp6_b16")

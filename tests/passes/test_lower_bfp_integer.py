@@ -23,13 +23,13 @@ from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, fake_quantize_np, get_format, quantize_np
 from bitq_tvm.frontend.onnx_model import normalize
 from bitq_tvm.passes.lower_bfp_integer import LayerDeployment
-from bitq_tvm.schedules.bfp_matmul import padded_rows
-from bitq_tvm.schedules.bfp_matmul_targets import default_variant
+from bitq_tvm.kernels.bfp_matmul import padded_rows
+from bitq_tvm.kernels.bfp_matmul_targets import default_variant
 from bitq_tvm.targets.presets import get_target
 from bitq_tvm.plan import Plan
-from bitq_tvm.schedules.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from bitq_tvm.schedules.bfp_matmul import pack_weights
-from bitq_tvm.schedules.bfp_weights import bfp_weight_expand_func, pack_quantized
+from bitq_tvm.kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
+from bitq_tvm.kernels.bfp_matmul import pack_weights
+from bitq_tvm.kernels.bfp_weights import bfp_weight_expand_func, pack_quantized
 from bitq_tvm.targets.presets import get_target
 
 EPS32 = float(np.finfo(np.float32).eps)

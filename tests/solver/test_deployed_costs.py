@@ -6,7 +6,7 @@ from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models.zoo import bundled_model_path, bundled_test_data
 from bitq_tvm.passes.lower_bfp_integer import integer_weight_bytes
-from bitq_tvm.schedules.bfp_weights import pack_quantized, packed_nbytes
+from bitq_tvm.kernels.bfp_weights import pack_quantized, packed_nbytes
 from bitq_tvm.formats import quantize_np
 from bitq_tvm.solver.accuracy import Calibration
 from bitq_tvm.solver.candidates import Candidate, CandidateSet, LayerCandidates

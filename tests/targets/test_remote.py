@@ -357,13 +357,13 @@ def test_riscv_digits_matmul_layers_match_the_x86_simulation(name, variant, tmp_
     """Every layer of the digits model under bfp8_b32, on the emulated RISC-V CPU, against
     (a) the exact integer reference within its derived bound and (b) the x86 simulation of the
     plan, fake_quant(A) @ fake_quant(W).T, within that bound plus float64 rounding
-    (tolerances as in tests/schedules/test_bfp_matmul_arm_riscv.py)."""
+    (tolerances as in tests/kernels/test_bfp_matmul_arm_riscv.py)."""
     import tvm
 
     from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
-    from bitq_tvm.schedules.bfp_matmul import (bfp_matmul_ref, bfp_matmul_tolerance, pack_weights,
+    from bitq_tvm.kernels.bfp_matmul import (bfp_matmul_ref, bfp_matmul_tolerance, pack_weights,
                                                quantize_activations_np)
-    from bitq_tvm.schedules.bfp_matmul_targets import bfp_matmul_for_target
+    from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_for_target
     from bitq_tvm.targets import run_kernel_emulated
 
     preset = get_target(name)

@@ -31,9 +31,9 @@ from bitq_tvm.cli import main as cli_main
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
-from bitq_tvm.schedules.bfp_matmul import (bfp_matmul_compute, bfp_matmul_name, bfp_matmul_ref,
+from bitq_tvm.kernels.bfp_matmul import (bfp_matmul_compute, bfp_matmul_name, bfp_matmul_ref,
                                            bfp_matmul_tolerance, padded_rows)
-from bitq_tvm.schedules.bfp_matmul_targets import bfp_matmul_signed_compute, default_variant
+from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_signed_compute, default_variant
 from bitq_tvm.solver.candidates import LayerCandidates
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 from bitq_tvm.targets.presets import target_names

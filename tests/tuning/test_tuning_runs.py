@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models.zoo import bundled_model_path
-from bitq_tvm.schedules.intrin_x86 import _dot_16x4_u8i8i32_desc
+from bitq_tvm.kernels.intrin_x86 import _dot_16x4_u8i8i32_desc
 from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
 from bitq_tvm.solver.performance import SECONDS_UNIT, performance_term
 from bitq_tvm.targets import host_preset

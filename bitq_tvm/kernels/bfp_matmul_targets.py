@@ -350,7 +350,7 @@ def bfp_matmul_for_target(
     Parameters
     ----------
     M, N, K, fmt_a, fmt_w
-        As :func:`bitq_tvm.schedules.bfp_matmul.bfp_matmul_func`; the PrimFunc has the same
+        As :func:`bitq_tvm.kernels.bfp_matmul.bfp_matmul_func`; the PrimFunc has the same
         signature ``(qa, ea, qw, sw, wcorr, C)`` and global symbol ``bfp_matmul``.
     preset
         The target; compile the PrimFunc with ``preset.tvm_target()``.

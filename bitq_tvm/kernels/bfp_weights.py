@@ -1,7 +1,7 @@
 """Compile-time packing of BFP weights and the run-time kernel that expands them for the matmul.
 
 Stored artifact (relax constants, per layer): ``qw`` mantissas in the tile layout of
-:func:`~bitq_tvm.schedules.bfp_matmul.pack_weights` (``[Np/16, Kp/4, 16, 4]`` int8) or, when
+:func:`~bitq_tvm.kernels.bfp_matmul.pack_weights` (``[Np/16, Kp/4, 16, 4]`` int8) or, when
 m <= 4, two mantissas per byte (``[Np/16, Kp/4, 16, 2]`` uint8: low nibble = even K, high nibble
 = odd K, two's complement), plus one int8 exponent per block, ``ew [nb, Np]``. That is
 ``B * m/8 + 1`` bytes per block: 33/128 = 0.258x FP32 at bfp8_b32, 17/128 = 0.133x at bfp4_b32

@@ -14,7 +14,7 @@ from tvm import relax, tirx
 
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, Rounding, fake_quantize_np
-from bitq_tvm.schedules.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
+from bitq_tvm.kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
 
 # The contract maps x near -float32 max to q = qmin, s = 2**(129 - m): q * s = -2**128 = -inf.
 # The stress tensor's huge rows hit that on purpose (the kernel must agree); NumPy warns about it.

@@ -1,6 +1,6 @@
 """im2col of BFP-quantized NHWC activations: conv2d as the integer BFP matmul.
 
-The activation quantizer (:mod:`bitq_tvm.schedules.bfp_act_quant`) turns an NCHW input into
+The activation quantizer (:mod:`bitq_tvm.kernels.bfp_act_quant`) turns an NCHW input into
 NHWC mantissas ``Q [N, H, W, G * Cg_p]`` and exponents ``E [N, H, W, G * nbg]`` with blocks along
 the input channels of each group, each group's channels zero-padded to ``Cg_p = nbg * B``. Those
 are exactly the simulation's blocks (per pixel, per group, along C). For one group ``g`` this
@@ -12,7 +12,7 @@ zero padding get mantissas 0 (an all-zero block: its term is 0 whatever its expo
 
 Weights ``W [O, C/G, KH, KW]`` quantized along axis 1 give mantissas ``[O, KH, KW, nbg, B]``,
 the same K order, so ``conv = A @ Wg.T`` per group, computed by
-:func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_func`.
+:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_func`.
 """
 
 from __future__ import annotations

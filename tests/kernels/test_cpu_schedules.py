@@ -13,7 +13,7 @@ from tvm.s_tir import dlight
 from tvm.script import tirx as T
 
 from bitq_tvm.errors import BitqError
-from bitq_tvm.schedules.cpu import (
+from bitq_tvm.kernels.cpu import (
     CPUScheduleConfig,
     ParallelVectorizeFallback,
     RegisterTiledContraction,

@@ -17,7 +17,7 @@ from tvm.target.codegen import llvm_get_system_cpu
 
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
-from bitq_tvm.schedules.bfp_matmul import (
+from bitq_tvm.kernels.bfp_matmul import (
     bfp_matmul_func,
     bfp_matmul_ref,
     bfp_matmul_tolerance,

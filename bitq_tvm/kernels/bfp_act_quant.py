@@ -3,7 +3,7 @@
 The run-time half of the integer BFP deployment (:mod:`bitq_tvm.passes.lower_bfp_integer`).
 Blocks run along ``axis`` of X (K of a matmul, input channels of an NCHW conv), split into
 ``groups`` equal segments that no block crosses; each segment is zero-padded to ``nbg * B``. The
-outputs move ``axis`` last, in the layout :func:`~bitq_tvm.schedules.bfp_matmul.bfp_matmul_func`
+outputs move ``axis`` last, in the layout :func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_func`
 reads (signed int8 mantissas: that kernel adds the +128 offset itself)::
 
     Q [outer..., groups * nbg * B]  int8   mantissas, padding 0
@@ -11,7 +11,7 @@ reads (signed int8 mantissas: that kernel adds the +128 offset itself)::
 
 where ``outer`` is X's shape without ``axis`` (for NCHW: N, H, W, i.e. NHWC mantissas).
 Every step is the float32 operation of :func:`bitq_tvm.formats.quantize_np`, as in the
-fake-quant kernel :mod:`bitq_tvm.schedules.bfp_quant` (exponent from the float32 exponent field,
+fake-quant kernel :mod:`bitq_tvm.kernels.bfp_quant` (exponent from the float32 exponent field,
 scale from its bit pattern, ``llvm.nearbyint``, the same stochastic-rounding hash by flat index
 of X), so mantissas and exponents are bit-exact with the reference.
 """

@@ -10,7 +10,7 @@ reduces each output lane with ``vwredsum``, which wastes most of a vector on BFP
 
 This intrinsic instead vectorises over 16 output lanes, matching one packed weight tile
 ``B[16, 4]`` (16 outputs x 4 consecutive K values, 64 contiguous bytes, the layout of
-:func:`bitq_tvm.schedules.bfp_matmul.pack_weights`), for one activation quad ``A[0:4]``::
+:func:`bitq_tvm.kernels.bfp_matmul.pack_weights`), for one activation quad ``A[0:4]``::
 
     C[j] += sum_k int32(A[k]) * int32(B[j, k])
 

@@ -20,14 +20,14 @@ from tvm.script import tirx as T
 
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
-from bitq_tvm.schedules.bfp_matmul import (
+from bitq_tvm.kernels.bfp_matmul import (
     bfp_matmul_func,
     bfp_matmul_ref,
     bfp_matmul_tolerance,
     pack_weights,
     quantize_activations_np,
 )
-from bitq_tvm.schedules.bfp_matmul_targets import (
+from bitq_tvm.kernels.bfp_matmul_targets import (
     bfp_matmul_for_target,
     bfp_matmul_target_func,
     default_variant,
