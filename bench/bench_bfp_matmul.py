@@ -3,7 +3,7 @@
 Usage: python bench/bench_bfp_matmul.py [--repeat 30] [--block 32]
 
 BFP8 (m = 8 for activations and weights) with block size B; for each shape C[M, N] = A[M, K] @
-W[N, K].T it times the three kernel variants of ``bitq_tvm.kernels.bfp_matmul``, a TVM FP32
+W[N, K].T it times the three x86 kernel variants (``bitq_tvm.kernels.bfp_matmul_x86``), a TVM FP32
 kernel with the same kind of simple hand schedule (4 x 32 register tile, weights pre-packed
 [N/16, K, 16], parallel over tiles) and NumPy FP32 (OpenBLAS, its own threads). GOPS counts
 2*M*N*K useful operations (unpadded N). Each time is the best of ``--repeat`` single calls: the
@@ -27,12 +27,10 @@ from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
 from bitq_tvm.formats import BFPFormat
-from bitq_tvm.kernels.bfp_matmul import (
-    LANES,
-    bfp_matmul_func,
-    pack_weights,
-    quantize_activations_np,
-)
+from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func
+from bitq_tvm.kernels.contract import LANES
+from bitq_tvm.kernels.oracle import quantize_activations_np
+from bitq_tvm.kernels.packing import pack_weights
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
 AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
@@ -119,7 +117,7 @@ def _bench_shape(M, N, K, fmt, repeat):
     w = rng.standard_normal((N, K)).astype(np.float32)
     dev = tvm.cpu()
     acts = quantize_activations_np(a, fmt)
-    packed = pack_weights(w, fmt)
+    packed = pack_weights(w, fmt).expanded()
     arrays = (acts["qa"], acts["ea"], packed["qw"], packed["sw"], packed["wcorr"])
     bfp_args = [tvm.runtime.tensor(x, dev) for x in arrays]
     bfp_args.append(tvm.runtime.tensor(np.zeros((M, N), np.float32), dev))

@@ -25,8 +25,9 @@ import numpy as np
 import tvm
 
 from bitq_tvm.formats import BFPFormat
-from bitq_tvm.kernels.bfp_matmul import pack_weights, quantize_activations_np
-from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_for_target
+from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_for_target
+from bitq_tvm.kernels.oracle import quantize_activations_np
+from bitq_tvm.kernels.packing import pack_weights
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 
 CASES = [
@@ -70,7 +71,7 @@ def main() -> None:
     fmt = BFPFormat(mantissa_bits=8, block_size=args.block)
     rng = np.random.default_rng(0)
     acts = quantize_activations_np(rng.standard_normal((M, K)).astype(np.float32), fmt)
-    packed = pack_weights(rng.standard_normal((N, K)).astype(np.float32), fmt)
+    packed = pack_weights(rng.standard_normal((N, K)).astype(np.float32), fmt).expanded()
     inputs = [acts["qa"], acts["ea"], packed["qw"], packed["sw"], packed["wcorr"]]
 
     print(f"BFP8 B={args.block}, M={M} N={N} K={K}; qemu time is NOT hardware time\n")
@@ -79,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work_dir:
         for name, variant in CASES:
             preset = get_target(name)
-            func, _ = bfp_matmul_for_target(M, N, K, fmt, fmt, preset, variant)
+            func, _ = bfp_matmul_for_target(M, N, K, fmt, fmt, preset.tvm_target(), variant)
             executable = tvm.compile(func, preset.tvm_target())
             key = KEY_INSTRUCTION.get(variant)
             if key is None:

@@ -25,10 +25,10 @@ import numpy as np
 import tvm
 
 from bitq_tvm.formats import parse_format
-from bitq_tvm.kernels.bfp_matmul import bfp_matmul_func
+from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func, kernel_variant
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.session import TuningOptions, tune
-from bitq_tvm.tuning.tasks import BfpTask, kernel_variant
+from bitq_tvm.tuning.tasks import BfpTask
 from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record, verify_tasks
 
 REPEATS = 20
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         m, n, k = (int(v) for v in shape.split("x"))
-        task = BfpTask(m, n, k, fmt, fmt, kernel_variant(preset))
+        task = BfpTask(m, n, k, fmt, fmt, kernel_variant(preset.tvm_target()))
         work = tempfile.mkdtemp(prefix="bitq_bench_tune_")
         started = time.perf_counter()
         summary = tune([task], preset, work, args.trials, TuningOptions(min_trials_per_task=args.trials))

@@ -27,9 +27,9 @@ from .api import CompiledModel, _progress, check_weights, import_relax, resolve_
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel
 from .passes import AnnotateBFPLayers, InsertBFPSimulation
-from .kernels.bfp_matmul_targets import default_variant
-from .passes.lower_bfp_integer import (DEFAULT_MAX_PADDING_RATIO, EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment,
-                                       LowerBFPInteger)
+from .kernels.bfp_matmul_variants import kernel_variant
+from .kernels.contract import DEFAULT_MAX_PADDING_RATIO
+from .passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment, LowerBFPInteger
 from .plan import LayerFormats, Plan
 from .kernels.cpu import cpu_pipeline
 from .targets.presets import TargetPreset, get_target
@@ -183,7 +183,7 @@ def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPr
     formats = resolve_plan(model, plan)
     mod, params = import_relax(model)
     check_weights(model, formats, params)
-    variant = default_variant(preset)
+    variant = kernel_variant(preset.tvm_target())
     tvm_target = preset.tvm_target()
     if progress:
         progress(f"deploying {model.name}: {len(model.layers)} layers for {preset.name} ({variant} kernels)")

@@ -15,7 +15,7 @@ from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_byte
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
 from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
-from bitq_tvm.kernels.bfp_matmul_targets import default_variant
+from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
 from bitq_tvm.targets.presets import get_target
 
 REL_TOL = 1e-4
@@ -100,7 +100,7 @@ def test_cli_compile_deploy_writes_a_library_that_runs(tmp_path, capsys):
     assert main(["compile", str(zoo.bundled_model_path()), "--input-shape", "input:1,1,8,8", "--format", "bfp8_b32",
                  "--deploy", "--report", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"| fc1 | matmul | integer BFP ({default_variant(get_target('host'))}) |" in printed
+    assert f"| fc1 | matmul | integer BFP ({kernel_variant(get_target('host').tvm_target())}) |" in printed
     assert "fallback: layer 'conv1' runs as float BFP simulation" in printed
     # the documented calling convention of the exported library
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())

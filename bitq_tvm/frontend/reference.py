@@ -3,8 +3,8 @@
 The oracle for the TVM simulation: the normalised ONNX model runs in ONNX's own reference
 evaluator (NumPy), with each planned layer's weight replaced by
 :func:`~bitq_tvm.formats.fake_quantize_np` of it and a ``bitq.BFPFakeQuant`` node, computed by the
-same NumPy function, in front of its input activation. Blocks follow the same reduction axes as
-:mod:`bitq_tvm.passes.insert_bfp_simulation`.
+same NumPy function, in front of its input activation. Blocks follow the reduction axes of
+:func:`bitq_tvm.kernels.contract.block_axes`, as in :mod:`bitq_tvm.passes.insert_bfp_simulation`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from ..formats import fake_quantize_np, parse_format
+from ..kernels.contract import block_axes
 from .onnx_model import LAYER_OPS, Layer, OnnxModel
 
 _DOMAIN = "bitq"
@@ -31,18 +32,10 @@ class BFPFakeQuant(OpRun):
         return (fake_quantize_np(x, fmt, axis=axis, groups=groups),)
 
 
-def weight_block_axis(layer: Layer) -> int:
-    """Reduction axis of the layer's ONNX weight: I of OIHW, K of MatMul [K,N] / Gemm [N,K]."""
-    if layer.kind == "conv2d":
-        return 1
-    return 1 if layer.trans_b else 0
-
-
-def act_block_axis(layer: Layer) -> tuple[int, int]:
-    """(axis, groups) of the layer's input activation blocks."""
-    if layer.kind == "conv2d":
-        return 1, layer.groups
-    return len(layer.input_shape) - 1, 1
+def layer_block_axes(layer: Layer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((activation axis, groups), (weight axis, groups)) of the layer's ONNX tensors
+    (:func:`~bitq_tvm.kernels.contract.block_axes`; Gemm's transB weight is a stored [N, K])."""
+    return block_axes(layer.kind, len(layer.input_shape), len(layer.weight_shape), layer.groups, layer.trans_b)
 
 
 def reference_model(model: OnnxModel, formats: dict) -> onnx.ModelProto:
@@ -57,8 +50,8 @@ def reference_model(model: OnnxModel, formats: dict) -> onnx.ModelProto:
         lf = formats.get(layer.name) if layer is not None else None
         if lf is not None and lf.weight is not None:
             w = numpy_helper.to_array(init)
-            init = numpy_helper.from_array(fake_quantize_np(w, lf.weight, axis=weight_block_axis(layer), name=init.name),
-                                           init.name)
+            _, (w_axis, _) = layer_block_axes(layer)
+            init = numpy_helper.from_array(fake_quantize_np(w, lf.weight, axis=w_axis, name=init.name), init.name)
         inits.append(init)
     del graph.initializer[:]
     graph.initializer.extend(inits)
@@ -67,7 +60,7 @@ def reference_model(model: OnnxModel, formats: dict) -> onnx.ModelProto:
         layer = by_weight.get(node.input[1]) if node.op_type in LAYER_OPS and len(node.input) > 1 else None
         lf = formats.get(layer.name) if layer is not None else None
         if lf is not None and lf.activation is not None:
-            axis, groups = act_block_axis(layer)
+            (axis, groups), _ = layer_block_axes(layer)
             q_name = f"{node.input[0]}:bfp:{layer.name}"
             nodes.append(helper.make_node("BFPFakeQuant", [node.input[0]], [q_name], domain=_DOMAIN,
                                           format=lf.activation.name, axis=axis, groups=groups))

@@ -20,7 +20,7 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
 Weight storage: mantissas (two per byte when m <= 4) and int8 exponents are the constants
 returned by the Relax function :data:`PACKED_FUNCTION`. :data:`EXPAND_FUNCTION` derives from
 them the matmul's operands (float scales, offset corrections, unpacked 4-bit mantissas; see
-:mod:`~bitq_tvm.kernels.bfp_weights`), which ``main`` takes as trailing parameters: after
+:mod:`~bitq_tvm.kernels.packing`), which ``main`` takes as trailing parameters: after
 loading, call ``expand(*packed())`` once and pass its results to every ``main`` call
 (:class:`bitq_tvm.deploy.DeployedModel` does this). The expansion is not per inference.
 
@@ -45,19 +45,17 @@ from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
 from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
-from ..kernels.bfp_matmul import K_QUAD, bfp_matmul_name, padded_rows
-from ..kernels.bfp_matmul_targets import ALL_VARIANTS, bfp_matmul_target_func
-from ..kernels.bfp_weights import PackedWeights, bfp_weight_expand_func, pack_quantized, packed_nbytes
+from ..kernels.bfp_matmul import bfp_matmul_name
+from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
+from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, K_QUAD, conv_problem, format_problem, padded_rows
+from ..kernels.packing import PackedWeights, bfp_weight_expand_func, pack_quantized
 from .annotate_layers import annotated_layers, weight_param
 
-__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger", "format_problem",
-           "conv_problem", "integer_support", "integer_weight_bytes"]
+__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger"]
 
 EXPAND_FUNCTION = "bitq_expand_weights"
 PACKED_FUNCTION = "bitq_packed_weights"
 _PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
-_MIN_BLOCK, _MAX_BLOCK = 8, 128
-DEFAULT_MAX_PADDING_RATIO = 2.0
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
@@ -85,64 +83,6 @@ class LayerDeployment:
             raise BitqError(f"LayerDeployment({self.layer}): a variant goes with mode 'integer' only")
         if self.mode == "simulation" and not self.reason:
             raise BitqError(f"LayerDeployment({self.layer}): a fallback needs a reason")
-
-
-def format_problem(weight: BFPFormat | None, activation: BFPFormat | None) -> str | None:
-    """Why the integer kernel cannot run a layer in these formats (None: it can, shape permitting)."""
-    if weight is None or activation is None:
-        missing = "activation" if activation is None else "weight"
-        return f"{missing} is FP32 in the plan: the integer kernel needs both operands in BFP"
-    if weight.block_size != activation.block_size:
-        return (f"weight block size {weight.block_size} != activation block size "
-                f"{activation.block_size}: one integer dot product per block needs one block size")
-    block = weight.block_size
-    if block % K_QUAD or not _MIN_BLOCK <= block <= _MAX_BLOCK:
-        return f"block size {block} is not a multiple of {K_QUAD} in [{_MIN_BLOCK}, {_MAX_BLOCK}] (kernel constraint)"
-    return None
-
-
-def conv_channels_padded(group_channels: int, fmt: BFPFormat) -> int:
-    """In-group input channels after zero-padding to whole blocks (the conv kernel's K per offset)."""
-    return -(-group_channels // fmt.block_size) * fmt.block_size
-
-
-def conv_problem(group_channels: int, groups: int, fmt: BFPFormat,
-                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
-    """Why the integer kernel does not run a conv of this grouping in ``fmt`` (None: it does)."""
-    if groups > 1 and group_channels == 1:
-        return "depthwise conv (1 input channel per group): a block would hold 1 value and B-1 zeros"
-    cg_p = conv_channels_padded(group_channels, fmt)
-    if cg_p > max_padding_ratio * group_channels:
-        return (f"{group_channels} input channels per group padded to {cg_p} (block {fmt.block_size}): "
-                f"the integer kernel would do {cg_p / group_channels:.1f}x the work")
-    return None
-
-
-def integer_support(kind: str, weight_shape, groups: int, weight: BFPFormat | None, activation: BFPFormat | None,
-                    max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
-    """The pass's rule from shapes alone (the planner uses it to price candidates as deployed).
-
-    ``kind`` is ``"conv2d"`` (weight OIHW) or ``"matmul"`` (2-D weight). Returns None when the
-    layer becomes an integer kernel, else the reason it stays float simulation.
-    """
-    reason = format_problem(weight, activation)
-    if reason is not None:
-        return reason
-    if kind == "matmul":
-        return None if len(weight_shape) == 2 else (
-            f"matmul by a {len(weight_shape)}-D weight (kernel: 2-D weights)")
-    return conv_problem(int(weight_shape[1]), groups, weight, max_padding_ratio)
-
-
-def integer_weight_bytes(kind: str, weight_shape, groups: int, fmt: BFPFormat, reduction: int | None = None) -> int:
-    """Bytes the pass stores for a layer it lowers (the sum of its :class:`PackedWeights`)."""
-    if kind == "matmul":
-        k = int(reduction)
-        n = int(np.prod(weight_shape)) // k
-        return packed_nbytes(n, -(-k // fmt.block_size) * fmt.block_size, fmt)
-    o, cg, kh, kw = (int(d) for d in weight_shape)
-    k_padded = kh * kw * conv_channels_padded(cg, fmt)
-    return groups * packed_nbytes(o // groups, k_padded, fmt)
 
 
 def _shape(expr: relax.Expr) -> list[int]:
@@ -203,7 +143,7 @@ class _Lowerer(PyExprMutator):
         tag = bfp_matmul_name(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         func = self.kernels.get(tag)
         if func is None:
-            func = bfp_matmul_target_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
+            func = bfp_matmul_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         else:
             self.tuned_used.add(tag)
         func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
@@ -352,7 +292,7 @@ class LowerBFPInteger:
     params : dict
         Weight parameter name -> array (``api.import_relax``), packed at compile time.
     variant : str
-        Matmul kernel variant (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant` of the target).
+        Matmul kernel variant (:func:`~bitq_tvm.kernels.bfp_matmul_variants.kernel_variant` of the target).
     max_padding_ratio : float
         Largest padded/real in-group channel ratio a conv may have and still be lowered.
     kernels : dict, optional
@@ -366,8 +306,8 @@ class LowerBFPInteger:
 
     def __init__(self, formats: dict, params: dict, variant: str,
                  max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, kernels=None):
-        if variant not in ALL_VARIANTS:
-            raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(ALL_VARIANTS)}")
+        if variant not in VARIANTS:
+            raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(VARIANTS)}")
         if max_padding_ratio < 1:
             raise BitqError(f"LowerBFPInteger: max_padding_ratio {max_padding_ratio} must be >= 1")
         self.formats = dict(formats)

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper
 from ..errors import BitqError
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
-from ..frontend.reference import act_block_axis, weight_block_axis
+from ..frontend.reference import layer_block_axes
 from .candidates import Candidate
 
 LOGIT_MSE_UNIT = "relative logit MSE"
@@ -501,8 +501,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
             w_noise[layer.name], a_noise[layer.name] = {}, {}
             continue
         w = weights[layer.weight]
-        axis, groups = act_block_axis(layer)
-        w_axis = weight_block_axis(layer)
+        (axis, groups), (w_axis, _) = layer_block_axes(layer)
         w_noise[layer.name] = {f.name: noise_power(w, f, w_axis) for f in {c.weight for c in cands}}
         a_noise[layer.name] = {f.name: _batched_noise_power([c[layer.name] for c in captured], f, axis, groups)
                                for f in {c.activation for c in cands}}

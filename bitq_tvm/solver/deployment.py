@@ -1,7 +1,7 @@
 """Candidates priced as deployed: the deployment pass's own rule decides how a candidate runs.
 
 For every (layer, candidate) :func:`deployed_cost` asks
-:func:`bitq_tvm.passes.lower_bfp_integer.integer_support` (the rule ``LowerBFPInteger`` applies,
+:func:`bitq_tvm.kernels.contract.integer_support` (the rule ``LowerBFPInteger`` applies,
 not a copy of it) whether the layer becomes an integer kernel, and gives what it really costs:
 
 * integer: the packed weight bytes the pass stores (outputs padded to 16 lanes, K padded to whole
@@ -21,7 +21,7 @@ import dataclasses
 from typing import Mapping
 
 from ..frontend.onnx_model import Layer, OnnxModel
-from ..passes.lower_bfp_integer import DEFAULT_MAX_PADDING_RATIO, integer_support, integer_weight_bytes
+from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, gemm_geometry, integer_support, integer_weight_bytes
 from .candidates import FP32_CANDIDATE, Candidate
 
 FP32_BITS = 32.0
@@ -53,7 +53,9 @@ def deployed_cost(layer: Layer, candidate: Candidate,
     if reason is not None:
         return DeployedCost("simulation", reason, fp32_bytes, FP32_BITS, FP32_BITS)
     fmt = candidate.activation
-    nbytes = integer_weight_bytes(layer.kind, layer.weight_shape, layer.groups, candidate.weight, layer.reduction)
+    geometry = gemm_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, fmt.block_size,
+                             layer.groups)
+    nbytes = integer_weight_bytes(geometry, candidate.weight)
     k = layer.reduction
     k_padded = -(-k // fmt.block_size) * fmt.block_size
     act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * k_padded / k  # int8 mantissas, int8 exponents

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import BitqError
 from ..frontend.onnx_model import OnnxModel
+from ..kernels.contract import LANES, padded
 from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
@@ -40,7 +41,6 @@ FEATURE_NAMES = ("log2_m", "log2_n", "log2_k", "log2_macs", "block_size", "block
                  "log2_weight_bytes", "log2_act_bytes", "n_lane_waste", "vector_bits", "target_macs_per_cycle")
 # Fewer points than this give no regressor (and no rank correlation worth reporting).
 MIN_POINTS_TO_FIT = 3
-_LANES = 16
 
 
 def _call_macs(task: BfpTask) -> int:
@@ -50,7 +50,7 @@ def _call_macs(task: BfpTask) -> int:
 def task_features(task: BfpTask, preset: TargetPreset) -> list[float]:
     """Features of one GEMM (shape, formats, target), in :data:`FEATURE_NAMES` order."""
     m, n, k, block = task.m, task.n, task.k, task.fmt_a.block_size
-    n_padded = -(-n // _LANES) * _LANES
+    n_padded = padded(n, LANES)
     return [math.log2(m), math.log2(n), math.log2(k), math.log2(_call_macs(task)), block, k // block,
             task.fmt_a.mantissa_bits, task.fmt_w.mantissa_bits,
             math.log2(n * k * task.fmt_w.mantissa_bits / 8), math.log2(m * k * task.fmt_a.mantissa_bits / 8),

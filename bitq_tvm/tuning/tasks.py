@@ -1,16 +1,15 @@
 """Tuning tasks: one per distinct integer BFP GEMM a model needs, plus its FP32 work.
 
-A BFP layer runs as im2col + :func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_compute`: a conv
-with output ``[N, C_out, OH, OW]`` is a GEMM with ``M = N * OH * OW`` rows, ``C_out / groups``
-columns and ``K = KH * KW * pad(C_in / groups, B)`` (blocks run along the in-group channels of one
-kernel offset, so each offset pads its channels to whole blocks); a matmul is ``M = rows``,
-``N = out features``, ``K = pad(in features, B)``. Layers x candidate formats that give the same
+A BFP layer runs as im2col + :func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_compute`, the GEMM
+:func:`~bitq_tvm.kernels.contract.gemm_geometry` gives (a conv with output ``[N, C_out, OH, OW]``:
+``M = N * OH * OW`` rows, ``C_out / groups`` columns, ``K = KH * KW * pad(C_in / groups, B)``; a
+matmul: ``M = rows``, ``N = out features``, ``K = pad(in features, B)``). Layers x candidate formats that give the same
 (M, N, K, formats, kernel variant) share one task. The variant is the one deployment runs on the
-target (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant`: ``vnni``/``avx2``/
+target (:func:`~bitq_tvm.kernels.bfp_matmul_variants.kernel_variant`: ``vnni``/``avx2``/
 ``generic`` on x86, ``sdot``/``neon`` on ARM, ``rvv``/``scalar`` on RISC-V), so the kernel
 measured is the kernel deployed: x86 variants tune the unsigned-offset compute of
-:mod:`~bitq_tvm.kernels.bfp_matmul`, the others the signed one of
-:mod:`~bitq_tvm.kernels.bfp_matmul_targets`.
+:mod:`~bitq_tvm.kernels.bfp_matmul` (schedules in :mod:`~bitq_tvm.kernels.bfp_matmul_x86`), the
+others the signed one (schedules in :mod:`~bitq_tvm.kernels.bfp_matmul_arm_riscv`).
 
 Task names are deterministic and double as keys: the task's PrimFunc carries its name as
 ``global_symbol``, so every workload in a MetaSchedule database names its task, e.g.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import warnings
 from types import MappingProxyType
 from typing import Iterable, Mapping
@@ -38,11 +36,12 @@ from tvm.s_tir import Schedule, TensorIntrin
 from ..errors import BitqError
 from ..formats import BFPFormat
 from ..frontend.onnx_model import Layer, OnnxModel
-from ..kernels.bfp_matmul import LANES, bfp_matmul_compute, bfp_matmul_name, padded_rows
-from ..kernels.bfp_matmul import VARIANTS as X86_VARIANTS
-from ..kernels.bfp_matmul import schedule_bfp_matmul as schedule_kernel
-from ..kernels.bfp_matmul_targets import (LANE_MAJOR_VARIANTS, bfp_matmul_signed_compute, default_variant,
-                                            schedule_bfp_matmul_target)
+from ..kernels.bfp_matmul import bfp_matmul_compute, bfp_matmul_name
+from ..kernels.bfp_matmul_arm_riscv import LANE_MAJOR_VARIANTS, schedule_bfp_matmul_arm_riscv
+from ..kernels.bfp_matmul_variants import kernel_variant
+from ..kernels.bfp_matmul_x86 import VARIANTS as X86_VARIANTS
+from ..kernels.bfp_matmul_x86 import schedule_bfp_matmul_x86
+from ..kernels.contract import LANES, block_size_problem, gemm_geometry, padded
 from ..kernels.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
 from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
@@ -52,7 +51,6 @@ __all__ = [
     "Fp32Task",
     "TaskSet",
     "TUNABLE_VARIANTS",
-    "kernel_variant",
     "layer_gemm",
     "bfp_matmul_space",
     "space_configs",
@@ -84,12 +82,6 @@ def register_metaschedule_intrinsics() -> None:
 
     TensorIntrin.register(METASCHEDULE_VNNI_NAME, _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni,
                           override=True)
-
-
-def kernel_variant(preset: TargetPreset) -> str:
-    """The BFP matmul variant a target tunes: the one deployment compiles for it
-    (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant`)."""
-    return default_variant(preset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +121,8 @@ class BfpTask:
 
     def prim_func(self) -> tirx.PrimFunc:
         """The unscheduled kernel of the task's variant, named after the task (its database key)."""
-        compute = bfp_matmul_compute if self.variant in X86_VARIANTS else bfp_matmul_signed_compute
-        func = compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w)
+        func = bfp_matmul_compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w,
+                                  signed=self.variant not in X86_VARIANTS)
         return func.with_attr("global_symbol", self.name)
 
 
@@ -176,18 +168,10 @@ class TaskSet:
         return MappingProxyType({t.name: t for t in self.all})
 
 
-def _padded(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def layer_gemm(layer: Layer, block_size: int) -> tuple[int, int, int, int]:
     """(M, N, K padded per block, calls) of ``layer``'s GEMM after im2col, as the deployment runs it."""
-    if layer.kind == "conv2d":
-        out_c, in_c, kh, kw = layer.weight_shape
-        rows = padded_rows(layer.output_shape[0] * layer.output_shape[2] * layer.output_shape[3])
-        return rows, out_c // layer.groups, kh * kw * _padded(in_c, block_size), layer.groups
-    rows = padded_rows(math.prod(layer.input_shape[:-1]))
-    return rows, int(layer.output_shape[-1]), _padded(layer.reduction, block_size), 1
+    g = gemm_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, block_size, layer.groups)
+    return g.rows_padded, g.n, g.k_padded, g.groups
 
 
 def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]],
@@ -199,16 +183,16 @@ def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candid
     candidates : mapping
         Layer name -> candidates (e.g. ``LayerCandidates.resolve``); FP32 candidates add none.
     """
-    variant = kernel_variant(preset)
+    variant = kernel_variant(preset.tvm_target())
     users: dict[tuple, list[tuple[str, str]]] = {}
     for layer in model.layers:
         for cand in candidates.get(layer.name, ()):
             if cand.is_fp32:
                 continue
             block = cand.block_size
-            if block % 4 or not 8 <= block <= 128:
-                raise BitqError(f"candidate {cand.label} of layer '{layer.name}': the integer kernel takes "
-                                f"block sizes that are multiples of 4 in [8, 128], not {block}")
+            problem = block_size_problem(block)
+            if problem is not None:
+                raise BitqError(f"candidate {cand.label} of layer '{layer.name}': the integer kernel's {problem}")
             m, n, k, calls = layer_gemm(layer, block)
             key = (m, n, k, cand.activation, cand.weight, calls)
             users.setdefault(key, []).append((layer.name, cand.label))
@@ -259,7 +243,7 @@ def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]
 def space_configs(task: BfpTask) -> tuple[tuple[int, int, str], ...]:
     """(tile rows, 16-lane column groups, loop order) points of the task's search space."""
     tile_rows, tile_groups, max_tile = _X86_TILES if task.variant in X86_VARIANTS else _LANE_MAJOR_TILES
-    n_tiles = _padded(task.n, LANES) // LANES
+    n_tiles = padded(task.n, LANES) // LANES
     rows = [r for r in tile_rows if task.m % r == 0]
     groups = [g for g in tile_groups if n_tiles % g == 0]
     # with one row tile or one column tile, both orders are the same program: keep one
@@ -271,15 +255,15 @@ def space_configs(task: BfpTask) -> tuple[tuple[int, int, str], ...]:
 def schedule_bfp_matmul(sch: Schedule, task: BfpTask, rows: int, groups: int, order: str,
                         intrinsic: str | None = None) -> None:
     """Schedule ``task``'s kernel in ``sch`` with one register tile and loop order (see
-    :func:`bitq_tvm.kernels.bfp_matmul.schedule_bfp_matmul` for x86 variants,
-    :func:`bitq_tvm.kernels.bfp_matmul_targets.schedule_bfp_matmul_target` for the others).
+    :func:`bitq_tvm.kernels.bfp_matmul_x86.schedule_bfp_matmul_x86` for x86 variants,
+    :func:`bitq_tvm.kernels.bfp_matmul_arm_riscv.schedule_bfp_matmul_arm_riscv` for the others).
     ``intrinsic`` replaces an x86 variant's tensor intrinsic (tests plant a wrong one)."""
     if task.variant in X86_VARIANTS:
-        schedule_kernel(sch, task.k, rows, groups, task.variant, order, intrinsic)
+        schedule_bfp_matmul_x86(sch, task.k, rows, groups, task.variant, order, intrinsic)
     elif intrinsic is not None:
         raise BitqError(f"tuning task {task.name}: only x86 variants take an intrinsic override")
     else:
-        schedule_bfp_matmul_target(sch, task.variant, rows, groups, order)
+        schedule_bfp_matmul_arm_riscv(sch, task.variant, rows, groups, order)
 
 
 def bfp_matmul_space(task: BfpTask):

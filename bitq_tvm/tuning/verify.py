@@ -4,8 +4,9 @@ MetaSchedule measures speed only, and tensorize accepts a region an intrinsic do
 match (see the TVM notes), so a fast record can compute the wrong thing. Each task's records are
 tried fastest first: the schedule is rebuilt from the record's trace, run on random BFP data
 (wide per-row ranges, an all-zero block, a zero weight row), and compared with
-:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_ref` within
-:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_tolerance`. The first record that passes is the
+:func:`~bitq_tvm.kernels.oracle.bfp_matmul_ref` within
+:func:`~bitq_tvm.kernels.oracle.bfp_matmul_tolerance`, with the weights packed by the deployment's
+packer (:func:`~bitq_tvm.kernels.packing.pack_weights`). The first record that passes is the
 task's trusted schedule; failing ones are reported and excluded. Verdicts are cached in the work
 dir (``bitq_verified.json``), keyed by task and trace, so nothing is rebuilt twice.
 """
@@ -24,8 +25,8 @@ import tvm
 from tvm.s_tir import Schedule
 
 from ..errors import BitqError
-from ..formats import quantize_np
-from ..kernels.bfp_matmul import bfp_matmul_ref, bfp_matmul_tolerance, pack_weights, quantize_activations_np
+from ..kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
+from ..kernels.packing import pack_weights
 from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, register_metaschedule_intrinsics
@@ -57,9 +58,8 @@ def random_bfp_inputs(task: BfpTask, seed: int = 0) -> dict[str, np.ndarray]:
     w[rng.integers(0, n)] = 0.0
     acts = quantize_activations_np(a, task.fmt_a)
     packed = pack_weights(w, task.fmt_w)
-    t = quantize_np(w, task.fmt_w, axis=-1)
-    return {"qa": acts["qa"], "ea": acts["ea"], **packed,
-            "qw_rows": t.mantissas.reshape(n, -1), "ew": t.exponents.reshape(n, -1)}
+    return {"qa": acts["qa"], "ea": acts["ea"], **packed.expanded(),
+            "qw_rows": packed.mantissas()[:n], "ew": packed.ew[:, :n].T}
 
 
 def check_kernel(task: BfpTask, run: Callable, seed: int = 0) -> float:

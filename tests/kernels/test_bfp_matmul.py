@@ -17,13 +17,9 @@ from tvm.target.codegen import llvm_get_system_cpu
 
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
-from bitq_tvm.kernels.bfp_matmul import (
-    bfp_matmul_func,
-    bfp_matmul_ref,
-    bfp_matmul_tolerance,
-    pack_weights,
-    quantize_activations_np,
-)
+from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func
+from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
+from bitq_tvm.kernels.packing import pack_weights
 
 # vnni needs avx512vnni (Zen 4/5, Ice Lake and later): run only where the host has it; avx2 is
 # compiled for a CPU without AVX-512 to show it needs none; generic is compiled for the host.
@@ -82,7 +78,7 @@ def test_matches_references_within_summation_bound(variant, block):
         fmt_w = BFPFormat(mantissa_bits=MANTISSA_BITS[-1 - index], block_size=block)
         a, w = _data(rng, M, N, K, block)
         acts = quantize_activations_np(a, fmt_a)
-        packed = pack_weights(w, fmt_w)
+        packed = pack_weights(w, fmt_w).expanded()
         qw, ew = _unpacked(w, fmt_w)
         args = (acts["qa"], acts["ea"], qw, ew, block, fmt_a.mantissa_bits, fmt_w.mantissa_bits)
 
@@ -126,7 +122,7 @@ def test_block_scale_exact_over_whole_exponent_range(variant):
         "sw": np.ldexp(np.float32(1), ew.T.astype(np.int32) - 6),
         "wcorr": np.ascontiguousarray(-128 * wsum[None, :], dtype=np.int32),
     }
-    repacked = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt)
+    repacked = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt).expanded()
     assert np.array_equal(packed["qw"], repacked["qw"])
     assert np.array_equal(packed["wcorr"], repacked["wcorr"])
 
@@ -150,12 +146,12 @@ def test_user_errors_name_the_culprit():
     fmt16 = BFPFormat(mantissa_bits=8, block_size=16)
     fmt32 = BFPFormat(mantissa_bits=8, block_size=32)
     with pytest.raises(BitqError, match="share one block size"):
-        bfp_matmul_func(4, 16, 64, fmt16, fmt32)
+        bfp_matmul_func(4, 16, 64, fmt16, fmt32, "vnni")
     with pytest.raises(BitqError, match="variant 'sse'"):
         bfp_matmul_func(4, 16, 64, fmt32, fmt32, "sse")
     with pytest.raises(BitqError, match="block size 4 must be a multiple of 4 in"):
         pack_weights(np.ones((16, 8), np.float32), BFPFormat(mantissa_bits=8, block_size=4))
-    with pytest.raises(BitqError, match=r"fc2.weight has a block with max \|w\| >= 2\*\*112"):
+    with pytest.raises(BitqError, match=r"fc2.weight' has a block with max \|w\| >= 2\*\*112"):
         pack_weights(np.full((16, 32), 2.0**112, np.float32), fmt32, name="fc2.weight")
     pack_weights(np.full((16, 32), 2.0**111, np.float32), fmt32)  # the largest accepted
     with pytest.raises(BitqError, match="fc1.weight must be 2-D"):

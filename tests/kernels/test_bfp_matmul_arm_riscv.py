@@ -20,18 +20,10 @@ from tvm.script import tirx as T
 
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
-from bitq_tvm.kernels.bfp_matmul import (
-    bfp_matmul_func,
-    bfp_matmul_ref,
-    bfp_matmul_tolerance,
-    pack_weights,
-    quantize_activations_np,
-)
-from bitq_tvm.kernels.bfp_matmul_targets import (
-    bfp_matmul_for_target,
-    bfp_matmul_target_func,
-    default_variant,
-)
+from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_for_target, bfp_matmul_func, kernel_variant
+from bitq_tvm.kernels.bfp_matmul_x86 import bfp_matmul_x86_func
+from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
+from bitq_tvm.kernels.packing import pack_weights
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 
 # (preset, variant): every kernel variant on the emulated CPU it is meant for
@@ -78,7 +70,7 @@ def _mnemonics(asm: str) -> set[str]:
 
 
 def _build(preset, variant, M, N, K, fmt_a, fmt_w, path):
-    func, chosen = bfp_matmul_for_target(M, N, K, fmt_a, fmt_w, preset, variant)
+    func, chosen = bfp_matmul_for_target(M, N, K, fmt_a, fmt_w, preset.tvm_target(), variant)
     assert chosen == variant
     executable = tvm.compile(func, preset.tvm_target())
     return executable, export(executable, path, preset)
@@ -117,7 +109,7 @@ def test_emulated_kernel_matches_references(name, variant, block, tmp_path, runn
         fmt_w = BFPFormat(mantissa_bits=MANTISSA_BITS[-1 - index], block_size=block)
         a, w = _data(rng, M, N, K, block)
         acts = quantize_activations_np(a, fmt_a)
-        packed = pack_weights(w, fmt_w)
+        packed = pack_weights(w, fmt_w).expanded()
         wt = quantize_np(w, fmt_w, axis=-1)
         qw, ew = wt.mantissas.reshape(N, -1), wt.exponents.reshape(N, -1)
         args = (acts["qa"], acts["ea"], qw, ew, block, fmt_a.mantissa_bits, fmt_w.mantissa_bits)
@@ -151,7 +143,7 @@ def test_block_scale_exact_over_whole_exponent_range(name, variant, tmp_path, ru
     ew = rng.integers(-127, 112, (N, 1), dtype=np.int8)
     ew[::4] = rng.integers(-127, -117, (N // 4, 1))
     ew[1::4] = rng.integers(90, 112, (N // 4, 1))
-    packed = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt)
+    packed = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt).expanded()
     packed["sw"] = np.ldexp(np.float32(1), ew.T.astype(np.int32) - 6)
 
     _, library = _build(preset, variant, M, N, block, fmt, fmt, tmp_path / "exact.so")
@@ -166,7 +158,7 @@ def test_block_scale_exact_over_whole_exponent_range(name, variant, tmp_path, ru
 def test_assembly_uses_the_intended_instructions(name, variant):
     preset = get_target(name)
     fmt = BFPFormat(mantissa_bits=8, block_size=32)
-    func, _ = bfp_matmul_for_target(4, 32, 64, fmt, fmt, preset, variant)
+    func, _ = bfp_matmul_for_target(4, 32, 64, fmt, fmt, preset.tvm_target(), variant)
     found = _mnemonics(tvm.compile(func, preset.tvm_target()).mod.inspect_source("asm"))
     assert EXPECTED_MNEMONICS[variant] <= found, EXPECTED_MNEMONICS[variant] - found
     assert not FORBIDDEN_MNEMONICS[variant] & found
@@ -180,17 +172,17 @@ def test_default_variant_per_preset():
         "neoverse-n2": "sdot", "rv64gcv-vlen128": "rvv", "rv64gcv-vlen256": "rvv",
         "rv64gc": "scalar", "avx512-vnni": "vnni", "avx2": "avx2",
     }
-    assert {name: default_variant(get_target(name)) for name in expected} == expected
+    assert {name: kernel_variant(get_target(name).tvm_target()) for name in expected} == expected
 
 
 def test_x86_presets_dispatch_to_the_x86_kernel():
     fmt = BFPFormat(mantissa_bits=8, block_size=32)
-    func, variant = bfp_matmul_for_target(4, 32, 64, fmt, fmt, get_target("avx512-vnni"))
+    func, variant = bfp_matmul_for_target(4, 32, 64, fmt, fmt, get_target("avx512-vnni").tvm_target())
     assert variant == "vnni"
-    tvm.ir.assert_structural_equal(func, bfp_matmul_func(4, 32, 64, fmt, fmt, "vnni"))
+    tvm.ir.assert_structural_equal(func, bfp_matmul_x86_func(4, 32, 64, fmt, fmt, "vnni"))
     tvm.ir.assert_structural_equal(
-        bfp_matmul_target_func(4, 32, 64, fmt, fmt, "avx2"),
         bfp_matmul_func(4, 32, 64, fmt, fmt, "avx2"),
+        bfp_matmul_x86_func(4, 32, 64, fmt, fmt, "avx2"),
     )
 
 
@@ -198,22 +190,25 @@ def test_user_errors_name_the_culprit():
     fmt8 = BFPFormat(mantissa_bits=8, block_size=8)
     fmt12 = BFPFormat(mantissa_bits=8, block_size=12)
     fmt16 = BFPFormat(mantissa_bits=8, block_size=16)
-    with pytest.raises(BitqError, match="'cortex-a53' .* lacks intrinsic 'i8mm'"):
-        bfp_matmul_for_target(4, 16, 64, fmt8, fmt8, get_target("cortex-a53"), "i8mm")
-    with pytest.raises(BitqError, match="'cortex-a76' .* lacks intrinsic 'rvv'"):
-        bfp_matmul_for_target(4, 16, 64, fmt8, fmt8, get_target("cortex-a76"), "rvv")
-    with pytest.raises(BitqError, match="'rv64gc' .* lacks intrinsic 'rvv'"):
-        bfp_matmul_for_target(4, 16, 64, fmt8, fmt8, get_target("rv64gc"), "rvv")
-    with pytest.raises(BitqError, match="variant 'vnni' is not available for target 'cortex-a76'"):
-        bfp_matmul_for_target(4, 16, 64, fmt8, fmt8, get_target("cortex-a76"), "vnni")
-    with pytest.raises(BitqError, match="variant 'sve' is not available"):
-        bfp_matmul_for_target(4, 16, 64, fmt8, fmt8, get_target("neoverse-n2"), "sve")
+    def build(fmt_a, fmt_w, preset, variant=None):
+        return bfp_matmul_for_target(4, 16, 64, fmt_a, fmt_w, get_target(preset).tvm_target(), variant)
+
+    with pytest.raises(BitqError, match="-mcpu=cortex-a53.* lacks LLVM feature i8mm of variant 'i8mm'"):
+        build(fmt8, fmt8, "cortex-a53", "i8mm")
+    with pytest.raises(BitqError, match="variant 'rvv' is not available for target .*-mcpu=cortex-a76.*aarch64"):
+        build(fmt8, fmt8, "cortex-a76", "rvv")
+    with pytest.raises(BitqError, match="riscv64.* lacks LLVM feature v of variant 'rvv'; it can run scalar"):
+        build(fmt8, fmt8, "rv64gc", "rvv")
+    with pytest.raises(BitqError, match="variant 'vnni' is not available for target .*-mcpu=cortex-a76"):
+        build(fmt8, fmt8, "cortex-a76", "vnni")
+    with pytest.raises(BitqError, match="variant 'sve' is not one of"):
+        build(fmt8, fmt8, "neoverse-n2", "sve")
     with pytest.raises(BitqError, match="i8mm: block size 12 must be a multiple of 8"):
-        bfp_matmul_for_target(4, 16, 64, fmt12, fmt12, get_target("neoverse-n2"), "i8mm")
+        build(fmt12, fmt12, "neoverse-n2", "i8mm")
     with pytest.raises(BitqError, match="share one block size"):
-        bfp_matmul_for_target(4, 16, 64, fmt8, fmt16, get_target("cortex-a76"))
+        build(fmt8, fmt16, "cortex-a76")
     with pytest.raises(BitqError, match="variant 'sve' is not one of vnni, avx2, generic, sdot"):
-        bfp_matmul_target_func(4, 16, 64, fmt8, fmt8, "sve")
+        bfp_matmul_func(4, 16, 64, fmt8, fmt8, "sve")
 
 
 @T.prim_func(s_tir=True)

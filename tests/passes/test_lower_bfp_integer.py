@@ -23,13 +23,12 @@ from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, fake_quantize_np, get_format, quantize_np
 from bitq_tvm.frontend.onnx_model import normalize
 from bitq_tvm.passes.lower_bfp_integer import LayerDeployment
-from bitq_tvm.kernels.bfp_matmul import padded_rows
-from bitq_tvm.kernels.bfp_matmul_targets import default_variant
+from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+from bitq_tvm.kernels.contract import padded_rows
 from bitq_tvm.targets.presets import get_target
 from bitq_tvm.plan import Plan
 from bitq_tvm.kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from bitq_tvm.kernels.bfp_matmul import pack_weights
-from bitq_tvm.kernels.bfp_weights import bfp_weight_expand_func, pack_quantized
+from bitq_tvm.kernels.packing import bfp_weight_expand_func, pack_quantized
 from bitq_tvm.targets.presets import get_target
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -82,10 +81,15 @@ def test_packed_weights_match_matmul_packing_and_expand_kernel(fmt):
     assert packed.nibbles == (fmt.mantissa_bits <= 4)
     assert packed.qw.dtype == (np.uint8 if packed.nibbles else np.int8)
     expanded = packed.expanded()
-    ref = pack_weights(w, fmt)
-    np.testing.assert_array_equal(expanded["qw"], ref["qw"])
-    np.testing.assert_array_equal(expanded["wcorr"], ref["wcorr"])
-    np.testing.assert_array_equal(expanded["sw"][:, :21], ref["sw"][:, :21])
+    # the layout built by hand: 16 outputs x 4 K values per tile, N padded to 32 with zeros
+    q = np.zeros((32, packed.k_padded), np.int8)
+    q[:21] = t.mantissas.reshape(21, -1)
+    np.testing.assert_array_equal(expanded["qw"], q.reshape(2, 16, -1, 4).transpose(0, 2, 1, 3))
+    block_sums = q.reshape(32, -1, fmt.block_size).astype(np.int32).sum(-1)
+    np.testing.assert_array_equal(expanded["wcorr"], -128 * block_sums.T)
+    np.testing.assert_array_equal(expanded["sw"][:, :21],
+                                  np.ldexp(np.float32(1), t.exponents.reshape(21, -1).T.astype(np.int32)
+                                           - (fmt.mantissa_bits - 2)))
     outs = ([expanded["qw"]] if packed.nibbles else []) + [expanded["sw"], expanded["wcorr"]]
     got = _run_prim(bfp_weight_expand_func(packed), packed.qw, packed.ew, *[np.zeros_like(o) for o in outs])[2:]
     for g, want in zip(got, outs):
@@ -114,7 +118,7 @@ def test_padded_rows_and_variants():
     assert [padded_rows(m) for m in (1, 3, 5, 49, 52, 81, 3136)] == [1, 3, 8, 52, 52, 81, 3136]
     # every target deploys with its own integer kernel
     names = ("avx512-vnni", "avx2", "cortex-a53", "cortex-a76", "neoverse-n2", "rv64gcv-vlen128", "rv64gc")
-    assert [default_variant(get_target(t)) for t in names] == ["vnni", "avx2", "neon", "sdot", "sdot", "rvv", "scalar"]
+    assert [kernel_variant(get_target(t).tvm_target()) for t in names] == ["vnni", "avx2", "neon", "sdot", "sdot", "rvv", "scalar"]
 
 
 # ---- single-layer numerics through the whole compiler ------------------------------------------
@@ -172,7 +176,7 @@ def test_matmul_every_mantissa_width_and_block_size_host_kernels():
     deployed = _check_deployed_vs_simulated(model, plan, feeds,
                                             lambda m, layer, lf: _bound_matmul(m, layer, lf, feeds["x"]))
     assert set(deployed.report.integer_layers) == {layer.name for layer in model.layers}
-    assert deployed.report.variant == default_variant(HOST)
+    assert deployed.report.variant == kernel_variant(HOST.tvm_target())
 
 
 @pytest.mark.parametrize("family", ["avx2", "scalar"])

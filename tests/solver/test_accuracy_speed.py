@@ -8,7 +8,7 @@ import pytest
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np
 from bitq_tvm.frontend.onnx_model import load_onnx
-from bitq_tvm.frontend.reference import act_block_axis
+from bitq_tvm.frontend.reference import layer_block_axes
 from bitq_tvm.models.zoo import bundled_model_path, bundled_test_data, resnet18, synthetic_inputs
 from bitq_tvm.solver.accuracy import Calibration, NoiseGraph, SuffixNoiseGraphs, measure_accuracy_term
 from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
@@ -39,7 +39,7 @@ def test_suffix_sessions_equal_the_whole_noisy_model(digits, group_size):
     for layer in model.layers:
         for b, batch in enumerate(batches):
             act = whole.capture(batch)[layer.name]
-            axis, groups = act_block_axis(layer)
+            (axis, groups), _ = layer_block_axes(layer)
             a_err = fake_quantize_np(act, BFPFormat(4, 16), axis=axis, groups=groups) - act
             w_err = rng.standard_normal(weights[layer.weight].shape).astype(np.float32) * 0.01
             for key, err in ((("a", layer.name), a_err), (("w", layer.name), w_err)):

@@ -5,8 +5,8 @@ import pytest
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models.zoo import bundled_model_path, bundled_test_data
-from bitq_tvm.passes.lower_bfp_integer import integer_weight_bytes
-from bitq_tvm.kernels.bfp_weights import pack_quantized, packed_nbytes
+from bitq_tvm.kernels.contract import gemm_geometry, integer_weight_bytes, packed_nbytes
+from bitq_tvm.kernels.packing import pack_quantized
 from bitq_tvm.formats import quantize_np
 from bitq_tvm.solver.accuracy import Calibration
 from bitq_tvm.solver.candidates import Candidate, CandidateSet, LayerCandidates
@@ -31,7 +31,8 @@ def test_packed_nbytes_is_what_pack_quantized_stores(m, block, n, k):
     t = quantize_np(w, fmt, axis=1)
     packed = pack_quantized(t.mantissas.reshape(n, -1), t.exponents.reshape(n, -1), fmt, "w")
     assert packed.nbytes == packed_nbytes(n, packed.k_padded, fmt)
-    assert integer_weight_bytes("matmul", (k, n), 1, fmt, reduction=k) == packed.nbytes
+    geometry = gemm_geometry("matmul", (3, k), (k, n), (3, n), block)
+    assert integer_weight_bytes(geometry, fmt) == packed.nbytes
 
 
 def test_candidates_follow_the_deployment_rule(digits):

@@ -361,9 +361,9 @@ def test_riscv_digits_matmul_layers_match_the_x86_simulation(name, variant, tmp_
     import tvm
 
     from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
-    from bitq_tvm.kernels.bfp_matmul import (bfp_matmul_ref, bfp_matmul_tolerance, pack_weights,
-                                               quantize_activations_np)
-    from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_for_target
+    from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_for_target
+    from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
+    from bitq_tvm.kernels.packing import pack_weights
     from bitq_tvm.targets import run_kernel_emulated
 
     preset = get_target(name)
@@ -371,9 +371,9 @@ def test_riscv_digits_matmul_layers_match_the_x86_simulation(name, variant, tmp_
     image = zoo.bundled_test_data()["x"][:1].astype(np.float32)
     for layer, (a, w) in _digits_matmul_operands(image).items():
         (M, K), N = a.shape, len(w)
-        func, _ = bfp_matmul_for_target(M, N, K, fmt, fmt, preset, variant)
+        func, _ = bfp_matmul_for_target(M, N, K, fmt, fmt, preset.tvm_target(), variant)
         library = export(tvm.compile(func, preset.tvm_target()), tmp_path / f"{layer}.so", preset)
-        acts, packed = quantize_activations_np(a, fmt), pack_weights(w, fmt)
+        acts, packed = quantize_activations_np(a, fmt), pack_weights(w, fmt).expanded()
         (got,) = run_kernel_emulated(library, "bfp_matmul", [acts["qa"], acts["ea"], packed["qw"], packed["sw"],
                                                             packed["wcorr"]], [((M, N), "float32")], preset)
         wt = quantize_np(w, fmt, axis=-1)

@@ -1,6 +1,6 @@
 """Tuning for ARM and RISC-V: the kernel measured is the kernel deployed, on an emulated device.
 
-Every target's tasks name the variant deployment compiles (``default_variant``) and tune its own
+Every target's tasks name the variant deployment compiles (``kernel_variant``) and tune its own
 unscheduled compute; every point of the ARM/RISC-V search space computes right numbers under
 qemu-user; and a real session tunes through a tracker on an emulated cortex-a76 (TVM's RPC server
 on the aarch64 TVM runtime under qemu-aarch64, as in tests/targets/test_remote.py), all on
@@ -31,9 +31,10 @@ from bitq_tvm.cli import main as cli_main
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
-from bitq_tvm.kernels.bfp_matmul import (bfp_matmul_compute, bfp_matmul_name, bfp_matmul_ref,
-                                           bfp_matmul_tolerance, padded_rows)
-from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_signed_compute, default_variant
+from bitq_tvm.kernels.bfp_matmul import bfp_matmul_compute, bfp_matmul_name
+from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+from bitq_tvm.kernels.contract import padded_rows
+from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance
 from bitq_tvm.solver.candidates import LayerCandidates
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 from bitq_tvm.targets.presets import target_names
@@ -41,7 +42,7 @@ from bitq_tvm.targets.remote import connect, start_rpc_server, start_tracker
 from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs
 from bitq_tvm.tuning.remote import answering_session
 from bitq_tvm.tuning.session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
-from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, kernel_variant, schedule_bfp_matmul, space_configs
+from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, schedule_bfp_matmul, space_configs
 from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record, tuned_prim_funcs, verify_tasks
 
 FMT = BFPFormat(8, 32)
@@ -75,15 +76,14 @@ def test_every_target_tunes_the_kernel_it_deploys(tmp_path):
     model = load_onnx(_matmul_model(tmp_path / "fc.onnx"))
     candidates = LayerCandidates.from_specs(CANDIDATES, None).resolve([l.name for l in model.layers])
     for preset in map(get_target, target_names()):
-        variant = default_variant(preset)
-        assert kernel_variant(preset) == variant
+        variant = kernel_variant(preset.tvm_target())
         (task,) = extract_bfp_tasks(model, candidates, preset)
         assert task.name == bfp_matmul_name(padded_rows(ROWS), OUT_FEATURES, IN_FEATURES, FMT, FMT, variant)
         x86 = preset.triple.startswith("x86_64")
-        compute = (bfp_matmul_compute if x86 else bfp_matmul_signed_compute)(task.m, task.n, task.k, FMT, FMT)
+        compute = bfp_matmul_compute(task.m, task.n, task.k, FMT, FMT, signed=not x86)
         assert tvm_ffi.structural_equal(task.prim_func().without_attr("global_symbol"),
                                         compute.without_attr("global_symbol")), preset.name
-    assert default_variant(get_target(DEVICE)) == "sdot"  # DEPLOYED_NAME below
+    assert kernel_variant(get_target(DEVICE).tvm_target()) == "sdot"  # DEPLOYED_NAME below
 
 
 SPACE_CASES = [("cortex-a76", "sdot"), ("cortex-a53", "neon"), ("rv64gcv-vlen128", "rvv"), ("rv64gc", "scalar")]

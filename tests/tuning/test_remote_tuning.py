@@ -18,7 +18,8 @@ from bitq_tvm.formats import BFPFormat
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.remote import TrackerAddress, check_tracker, parse_tracker, remote_builder_runner
 from bitq_tvm.tuning.session import TuningOptions, shutdown_workers, tune
-from bitq_tvm.tuning.tasks import BfpTask, kernel_variant
+from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+from bitq_tvm.tuning.tasks import BfpTask
 
 LOOPBACK = "127.0.0.1"
 CHECK_TIMEOUT_S = 2.0
@@ -87,7 +88,7 @@ def test_tuning_on_a_tracker_device(tmp_path):
             check_tracker(TrackerAddress(LOOPBACK, tracker_port, "other"), CHECK_TIMEOUT_S)
         builder, runner = remote_builder_runner(address, host_preset())
         fmt = BFPFormat(8, 32)
-        task = BfpTask(16, 32, 64, fmt, fmt, kernel_variant(host_preset()))
+        task = BfpTask(16, 32, 64, fmt, fmt, kernel_variant(host_preset().tvm_target()))
         summary = tune([task], host_preset(), str(tmp_path / "db"), 2,
                        TuningOptions(min_trials_per_task=2, trials_per_iteration=2, population_size=16),
                        builder=builder, runner=runner, progress=None)

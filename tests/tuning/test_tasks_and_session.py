@@ -14,11 +14,12 @@ from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
 from bitq_tvm.targets import get_target, host_preset
 from bitq_tvm.tuning.session import (MANIFEST_FILE, RECORD_FILE, WORKLOAD_FILE, open_work_dir, repair_database,
                                      split_trials, tune)
-from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, extract_tasks, kernel_variant, layer_gemm, space_configs
+from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, extract_tasks, layer_gemm, space_configs
 
 FMT8 = BFPFormat(8, 32)
 # The kernel variant deployment and tuning use on this host (vnni or avx2, by its CPU).
-HOST_VARIANT = kernel_variant(host_preset())
+HOST_VARIANT = kernel_variant(host_preset().tvm_target())
 
 
 @pytest.fixture(scope="module")

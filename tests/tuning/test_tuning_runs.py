@@ -33,11 +33,12 @@ from bitq_tvm.solver.performance import SECONDS_UNIT, performance_term
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.latency import latency_table, measured_task_seconds
 from bitq_tvm.tuning.session import FAILED_RUN_SECS, RECORD_FILE, TuningOptions, tune
-from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, kernel_variant, schedule_bfp_matmul
+from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, schedule_bfp_matmul
 from bitq_tvm.tuning.verify import tuned_prim_funcs, verify_tasks
 
 FMT8 = BFPFormat(8, 32)
-HOST_VARIANT = kernel_variant(host_preset())
+HOST_VARIANT = kernel_variant(host_preset().tvm_target())
 TASK = BfpTask(16, 32, 64, FMT8, FMT8, HOST_VARIANT)
 TRIALS = 4
 OPTIONS = TuningOptions(min_trials_per_task=TRIALS, trials_per_iteration=2, population_size=16)
@@ -48,9 +49,10 @@ _TUNE_SCRIPT = textwrap.dedent("""
     from bitq_tvm.formats import BFPFormat
     from bitq_tvm.targets import host_preset
     from bitq_tvm.tuning.session import TuningOptions, tune
-    from bitq_tvm.tuning.tasks import BfpTask, kernel_variant
+    from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+from bitq_tvm.tuning.tasks import BfpTask
     fmt = BFPFormat(8, 32)
-    tune([BfpTask(16, 32, 64, fmt, fmt, kernel_variant(host_preset()))], host_preset(), sys.argv[1], {trials},
+    tune([BfpTask(16, 32, 64, fmt, fmt, kernel_variant(host_preset().tvm_target()))], host_preset(), sys.argv[1], {trials},
          TuningOptions(min_trials_per_task={trials}, population_size=16))
 """).format(trials=TRIALS)
 

@@ -1,15 +1,14 @@
-"""Integer BFP matmul for ARM and RISC-V, and one entry point for every target preset.
+"""ARM and RISC-V schedules of the integer BFP matmul (:mod:`.bfp_matmul`), and a scalar one.
 
-Same math, operands and PrimFunc signature as the x86 kernel (:mod:`.bfp_matmul`: read its
-docstring for the exactness argument): ``(qa, ea, qw, sw, wcorr, C)`` with qa int8 [M, Kp], ea
-int8 [M, nb], qw int8 [Np/16, Kp/4, 16, 4], sw float32 [nb, Np], wcorr int32 [nb, Np], C
-float32 [M, N], all from :func:`.bfp_matmul.pack_weights` / :func:`.quantize_activations_np`, so
-the deployment pass packs weights one way for every target. ARM's dot products and RVV's
-``vwmul`` multiply signed by signed bytes: mantissas enter as they are, and ``wcorr`` (the x86
-kernel's correction for its +128 activation offset) is accepted but not read. Block sums are
-exact int32 (|s| <= 128 * 128 * B <= 2**21), so each block term ``(float32(s) * sw) * sa`` is the
-correctly rounded float32 of its exact value, as on x86, and :func:`.bfp_matmul_tolerance`
-bounds the error of every variant.
+Same math, operands and PrimFunc signature as every variant (read :mod:`.bfp_matmul` for the
+exactness argument): ``(qa, ea, qw, sw, wcorr, C)`` with qa int8 [M, Kp], ea int8 [M, nb], qw
+int8 [Np/16, Kp/4, 16, 4], sw float32 [nb, Np], wcorr int32 [nb, Np], C float32 [M, N], from the
+one packer (:mod:`.packing`), so the deployment packs weights one way for every target. ARM's dot
+products and RVV's ``vwmul`` multiply signed by signed bytes: mantissas enter as they are, and
+``wcorr`` (the x86 kernel's correction for its +128 activation offset) is accepted but not read.
+Block sums are exact int32 (|s| <= 128 * 128 * B <= 2**21), so each block term ``(float32(s) *
+sw) * sa`` is the correctly rounded float32 of its exact value, as on x86, and
+:func:`.oracle.bfp_matmul_tolerance` bounds the error of every variant.
 
 Variants (``VARIANTS``):
 
@@ -32,64 +31,26 @@ from tvm.s_tir import Schedule
 
 from ..errors import BitqError
 from ..formats import BFPFormat
-from ..targets.presets import TargetPreset
+from .bfp_matmul import (LOOP_ORDERS, activation_scales, bfp_matmul_compute, bfp_matmul_operands,
+                         bfp_matmul_prim_func, check_formats, tile_bfp_matmul)
+from .contract import K_QUAD, LANES, padded
 from .float_bits import power_of_two
-from .bfp_matmul import VARIANTS as X86_VARIANTS
-from .bfp_matmul import (K_QUAD, LANES, _check_formats, _padded, bfp_matmul_compute, bfp_matmul_func,
-                         tile_bfp_matmul)
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
 
 __all__ = [
     "VARIANTS",
-    "ALL_VARIANTS",
-    "default_variant",
-    "bfp_matmul_signed_compute",
     "LANE_MAJOR_VARIANTS",
-    "LOOP_ORDERS",
-    "schedule_bfp_matmul_target",
-    "bfp_matmul_target_func",
-    "bfp_matmul_for_target",
+    "schedule_bfp_matmul_arm_riscv",
+    "bfp_matmul_arm_riscv_func",
 ]
 
 VARIANTS = ("sdot", "i8mm", "neon", "rvv", "scalar")
-ALL_VARIANTS = X86_VARIANTS + VARIANTS
-# The target intrinsic each variant needs (TargetPreset.require_intrinsic names); the x86 kernel's
-# variants are dispatched to bfp_matmul_func so one entry point serves every preset.
-_REQUIRED_INTRINSIC = {
-    "sdot": "sdot", "i8mm": "i8mm", "neon": "neon", "rvv": "rvv", "scalar": "scalar",
-    "vnni": "vnni", "avx2": "avx2", "generic": "scalar",
-}
-# Preferred first. i8mm is correct (tested) but not the default: its speed over sdot is unmeasured
-# on hardware here, and it repacks the weights on every call.
-_PREFERENCE = ("vnni", "avx2", "sdot", "neon", "rvv", "scalar")
 # sdot/neon tile: 4 outputs; smmla tile: 2 rows x 2 outputs x 8 K.
 _DOT_LANES = 4
 _MMLA_ROWS = 2
 _MMLA_COLS = 2
 _MMLA_DEPTH = 8
-
-
-def _is_x86(preset: TargetPreset) -> bool:
-    return preset.triple.startswith(("x86_64", "i686"))
-
-
-def default_variant(preset: TargetPreset) -> str:
-    """The variant :func:`bfp_matmul_for_target` uses for ``preset`` when none is asked for."""
-    if _is_x86(preset) and preset.intrinsic_family == "scalar":
-        return "generic"
-    return next(v for v in _PREFERENCE if preset.has_intrinsic(_REQUIRED_INTRINSIC[v]))
-
-
-def bfp_matmul_signed_compute(
-    M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat
-) -> tirx.PrimFunc:
-    """Unscheduled signed-int8 PrimFunc ``(qa, ea, qw, sw, wcorr, C)`` (``wcorr`` unread).
-
-    Blocks: ``a_scale`` (activation block scales), ``block_sum`` [M, nb, Np] (int32 per block),
-    ``acc`` (scaled sum over blocks), ``C`` (unpadded copy).
-    """
-    return bfp_matmul_compute(M, N, K, fmt_a, fmt_w, signed=True)
 
 
 def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) -> tirx.PrimFunc:
@@ -100,15 +61,17 @@ def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) ->
     result (rows i, i+1 x outputs j, j+1) is 4 contiguous int32; ``sw_tiles`` and ``sa_tiles``
     spread the scales to that order so the epilogue runs on whole 4-lane vectors.
     """
-    block, k_padded, nb, n_padded = _shapes(M, N, K, fmt_a, fmt_w)
+    block = check_formats(fmt_a, fmt_w)
     if block % _MMLA_DEPTH:
         raise BitqError(
             f"bfp_matmul i8mm: block size {block} must be a multiple of {_MMLA_DEPTH}; "
             "use variant sdot"
         )
-    qa, ea, qw, sw, wcorr = _placeholders(M, k_padded, nb, n_padded)
-    a_scale = _activation_scales(ea, fmt_a, M, nb)
-    m_pairs = _padded(M, _MMLA_ROWS) // _MMLA_ROWS
+    qa, ea, qw, sw, wcorr = operands = bfp_matmul_operands(M, N, K, block)
+    nb, n_padded = (int(d) for d in sw.shape)
+    k_padded = int(qa.shape[1])
+    a_scale = activation_scales(ea, fmt_a)
+    m_pairs = padded(M, _MMLA_ROWS) // _MMLA_ROWS
     depth_tiles = k_padded // _MMLA_DEPTH
     a_tiles = te.compute(
         (m_pairs, depth_tiles, _MMLA_ROWS, _MMLA_DEPTH),
@@ -165,37 +128,7 @@ def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) ->
         lambda i, j: acc[i // _MMLA_ROWS, j // _MMLA_COLS, i % _MMLA_ROWS, j % _MMLA_COLS],
         name="C",
     )
-    return _prim_func([qa, ea, qw, sw, wcorr, c])
-
-
-def _shapes(M, N, K, fmt_a, fmt_w):
-    block = _check_formats(fmt_a, fmt_w)
-    if min(M, N, K) <= 0:
-        raise BitqError(f"bfp_matmul: shape M={M}, N={N}, K={K} must be positive")
-    k_padded = _padded(K, block)
-    return block, k_padded, k_padded // block, _padded(N, LANES)
-
-
-def _placeholders(M, k_padded, nb, n_padded):
-    return (
-        te.placeholder((M, k_padded), "int8", name="qa"),
-        te.placeholder((M, nb), "int8", name="ea"),
-        te.placeholder((n_padded // LANES, k_padded // K_QUAD, LANES, K_QUAD), "int8", name="qw"),
-        te.placeholder((nb, n_padded), "float32", name="sw"),
-        te.placeholder((nb, n_padded), "int32", name="wcorr"),
-    )
-
-
-def _activation_scales(ea, fmt_a, M, nb):
-    return te.compute(
-        (M, nb),
-        lambda i, b: power_of_two(ea[i, b].astype("int32") - (fmt_a.mantissa_bits - 2)),
-        name="a_scale",
-    )
-
-
-def _prim_func(tensors):
-    return te.create_prim_func(tensors).with_attr("global_symbol", "bfp_matmul")
+    return bfp_matmul_prim_func([*operands, c])
 
 
 def _row_tile(M: int) -> int:
@@ -212,20 +145,19 @@ _LANE_INTRINSICS = {
     "scalar": (None, None),
 }
 LANE_MAJOR_VARIANTS = tuple(_LANE_INTRINSICS)
-LOOP_ORDERS = ("columns_outer", "rows_outer")
 
 
-def schedule_bfp_matmul_target(
+def schedule_bfp_matmul_arm_riscv(
     sch: Schedule, variant: str, rows: int, groups: int = 1, order: str = "columns_outer"
 ) -> None:
-    """Schedule :func:`bfp_matmul_signed_compute` in ``sch``: the x86 kernel's loop structure.
+    """Schedule the signed :func:`.bfp_matmul.bfp_matmul_compute` in ``sch``: the x86 kernel's loop structure.
 
     Parallel over (column tile, row tile) (``order="columns_outer"``) or (row tile, column tile)
     (``"rows_outer"``); a tile is ``rows`` x ``groups`` x 16 outputs whose int32 block sums and
     float32 outputs stay in registers across the K loop; the block sum of one K quad is
     tensorized per 4 lanes (sdot, neon) or 16 lanes (rvv). ``rows`` must divide M and ``groups``
     the number of 16-column tiles. Tuning searches rows, groups and order
-    (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_target_func` uses ``rows`` =
+    (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_arm_riscv_func` uses ``rows`` =
     :func:`_row_tile`, one group, columns outermost.
     """
     if variant not in _LANE_INTRINSICS:
@@ -275,7 +207,7 @@ def schedule_bfp_matmul_target(
 def _schedule_mmla(func: tirx.PrimFunc, M: int) -> tirx.PrimFunc:
     """Schedule of :func:`_mmla_compute`: tiles of 2 row pairs x 4 output pairs (4 x 8 outputs:
     8 int32 + 8 float32 accumulators), ``smmla`` per 2x2x8, 4-lane vector epilogue."""
-    m_pairs = _padded(M, _MMLA_ROWS) // _MMLA_ROWS
+    m_pairs = padded(M, _MMLA_ROWS) // _MMLA_ROWS
     pair_rows = 2 if m_pairs % 2 == 0 else 1
     pair_cols = 4  # Np/2 is a multiple of 8
     sch = Schedule(func)
@@ -315,61 +247,21 @@ def _schedule_mmla(func: tirx.PrimFunc, M: int) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def bfp_matmul_target_func(
-    M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, variant: str
+def bfp_matmul_arm_riscv_func(
+    M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, variant: str,
+    tile: tuple[int, int] | None = None,
 ) -> tirx.PrimFunc:
-    """Hand-scheduled PrimFunc of any variant in ``ALL_VARIANTS`` (x86 ones delegate to
-    :func:`.bfp_matmul.bfp_matmul_func`): a drop-in for ``bfp_matmul_func`` with the same
-    arguments. No target check: compile it for a target that has the variant's instructions,
-    or use :func:`bfp_matmul_for_target`, which checks.
+    """Hand-scheduled PrimFunc of a variant in ``VARIANTS``. ``tile`` = (rows, groups of 16
+    columns) overrides the lane-major variants' default register tile (i8mm has its own). No
+    target check: :func:`.bfp_matmul_variants.bfp_matmul_for_target` checks.
     """
-    if variant in X86_VARIANTS:
-        return bfp_matmul_func(M, N, K, fmt_a, fmt_w, variant)
     if variant not in VARIANTS:
-        raise BitqError(
-            f"bfp_matmul: variant {variant!r} is not one of {', '.join(ALL_VARIANTS)}"
-        )
+        raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
     if variant == "i8mm":
+        if tile is not None:
+            raise BitqError("bfp_matmul i8mm: the smmla kernel takes no register tile")
         return _schedule_mmla(_mmla_compute(M, N, K, fmt_a, fmt_w), M)
-    sch = Schedule(bfp_matmul_signed_compute(M, N, K, fmt_a, fmt_w))
-    schedule_bfp_matmul_target(sch, variant, _row_tile(M))
+    rows, groups = tile if tile is not None else (_row_tile(M), 1)
+    sch = Schedule(bfp_matmul_compute(M, N, K, fmt_a, fmt_w, signed=True))
+    schedule_bfp_matmul_arm_riscv(sch, variant, rows, groups)
     return sch.mod["main"]
-
-
-def bfp_matmul_for_target(
-    M: int,
-    N: int,
-    K: int,
-    fmt_a: BFPFormat,
-    fmt_w: BFPFormat,
-    preset: TargetPreset,
-    variant: str | None = None,
-) -> tuple[tirx.PrimFunc, str]:
-    """The integer BFP matmul PrimFunc for ``preset`` (x86, ARM or RISC-V), and its variant.
-
-    Parameters
-    ----------
-    M, N, K, fmt_a, fmt_w
-        As :func:`bitq_tvm.kernels.bfp_matmul.bfp_matmul_func`; the PrimFunc has the same
-        signature ``(qa, ea, qw, sw, wcorr, C)`` and global symbol ``bfp_matmul``.
-    preset
-        The target; compile the PrimFunc with ``preset.tvm_target()``.
-    variant
-        One of ``VARIANTS`` (ARM, RISC-V, any) or, for x86 presets, of the x86 kernel's
-        ``vnni``, ``avx2``, ``generic``; None picks :func:`default_variant`.
-
-    Raises
-    ------
-    BitqError
-        A variant the preset lacks (e.g. ``i8mm`` on cortex-a53), or bad formats or shapes.
-    """
-    if variant is None:
-        variant = default_variant(preset)
-    allowed = X86_VARIANTS + ("scalar",) if _is_x86(preset) else VARIANTS
-    if variant not in allowed:
-        raise BitqError(
-            f"bfp_matmul: variant {variant!r} is not available for target {preset.name!r}; "
-            f"choose one of {', '.join(allowed)}"
-        )
-    preset.require_intrinsic(_REQUIRED_INTRINSIC[variant])
-    return bfp_matmul_target_func(M, N, K, fmt_a, fmt_w, variant), variant

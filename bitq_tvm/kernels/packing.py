@@ -1,7 +1,8 @@
-"""Compile-time packing of BFP weights and the run-time kernel that expands them for the matmul.
+"""The one packer of BFP weights for the integer matmul, and the run-time kernel that expands them.
 
-Stored artifact (relax constants, per layer): ``qw`` mantissas in the tile layout of
-:func:`~bitq_tvm.kernels.bfp_matmul.pack_weights` (``[Np/16, Kp/4, 16, 4]`` int8) or, when
+Stored artifact (relax constants, per layer): ``qw`` mantissas in the matmul's tile layout
+(``[Np/16, Kp/4, 16, 4]`` int8: the 16 outputs x 4 K values of one ``vpdpbusd`` are 64
+contiguous bytes) or, when
 m <= 4, two mantissas per byte (``[Np/16, Kp/4, 16, 2]`` uint8: low nibble = even K, high nibble
 = odd K, two's complement), plus one int8 exponent per block, ``ew [nb, Np]``. That is
 ``B * m/8 + 1`` bytes per block: 33/128 = 0.258x FP32 at bfp8_b32, 17/128 = 0.133x at bfp4_b32
@@ -24,16 +25,12 @@ import tvm
 from tvm import te, tirx
 
 from ..errors import BitqError
-from ..formats import BFPFormat
+from ..formats import BFPFormat, quantize_np
+from .contract import (ACTIVATION_OFFSET, K_QUAD, LANES, MAX_WEIGHT_SCALE_EXPONENT, NIBBLE_MAX_MANTISSA_BITS,
+                       block_size_problem, check_block_size, padded)
 from .float_bits import power_of_two
-from .bfp_matmul import K_QUAD, LANES
 
-__all__ = ["PackedWeights", "pack_quantized", "bfp_weight_expand_func"]
-
-_ACTIVATION_OFFSET = 128
-# float32(s) * 2**k is exact in the matmul kernel only while the weight scale exponent is <= 105
-_MAX_WEIGHT_SCALE_EXPONENT = 105
-_NIBBLE_MAX_MANTISSA_BITS = 4
+__all__ = ["PackedWeights", "pack_quantized", "pack_weights", "bfp_weight_expand_func"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,7 +60,7 @@ class PackedWeights:
 
     @property
     def nibbles(self) -> bool:
-        return self.fmt.mantissa_bits <= _NIBBLE_MAX_MANTISSA_BITS
+        return self.fmt.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS
 
     @property
     def n_padded(self) -> int:
@@ -75,7 +72,7 @@ class PackedWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored in the artifact for this weight (equals :func:`packed_nbytes`)."""
+        """Bytes stored in the artifact for this weight (equals :func:`.contract.packed_nbytes`)."""
         return self.qw.nbytes + self.ew.nbytes
 
     def mantissas(self) -> np.ndarray:
@@ -87,24 +84,16 @@ class PackedWeights:
         return q.transpose(0, 2, 1, 3).reshape(self.n_padded, self.k_padded)
 
     def expanded(self) -> dict[str, np.ndarray]:
-        """NumPy twin of :func:`bfp_weight_expand_func`: ``qw`` int8 tiles, ``sw``, ``wcorr``."""
+        """NumPy twin of :func:`bfp_weight_expand_func`: the matmul's weight operands ``qw`` int8
+        [Np/16, Kp/4, 16, 4], ``sw`` float32 [nb, Np] (block scales 2**(e - (m-2))), ``wcorr``
+        int32 [nb, Np] (-128 x per-block mantissa sum: cancels the x86 activation offset)."""
         q = self.mantissas()
         block_sums = q.reshape(self.n_padded, -1, self.fmt.block_size).astype(np.int32).sum(-1)
         return {
             "qw": q.reshape(-1, LANES, self.k_padded // K_QUAD, K_QUAD).transpose(0, 2, 1, 3).copy(),
             "sw": np.ldexp(np.float32(1), self.ew.astype(np.int32) - self.fmt.scale_shift).astype(np.float32),
-            "wcorr": (-_ACTIVATION_OFFSET * block_sums.T).astype(np.int32),
+            "wcorr": (-ACTIVATION_OFFSET * block_sums.T).astype(np.int32),
         }
-
-
-def packed_nbytes(n: int, k_padded: int, fmt: BFPFormat) -> int:
-    """Bytes :func:`pack_quantized` stores for an [n, k_padded] weight in ``fmt``: outputs padded to
-    16 lanes, mantissas one per byte (two per byte when m <= 4), one int8 exponent per block."""
-    if k_padded % fmt.block_size:
-        raise BitqError(f"packed_nbytes: K {k_padded} is not a multiple of the block size {fmt.block_size}")
-    n_padded = -(-n // LANES) * LANES
-    mantissa_bytes = n_padded * k_padded // (2 if fmt.mantissa_bits <= _NIBBLE_MAX_MANTISSA_BITS else 1)
-    return mantissa_bytes + n_padded * (k_padded // fmt.block_size)
 
 
 def pack_quantized(mantissas: np.ndarray, exponents: np.ndarray, fmt: BFPFormat, name: str) -> PackedWeights:
@@ -116,23 +105,36 @@ def pack_quantized(mantissas: np.ndarray, exponents: np.ndarray, fmt: BFPFormat,
         If a weight block is too large for the kernel's exact scaling (max |w| >= 2**(106 + m - 2)).
     """
     n, k_padded = mantissas.shape
-    if k_padded % fmt.block_size or fmt.block_size % K_QUAD or exponents.shape != (n, k_padded // fmt.block_size):
+    if k_padded % fmt.block_size or block_size_problem(fmt.block_size) or exponents.shape != (n, k_padded // fmt.block_size):
         raise BitqError(f"pack_quantized({name}): mantissas {mantissas.shape} and exponents {exponents.shape} "
                         f"do not form blocks of {fmt.block_size}")
-    if int(exponents.max()) - fmt.scale_shift > _MAX_WEIGHT_SCALE_EXPONENT:
-        limit = _MAX_WEIGHT_SCALE_EXPONENT + 1 + fmt.scale_shift
+    if int(exponents.max()) - fmt.scale_shift > MAX_WEIGHT_SCALE_EXPONENT:
+        limit = MAX_WEIGHT_SCALE_EXPONENT + 1 + fmt.scale_shift
         raise BitqError(f"weight '{name}' has a block with max |w| >= 2**{limit}, "
                         "beyond the exact scaling range of the integer kernel")
-    n_padded = -(-n // LANES) * LANES
+    n_padded = padded(n, LANES)
     q = np.zeros((n_padded, k_padded), np.int8)
     q[:n] = mantissas
     tiles = q.reshape(n_padded // LANES, LANES, k_padded // K_QUAD, K_QUAD).transpose(0, 2, 1, 3)
-    if fmt.mantissa_bits <= _NIBBLE_MAX_MANTISSA_BITS:
+    if fmt.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS:
         nib = tiles.astype(np.uint8) & 0xF
         tiles = nib[..., 0::2] | (nib[..., 1::2] << 4)
     ew = np.full((k_padded // fmt.block_size, n_padded), fmt.emin, np.int8)
     ew[:, :n] = exponents.T
     return PackedWeights(np.ascontiguousarray(tiles), ew, fmt, n)
+
+
+def pack_weights(w: np.ndarray, fmt: BFPFormat, name: str = "weight", k_axis: int = -1) -> PackedWeights:
+    """Quantize a 2-D weight along its K axis ``k_axis`` (blocks formed on the tensor as given,
+    as the simulation forms them) and pack it as :func:`pack_quantized` does: W [N, K] by
+    default, ``k_axis=0`` for a stored [K, N]."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise BitqError(f"pack_weights: {name} must be 2-D, got shape {w.shape}")
+    check_block_size(fmt.block_size, f"pack_weights({name})")
+    t = quantize_np(w.astype(np.float32), fmt, axis=k_axis, name=name)
+    n = w.shape[1 - k_axis % 2]
+    return pack_quantized(t.mantissas.reshape(n, -1), t.exponents.reshape(n, -1), fmt, name)
 
 
 def bfp_weight_expand_func(packed: PackedWeights) -> tirx.PrimFunc:
@@ -160,7 +162,7 @@ def bfp_weight_expand_func(packed: PackedWeights) -> tirx.PrimFunc:
     wcorr = te.compute(
         (nb, n_padded),
         lambda b, j: te.sum(qw[j // LANES, b * (fmt.block_size // K_QUAD) + rq, j % LANES, rl].astype("int32")
-                            * -_ACTIVATION_OFFSET, axis=[rq, rl]),
+                            * -ACTIVATION_OFFSET, axis=[rq, rl]),
         name="wcorr")
     sw = te.compute((nb, n_padded), lambda b, j: power_of_two(ew[b, j].astype("int32") - fmt.scale_shift),
                     name="sw")

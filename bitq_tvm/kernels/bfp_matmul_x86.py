@@ -1,0 +1,120 @@
+"""x86 schedules of the integer BFP matmul (:mod:`.bfp_matmul`): VNNI, AVX2 and generic.
+
+``vnni`` tensorizes the K-quad block sums with ``vpdpbusd`` (:mod:`.intrin_x86`), ``avx2`` with
+``vpmaddwd`` on sign-extended int16, ``generic`` leaves plain int32 TIR for LLVM to vectorise.
+All three run the unsigned form of :func:`.bfp_matmul.bfp_matmul_compute` (activations + 128,
+``wcorr`` correction).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from ..errors import BitqError
+from ..formats import BFPFormat
+from .bfp_matmul import bfp_matmul_compute, tile_bfp_matmul
+from .contract import LANES, padded
+from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4
+
+__all__ = ["VARIANTS", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
+
+VARIANTS = ("vnni", "avx2", "generic")
+
+
+def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
+    """(rows, 16-lane column groups) of one register tile; rows divide M, groups divide n_tiles.
+
+    4 x 2: 8 int32 block accumulators + 8 float32 output accumulators + loads fit the 32 zmm
+    registers (measured best of 4x1, 4x2, 4x4, 8x1, 2x2, 2x4 at M = 16, 128, 512). A one-row
+    tile (GEMV, or M prime) takes 4 column groups instead.
+    """
+    rows = next(r for r in (4, 3, 2, 1) if M % r == 0)
+    max_groups = 4 if rows == 1 else 2
+    groups = next(g for g in range(max_groups, 0, -1) if n_tiles % g == 0)
+    return rows, groups
+
+
+def schedule_bfp_matmul_x86(sch: Schedule, k_padded: int, rows: int, groups: int, variant: str,
+                            order: str = "columns_outer", intrinsic: str | None = None) -> None:
+    """Schedule the :func:`.bfp_matmul.bfp_matmul_compute` kernel in ``sch`` with one register tile.
+
+    ``rows`` x ``groups`` x 16 outputs per tile (rows dividing M); ``order`` puts column tiles
+    (``"columns_outer"``, the default) or row tiles outermost; ``intrinsic`` overrides the
+    variant's tensor intrinsic (the tuning tests plant a wrong one). Tuning searches the tile and
+    the order (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_x86_func` uses a measured default.
+    """
+    if intrinsic is None:
+        intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
+    acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
+        tile_bfp_matmul(sch, rows, groups, order)
+    s_group, s_lane = sch.split(s_col, [groups, LANES])
+    for loop in (*s_row, s_group):
+        sch.unroll(loop)
+    if intrinsic is None:
+        # vectorize must precede decompose_reduction (TVM 0.27 rejects it afterwards)
+        sch.reorder(s_quad, s_lane_k, *s_row, s_group, s_lane)
+        sch.unroll(s_lane_k)
+        sch.vectorize(s_lane)
+    else:
+        sch.reorder(s_quad, *s_row, s_group, s_lane, s_lane_k)
+    s_init = sch.decompose_reduction(block_sum, s_quad)
+    *init_outer, init_lane = sch.get_loops(s_init)[2:]
+    for loop in init_outer:
+        sch.unroll(loop)
+    sch.vectorize(init_lane)
+    if intrinsic == BITQ_AVX2_DOT_8x4:
+        sch.tensorize(sch.split(s_lane, [None, LANES // 2])[1], intrinsic)
+    elif intrinsic is not None:
+        sch.tensorize(s_lane, intrinsic)
+
+    sch.vectorize(j_lane)
+    sch.unroll(i_inner)
+    sch.unroll(j_group)
+    acc_init = sch.decompose_reduction(acc, b)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+
+    out = sch.get_sblock("C")
+    sch.reverse_compute_at(out, tile_loop)
+    *o_row, o_col = sch.get_loops(out)[1:]
+    for loop in o_row:
+        sch.unroll(loop)
+    sch.vectorize(sch.split(o_col, [None, LANES])[-1])
+
+    a_u8 = sch.get_sblock("a_u8")
+    a_row, a_col = sch.get_loops(a_u8)
+    sch.parallel(a_row)
+    a_vector = next(v for v in (64, 32, 16, 8, 4) if k_padded % v == 0)
+    sch.vectorize(sch.split(a_col, [None, a_vector])[-1])
+
+
+def bfp_matmul_x86_func(
+    M: int,
+    N: int,
+    K: int,
+    fmt_a: BFPFormat,
+    fmt_w: BFPFormat,
+    variant: str = "vnni",
+    tile: tuple[int, int] | None = None,
+) -> tirx.PrimFunc:
+    """Hand-scheduled integer BFP matmul PrimFunc (signature of :func:`.bfp_matmul.bfp_matmul_compute`).
+
+    variant: ``"vnni"`` (AVX-512 VNNI ``vpdpbusd``, needs an ``avx512vnni`` target), ``"avx2"``
+    (``vpmaddwd`` on sign-extended int16, needs ``avx2``), ``"generic"`` (plain int32 TIR that
+    LLVM vectorises; any target). Parallel over (column tile, row tile); per tile the int32 block
+    sums and the float32 outputs stay in registers across the K loop. ``tile`` = (rows, groups of
+    16 columns) overrides the default register tile; rows must divide M, 16 * groups divide Np.
+    """
+    if variant not in VARIANTS:
+        raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w)
+    n_tiles = padded(N, LANES) // LANES
+    rows, groups = tile if tile is not None else _default_tile(M, n_tiles)
+    if M % rows or n_tiles % groups:
+        raise BitqError(
+            f"bfp_matmul: tile {(rows, groups)} does not divide M={M} rows "
+            f"and {n_tiles} column groups"
+        )
+    sch = Schedule(func)
+    schedule_bfp_matmul_x86(sch, padded(K, fmt_a.block_size), rows, groups, variant)
+    return sch.mod["main"]

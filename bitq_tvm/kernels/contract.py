@@ -1,0 +1,234 @@
+"""The integer BFP kernel contract: every fact the kernels, passes, tuning and solver share, once.
+
+- Tiles: 16 output lanes (``LANES``) x 4 K values (``K_QUAD``) per packed weight tile, one
+  ``vpdpbusd``'s worth; N pads to whole lane groups.
+- Numbers: x86 offsets activations by ``ACTIVATION_OFFSET`` (+128, uint8 for ``vpdpbusd``) and
+  corrects the block sums with ``-128 * sum(qw)``; a weight block's scale exponent
+  ``e - (m - 2)`` must stay <= ``MAX_WEIGHT_SCALE_EXPONENT`` (105) for the scaling to be exact
+  (:mod:`.bfp_matmul` derives both bounds).
+- Block sizes: a multiple of ``K_QUAD`` in [``MIN_BLOCK``, ``MAX_BLOCK``], one shared by weight
+  and activation (:func:`format_problem`).
+- Which layers run as integer kernels (:func:`integer_support`), what they store
+  (:func:`integer_weight_bytes`) and their GEMM after im2col (:func:`gemm_geometry`).
+- Where BFP blocks run in a layer's tensors (:func:`block_axes`), shared by the simulation, the
+  NumPy reference and the planner.
+
+Everything here works on plain shapes, attributes and formats (no TVM, no ONNX), so the planner
+can ask before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from ..errors import BitqError
+from ..formats import BFPFormat
+
+__all__ = [
+    "LANES",
+    "K_QUAD",
+    "ACTIVATION_OFFSET",
+    "MAX_WEIGHT_SCALE_EXPONENT",
+    "MIN_BLOCK",
+    "MAX_BLOCK",
+    "NIBBLE_MAX_MANTISSA_BITS",
+    "DEFAULT_MAX_PADDING_RATIO",
+    "padded",
+    "padded_rows",
+    "block_size_problem",
+    "check_block_size",
+    "format_problem",
+    "conv_channels_padded",
+    "conv_problem",
+    "integer_support",
+    "packed_nbytes",
+    "GemmGeometry",
+    "gemm_geometry",
+    "integer_weight_bytes",
+    "block_axes",
+]
+
+# Output lanes per packed weight tile: one AVX-512 register of int32 accumulators.
+LANES = 16
+# K values per lane in one vpdpbusd / vpmaddwd pair.
+K_QUAD = 4
+# vpdpbusd multiplies unsigned by signed bytes: activations enter as qa + 128.
+ACTIVATION_OFFSET = 128
+# float32(s) * 2**k is exact for |s| < 2**22 only while 2**(22 + k) stays below 2**128
+MAX_WEIGHT_SCALE_EXPONENT = 105
+MIN_BLOCK, MAX_BLOCK = 8, 128
+# Mantissas of at most this many bits are stored two per byte.
+NIBBLE_MAX_MANTISSA_BITS = 4
+# Largest padded/real in-group channel ratio a conv may have and still run as an integer kernel.
+DEFAULT_MAX_PADDING_RATIO = 2.0
+
+
+def padded(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def padded_rows(rows: int) -> int:
+    """Matmul rows to compute: the matmul's register tile takes 4, 3, 2 or 1 rows dividing M, and
+    one-row tiles run at a third of the speed (measured 224 vs 728 GOPS at 49 vs 52 x 512 x 4608),
+    so a row count with no divisor among 4, 3, 2 is padded to a multiple of 4."""
+    if rows <= 4 or any(rows % r == 0 for r in (4, 3, 2)):
+        return rows
+    return padded(rows, 4)
+
+
+def block_size_problem(block_size: int) -> str | None:
+    """Why the integer kernel cannot take ``block_size`` (None: it can)."""
+    if block_size % K_QUAD or not MIN_BLOCK <= block_size <= MAX_BLOCK:
+        return f"block size {block_size} must be a multiple of {K_QUAD} in [{MIN_BLOCK}, {MAX_BLOCK}]"
+    return None
+
+
+def check_block_size(block_size: int, what: str) -> None:
+    """Raise BitqError (prefixed ``what``) unless the integer kernel takes ``block_size``."""
+    problem = block_size_problem(block_size)
+    if problem is not None:
+        raise BitqError(f"{what}: {problem}")
+
+
+def format_problem(weight: BFPFormat | None, activation: BFPFormat | None) -> str | None:
+    """Why the integer kernel cannot run a layer in these formats (None: it can, shape permitting)."""
+    if weight is None or activation is None:
+        missing = "activation" if activation is None else "weight"
+        return f"{missing} is FP32 in the plan: the integer kernel needs both operands in BFP"
+    if weight.block_size != activation.block_size:
+        return (f"weight block size {weight.block_size} != activation block size "
+                f"{activation.block_size}: one integer dot product per block needs one block size")
+    block = weight.block_size
+    if block_size_problem(block) is not None:
+        return f"block size {block} is not a multiple of {K_QUAD} in [{MIN_BLOCK}, {MAX_BLOCK}] (kernel constraint)"
+    return None
+
+
+def conv_channels_padded(group_channels: int, fmt: BFPFormat) -> int:
+    """In-group input channels after zero-padding to whole blocks (the conv kernel's K per offset)."""
+    return padded(group_channels, fmt.block_size)
+
+
+def conv_problem(group_channels: int, groups: int, fmt: BFPFormat,
+                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
+    """Why the integer kernel does not run a conv of this grouping in ``fmt`` (None: it does)."""
+    if groups > 1 and group_channels == 1:
+        return "depthwise conv (1 input channel per group): a block would hold 1 value and B-1 zeros"
+    cg_p = conv_channels_padded(group_channels, fmt)
+    if cg_p > max_padding_ratio * group_channels:
+        return (f"{group_channels} input channels per group padded to {cg_p} (block {fmt.block_size}): "
+                f"the integer kernel would do {cg_p / group_channels:.1f}x the work")
+    return None
+
+
+def integer_support(kind: str, weight_shape, groups: int, weight: BFPFormat | None, activation: BFPFormat | None,
+                    max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
+    """Whether a layer runs as an integer kernel, from shapes alone (the deployment pass's rule;
+    the planner uses it to price candidates as deployed).
+
+    ``kind`` is ``"conv2d"`` (weight OIHW) or ``"matmul"`` (2-D weight). Returns None when the
+    layer becomes an integer kernel, else the reason it stays float simulation.
+    """
+    reason = format_problem(weight, activation)
+    if reason is not None:
+        return reason
+    if kind == "matmul":
+        return None if len(weight_shape) == 2 else (
+            f"matmul by a {len(weight_shape)}-D weight (kernel: 2-D weights)")
+    return conv_problem(int(weight_shape[1]), groups, weight, max_padding_ratio)
+
+
+def packed_nbytes(n: int, k_padded: int, fmt: BFPFormat) -> int:
+    """Bytes the packer (:func:`~bitq_tvm.kernels.packing.pack_quantized`) stores for an
+    [n, k_padded] weight in ``fmt``: outputs padded to 16 lanes, mantissas one per byte (two per
+    byte when m <= 4), one int8 exponent per block."""
+    if k_padded % fmt.block_size:
+        raise BitqError(f"packed_nbytes: K {k_padded} is not a multiple of the block size {fmt.block_size}")
+    n_padded = padded(n, LANES)
+    mantissa_bytes = n_padded * k_padded // (2 if fmt.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS else 1)
+    return mantissa_bytes + n_padded * (k_padded // fmt.block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmGeometry:
+    """One layer's integer GEMM after im2col: ``groups`` calls of ``C[M, N] = A[M, K] @ W[N, K].T``.
+
+    ``rows`` is M (output pixels of the batch, or the flattened input rows), ``rows_padded`` the
+    rows the kernel computes (:func:`padded_rows`); ``n`` outputs per group; ``k`` the real
+    reduction per group (``KH * KW * C/G``, or in features) and ``k_padded`` the kernel's
+    (``KH * KW * pad(C/G, B)``: each kernel offset pads its channels to whole blocks, or
+    ``pad(K, B)``); ``group_channels_padded`` is ``pad(C/G, B)`` for a conv, ``k_padded`` for a
+    matmul; ``block_size`` is B.
+    """
+
+    rows: int
+    rows_padded: int
+    n: int
+    k: int
+    k_padded: int
+    groups: int
+    group_channels_padded: int
+    block_size: int
+
+    @property
+    def kernel_offsets(self) -> int:
+        """KH * KW for a conv, 1 for a matmul."""
+        return self.k_padded // self.group_channels_padded
+
+    @property
+    def blocks(self) -> int:
+        """Blocks per row of A (nb)."""
+        return self.k_padded // self.block_size
+
+
+def gemm_geometry(kind: str, input_shape: Sequence[int], weight_shape: Sequence[int], output_shape: Sequence[int],
+                  block_size: int, groups: int = 1) -> GemmGeometry:
+    """The GEMM the integer kernel runs for a layer (the one geometry deployment and tuning use).
+
+    Parameters
+    ----------
+    kind
+        ``"conv2d"`` (input NCHW, weight OIHW, output NCHW) or ``"matmul"`` (input ``[..., K]``,
+        output ``[..., N]``, weight in either stored orientation).
+    input_shape, weight_shape, output_shape
+        Static shapes of the layer's input, weight and output.
+    block_size
+        The (shared) BFP block size along the reduction.
+    groups
+        Conv groups (1 for a matmul).
+    """
+    if kind == "conv2d":
+        o, cg, kh, kw = (int(d) for d in weight_shape)
+        rows = int(output_shape[0]) * int(output_shape[2]) * int(output_shape[3])
+        cg_p = padded(cg, block_size)
+        return GemmGeometry(rows, padded_rows(rows), o // groups, kh * kw * cg, kh * kw * cg_p, groups, cg_p,
+                            block_size)
+    if kind != "matmul":
+        raise BitqError(f"gemm_geometry: layer kind {kind!r} is not conv2d or matmul")
+    n, k = int(output_shape[-1]), int(input_shape[-1])
+    rows = math.prod(int(d) for d in input_shape[:-1])
+    k_p = padded(k, block_size)
+    return GemmGeometry(rows, padded_rows(rows), n, k, k_p, 1, k_p, block_size)
+
+
+def integer_weight_bytes(geometry: GemmGeometry, fmt: BFPFormat) -> int:
+    """Bytes the deployment stores for a layer it lowers: one packed [N, Kp] weight per group."""
+    return geometry.groups * packed_nbytes(geometry.n, geometry.k_padded, fmt)
+
+
+def block_axes(kind: str, act_ndim: int, weight_ndim: int, groups: int = 1,
+               weight_transposed: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((activation axis, groups), (weight axis, groups)) along which a layer's BFP blocks run.
+
+    Blocks run along the reduction: input channels of each group of an NCHW/OIHW conv (axis 1 of
+    both), K of a matmul: the last activation axis, and axis -2 of a ``[..., K, N]`` weight or
+    -1 of a stored ``[N, K]`` one (``weight_transposed``, e.g. Gemm with transB).
+    """
+    if kind == "conv2d":
+        return (1, groups), (1, 1)
+    if kind != "matmul":
+        raise BitqError(f"block_axes: layer kind {kind!r} is not conv2d or matmul")
+    return (act_ndim - 1, 1), (weight_ndim - 1 if weight_transposed else weight_ndim - 2, 1)
