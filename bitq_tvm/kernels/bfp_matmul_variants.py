@@ -58,6 +58,17 @@ def target_arch(target: Target) -> str | None:
     return None
 
 
+def _describe(target: Target) -> str:
+    """Short name of an LLVM target for messages: its triple, ``-mcpu`` and ``-mattr``."""
+    attrs = target.attrs
+    parts = [str(attrs.get("mtriple") or "host")]
+    if attrs.get("mcpu"):
+        parts.append(f"-mcpu={attrs['mcpu']}")
+    if attrs.get("mattr"):
+        parts.append(f"-mattr={','.join(str(a) for a in attrs['mattr'])}")
+    return " ".join(parts)
+
+
 def _missing_features(target: Target, variant: str) -> list[str]:
     return [f for f in _REQUIREMENTS[variant][1] if not target_has_features(f, target)]
 
@@ -122,12 +133,12 @@ def bfp_matmul_for_target(
     arch, _ = _REQUIREMENTS[variant]
     if arch is not None and arch != target_arch(target):
         raise BitqError(
-            f"bfp_matmul: variant {variant!r} is not available for target '{target}' "
+            f"bfp_matmul: variant {variant!r} is not available for target '{_describe(target)}' "
             f"({target_arch(target) or 'unknown'} architecture); choose one of "
             f"{', '.join(available_variants(target))}"
         )
     missing = _missing_features(target, variant)
     if missing:
-        raise BitqError(f"bfp_matmul: target '{target}' lacks LLVM feature {', '.join(missing)} "
+        raise BitqError(f"bfp_matmul: target '{_describe(target)}' lacks LLVM feature {', '.join(missing)} "
                         f"of variant {variant!r}; it can run {', '.join(available_variants(target))}")
     return bfp_matmul_func(M, N, K, fmt_a, fmt_w, variant), variant

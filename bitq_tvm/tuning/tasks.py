@@ -41,7 +41,7 @@ from ..kernels.bfp_matmul_arm_riscv import LANE_MAJOR_VARIANTS, schedule_bfp_mat
 from ..kernels.bfp_matmul_variants import kernel_variant
 from ..kernels.bfp_matmul_x86 import VARIANTS as X86_VARIANTS
 from ..kernels.bfp_matmul_x86 import schedule_bfp_matmul_x86
-from ..kernels.contract import LANES, block_size_problem, gemm_geometry, padded
+from ..kernels.contract import K_QUAD, LANES, MAX_BLOCK, MIN_BLOCK, block_size_problem, gemm_geometry, padded
 from ..kernels.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
 from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
@@ -190,9 +190,9 @@ def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candid
             if cand.is_fp32:
                 continue
             block = cand.block_size
-            problem = block_size_problem(block)
-            if problem is not None:
-                raise BitqError(f"candidate {cand.label} of layer '{layer.name}': the integer kernel's {problem}")
+            if block_size_problem(block) is not None:
+                raise BitqError(f"candidate {cand.label} of layer '{layer.name}': the integer kernel takes "
+                                f"block sizes that are multiples of {K_QUAD} in [{MIN_BLOCK}, {MAX_BLOCK}], not {block}")
             m, n, k, calls = layer_gemm(layer, block)
             key = (m, n, k, cand.activation, cand.weight, calls)
             users.setdefault(key, []).append((layer.name, cand.label))

@@ -166,7 +166,7 @@ def test_assembly_uses_the_intended_instructions(name, variant):
         assert not [op for op in found if op.startswith("v")]
 
 
-def test_default_variant_per_preset():
+def test_kernel_variant_per_preset():
     expected = {
         "cortex-a53": "neon", "cortex-a55": "sdot", "cortex-a76": "sdot",
         "neoverse-n2": "sdot", "rv64gcv-vlen128": "rvv", "rv64gcv-vlen256": "rvv",
