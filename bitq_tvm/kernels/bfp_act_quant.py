@@ -23,8 +23,8 @@ import math
 import tvm
 from tvm import te, tirx
 
-from ..errors import BitqError
 from ..formats import BFPFormat
+from .contract import check_block_layout
 from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = ["act_quant_shapes", "bfp_act_quant_func"]
@@ -37,19 +37,6 @@ def act_quant_shapes(shape, fmt: BFPFormat, axis: int, groups: int = 1):
     outer = shape[:axis] + shape[axis + 1:]
     nbg = -(-(shape[axis] // groups) // fmt.block_size)
     return outer + (groups * nbg * fmt.block_size,), outer + (groups * nbg,)
-
-
-def _validate(shape: tuple[int, ...], axis: int, groups: int) -> int:
-    if not shape or any(d <= 0 for d in shape):
-        raise BitqError(f"bfp_act_quant_func: shape {shape} must be non-empty and positive")
-    if not -len(shape) <= axis < len(shape):
-        raise BitqError(f"bfp_act_quant_func: axis {axis} is out of range for shape {shape}")
-    axis %= len(shape)
-    if groups <= 0 or shape[axis] % groups:
-        raise BitqError(f"bfp_act_quant_func: groups={groups} does not divide axis {axis} of shape {shape}")
-    if math.prod(shape) >= 2**31:
-        raise BitqError(f"bfp_act_quant_func: shape {shape} has 2**31 or more elements")
-    return axis
 
 
 def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> tirx.PrimFunc:
@@ -140,6 +127,6 @@ def bfp_act_quant_func(shape, fmt: BFPFormat, axis: int, groups: int = 1) -> tir
     PrimFunc marked ``tirx.is_scheduled`` with no ``global_symbol`` (the BlockBuilder names it).
     """
     shape = tuple(int(d) for d in shape)
-    axis = _validate(shape, axis, groups)
+    axis = check_block_layout(shape, axis, groups, "bfp_act_quant_func")
     func = _schedule(_build(shape, fmt, axis, groups), fmt, strided=axis < len(shape) - 1)
     return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)

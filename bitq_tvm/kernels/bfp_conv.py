@@ -11,8 +11,8 @@ activation is quantized once, then copied KH*KW times as bytes, not re-quantized
 zero padding get mantissas 0 (an all-zero block: its term is 0 whatever its exponent).
 
 Weights ``W [O, C/G, KH, KW]`` quantized along axis 1 give mantissas ``[O, KH, KW, nbg, B]``,
-the same K order, so ``conv = A @ Wg.T`` per group, computed by
-:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_func`.
+the same K order, so ``conv = A @ Wg.T`` per group (:meth:`ConvGeometry.gemm`), computed by
+:func:`~bitq_tvm.kernels.bfp_matmul_variants.bfp_matmul_func`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tvm import te, tirx
 
 from ..errors import BitqError
 from ..formats import BFPFormat
+from .contract import GemmGeometry, conv_channels_padded, gemm_geometry
 
 __all__ = ["ConvGeometry", "bfp_im2col_func"]
 
@@ -72,7 +73,13 @@ class ConvGeometry:
                 and self.groups == 1)
 
     def group_channels_padded(self, fmt: BFPFormat) -> int:
-        return -(-(self.channels // self.groups) // fmt.block_size) * fmt.block_size
+        return conv_channels_padded(self.channels // self.groups, fmt)
+
+    def gemm(self, block_size: int) -> GemmGeometry:
+        """The per-group GEMM after im2col (:func:`~bitq_tvm.kernels.contract.gemm_geometry`)."""
+        return gemm_geometry("conv2d", (self.batch, self.channels, self.height, self.width),
+                             (self.out_channels, self.channels // self.groups, *self.kernel),
+                             (self.batch, self.out_channels, self.out_height, self.out_width), block_size, self.groups)
 
 
 def bfp_im2col_func(geom: ConvGeometry, fmt: BFPFormat, group: int, rows: int | None = None) -> tirx.PrimFunc:

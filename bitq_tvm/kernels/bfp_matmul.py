@@ -19,7 +19,7 @@ partial sum is bounded by ``255 * 128 * B < 2**22``: the int32 block sums are ex
 corrected sum ``s`` (|s| <= 128 * 128 * B <= 2**21) converts to float32 exactly.
 
 Scaling. Each block term is ``(float32(s) * sw[j,b]) * sa[i,b]`` with the exact powers of two
-``sw = 2**(ew - (mw-2))`` (float32, from :func:`pack_weights`) and ``sa = 2**(ea - (ma-2))``
+``sw = 2**(ew - (mw-2))`` (float32, from the packed weights) and ``sa = 2**(ea - (ma-2))``
 (float32, built in the kernel from the exponent bits, subnormal when below 2**-126). The combined
 exponent reaches down to -266 with 8-bit exponents, and all-zero blocks sit at ``emin = -127``, so
 the far low end occurs in practice. The first product is exact: |s| < 2**22 and any integer

@@ -34,7 +34,6 @@ from ..formats import BFPFormat
 from .bfp_matmul import (LOOP_ORDERS, activation_scales, bfp_matmul_compute, bfp_matmul_operands,
                          bfp_matmul_prim_func, check_formats, tile_bfp_matmul)
 from .contract import K_QUAD, LANES, padded
-from .float_bits import power_of_two
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
 

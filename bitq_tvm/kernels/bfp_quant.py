@@ -23,6 +23,7 @@ from tvm import te, tirx
 
 from ..errors import BitqError
 from ..formats import BFPFormat
+from .contract import check_block_layout
 from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = ["bfp_fake_quant_name", "bfp_fake_quant_func"]
@@ -48,19 +49,7 @@ def _validate(shape: tuple[int, ...], axis: int, groups: int, dtype: str) -> int
     """Check the arguments; return ``axis`` made non-negative."""
     if dtype != "float32":
         raise BitqError(f"bfp_fake_quant_func: dtype {dtype!r} is not supported (only float32)")
-    if not shape or any(d <= 0 for d in shape):
-        raise BitqError(f"bfp_fake_quant_func: shape {shape} must be non-empty and positive")
-    if not -len(shape) <= axis < len(shape):
-        raise BitqError(f"bfp_fake_quant_func: axis {axis} is out of range for shape {shape}")
-    axis %= len(shape)
-    if groups <= 0 or shape[axis] % groups:
-        raise BitqError(
-            f"bfp_fake_quant_func: groups={groups} does not divide axis {axis} "
-            f"(length {shape[axis]}) of shape {shape}"
-        )
-    if math.prod(shape) >= 2**31:
-        raise BitqError(f"bfp_fake_quant_func: shape {shape} has 2**31 or more elements")
-    return axis
+    return check_block_layout(shape, axis, groups, "bfp_fake_quant_func")
 
 
 def _block_extent(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> int:

@@ -48,6 +48,7 @@ __all__ = [
     "gemm_geometry",
     "integer_weight_bytes",
     "block_axes",
+    "check_block_layout",
 ]
 
 # Output lanes per packed weight tile: one AVX-512 register of int32 accumulators.
@@ -232,3 +233,18 @@ def block_axes(kind: str, act_ndim: int, weight_ndim: int, groups: int = 1,
     if kind != "matmul":
         raise BitqError(f"block_axes: layer kind {kind!r} is not conv2d or matmul")
     return (act_ndim - 1, 1), (weight_ndim - 1 if weight_transposed else weight_ndim - 2, 1)
+
+
+def check_block_layout(shape: Sequence[int], axis: int, groups: int, what: str) -> int:
+    """Check a tensor the quantizer kernels block along ``axis`` in ``groups``; return ``axis``
+    made non-negative. Shapes must be positive and below 2**31 elements (TIR's int32 indices)."""
+    if not shape or any(d <= 0 for d in shape):
+        raise BitqError(f"{what}: shape {shape} must be non-empty and positive")
+    if not -len(shape) <= axis < len(shape):
+        raise BitqError(f"{what}: axis {axis} is out of range for shape {shape}")
+    axis %= len(shape)
+    if groups <= 0 or shape[axis] % groups:
+        raise BitqError(f"{what}: groups={groups} does not divide axis {axis} (length {shape[axis]}) of shape {shape}")
+    if math.prod(shape) >= 2**31:
+        raise BitqError(f"{what}: shape {shape} has 2**31 or more elements")
+    return axis

@@ -184,7 +184,9 @@ def test_matmul_avx2_and_generic_variants(family):
     fmts = [BFPFormat(8, 32), BFPFormat(4, 16), BFPFormat(2, 8), BFPFormat(7, 128), BFPFormat(5, 64)]
     model, feeds = _matmul_branches_model(len(fmts), rows=3, k=77, n=20, seed=3)
     plan = Plan.from_json({"bitq_plan_version": 1, "layers": {f"layer{i}": f.name for i, f in enumerate(fmts)}})
-    target = dataclasses.replace(HOST, intrinsic_family=family)
+    # the kernel variant follows the LLVM target's features: x86-64 baseline has no AVX2
+    mcpu = {"avx2": "haswell", "scalar": "x86-64"}[family]
+    target = dataclasses.replace(HOST, intrinsic_family=family, llvm_target={**HOST.llvm_target, "mcpu": mcpu})
     deployed = _check_deployed_vs_simulated(model, plan, feeds,
                                             lambda m, layer, lf: _bound_matmul(m, layer, lf, feeds["x"]), target)
     assert deployed.report.variant == {"avx2": "avx2", "scalar": "generic"}[family]
