@@ -236,7 +236,29 @@ def _single_reduction(func, target: Target, config: "CPUScheduleConfig | None"):
     return sch, reductions[0], config or CPUScheduleConfig.for_target(target)
 
 
-class RegisterTiledContraction(dlight.ScheduleRule):
+class _SingleReductionRule(dlight.ScheduleRule):
+    """A rule for an LLVM PrimFunc with one reduction block: ``_match(sch, main)`` returns the
+    block's axis roles (or None: not this rule's), ``_schedule(sch, main, *roles, config)`` the
+    schedule (or None); a schedule primitive that fails means the rule does not apply."""
+
+    def __init__(self, config: CPUScheduleConfig | None = None):
+        self.config = config
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        found = _single_reduction(func, target, self.config)
+        if found is None:
+            return None
+        sch, main, config = found
+        roles = self._match(sch, main)
+        if roles is None:
+            return None
+        try:
+            return self._schedule(sch, main, *roles, config)
+        except _SCHEDULE_ERRORS:
+            return None
+
+
+class RegisterTiledContraction(_SingleReductionRule):
     """conv2d NCHW, matmul, dense and batched matmul with their fused prologues and epilogues.
 
     The PrimFunc must hold exactly one reduction block ``out[...] += data[...] * weight[...]``
@@ -247,25 +269,8 @@ class RegisterTiledContraction(dlight.ScheduleRule):
     not match.
     """
 
-    def __init__(self, config: CPUScheduleConfig | None = None):
-        self.config = config
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        found = _single_reduction(func, target, self.config)
-        if found is None:
-            return None
-        sch, main, config = found
-        roles = self._axis_roles(sch, main)
-        if roles is None:
-            return None
-        vector_iter, row_iter, weight_index = roles
-        try:
-            return self._schedule(sch, main, vector_iter, row_iter, weight_index, config)
-        except _SCHEDULE_ERRORS:
-            return None
-
     @staticmethod
-    def _axis_roles(sch: s_tir.Schedule, main: SBlockInfo):
+    def _match(sch: s_tir.Schedule, main: SBlockInfo):
         """Find the vectorised axis, the unrolled axis and which read is the weight."""
         block = sch.get(main.block_rv)
         if len(block.writes) != 1 or len(block.reads) != 2:
@@ -301,15 +306,10 @@ class RegisterTiledContraction(dlight.ScheduleRule):
         # Step 1. Prologues that feed the contraction (pad, transposes) stay separate loop nests:
         # inlining a pad would put a bounds check in the innermost loop. Everything else is inlined
         # into the single epilogue.
-        prologues = _upstream_of(sch, block)
-        _inline_injective_except(sch, prologues | {block_name})
-        block = sch.get_sblock(block_name)
-        epilogues = [b for b in _root_blocks(sch) if sch.get(b).name_hint not in prologues | {block_name}]
-        if len(epilogues) > 1:
+        fused = _fuse_around(sch, block_name, config)
+        if fused is None:
             return None
-        epilogues = _tile_fusable(sch, block, epilogues, config)
-        for name in prologues:
-            _schedule_spatial_block(sch, sch.get_sblock(name), config)
+        block, epilogues = fused
 
         # Step 2. Tile sizes: the vector axis takes whole SIMD registers, the row axis the largest
         # divisor that keeps the accumulator tile within the register budget.
@@ -390,6 +390,22 @@ class RegisterTiledContraction(dlight.ScheduleRule):
         return sch
 
 
+def _fuse_around(sch: s_tir.Schedule, block_name: str, config: CPUScheduleConfig):
+    """Inline everything but the main block's prologues (scheduled as parallel nests of their
+    own) and at most one epilogue; returns (main block, tile-fusable epilogues), or None when
+    more than one epilogue is left."""
+    prologues = _upstream_of(sch, sch.get_sblock(block_name))
+    _inline_injective_except(sch, prologues | {block_name})
+    block = sch.get_sblock(block_name)
+    epilogues = [b for b in _root_blocks(sch) if sch.get(b).name_hint not in prologues | {block_name}]
+    if len(epilogues) > 1:
+        return None
+    epilogues = _tile_fusable(sch, block, epilogues, config)
+    for name in prologues:
+        _schedule_spatial_block(sch, sch.get_sblock(name), config)
+    return block, epilogues
+
+
 def _iteration_count(block) -> int | None:
     count = 1
     for iv in block.iter_vars:
@@ -446,7 +462,7 @@ def _vectorize_last(sch: s_tir.Schedule, block, config: CPUScheduleConfig) -> No
         _vectorize_inner(sch, loops[-1], config)
 
 
-class SpatialInnerReduction(dlight.ScheduleRule):
+class SpatialInnerReduction(_SingleReductionRule):
     """Depthwise/grouped conv2d and pooling: reductions hoisted over a vectorised output row.
 
     Applies to one reduction block whose innermost output axis also indexes the innermost axis of
@@ -454,14 +470,9 @@ class SpatialInnerReduction(dlight.ScheduleRule):
     neighbouring (or evenly strided) elements. The row accumulates in a local buffer.
     """
 
-    def __init__(self, config: CPUScheduleConfig | None = None):
-        self.config = config
-
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        found = _single_reduction(func, target, self.config)
-        if found is None:
-            return None
-        sch, main, config = found
+    @staticmethod
+    def _match(sch: s_tir.Schedule, main: SBlockInfo):
+        """The row axis: the innermost output axis, if every input walks along it or ignores it."""
         stmt = sch.get(main.block_rv)
         if len(stmt.writes) != 1 or not stmt.reads or any(not isinstance(it.dom, int) for it in main.iters):
             return None
@@ -472,10 +483,7 @@ class SpatialInnerReduction(dlight.ScheduleRule):
             inner.var in _region_vars(r) and inner.var not in _vars_in([r.region[-1].min]) for r in stmt.reads
         ):
             return None
-        try:
-            return self._schedule(sch, main, inner, config)
-        except _SCHEDULE_ERRORS:
-            return None
+        return (inner,)
 
     @staticmethod
     def _schedule(sch, main: SBlockInfo, inner, config: CPUScheduleConfig):
@@ -483,15 +491,10 @@ class SpatialInnerReduction(dlight.ScheduleRule):
         block_name = sch.get(block).name_hint
 
         # Step 1. Inline the epilogue chain; prologues (pads) stay parallel loop nests of their own.
-        prologues = _upstream_of(sch, block)
-        _inline_injective_except(sch, prologues | {block_name})
-        block = sch.get_sblock(block_name)
-        epilogues = [b for b in _root_blocks(sch) if sch.get(b).name_hint not in prologues | {block_name}]
-        if len(epilogues) > 1:
+        fused = _fuse_around(sch, block_name, config)
+        if fused is None:
             return None
-        epilogues = _tile_fusable(sch, block, epilogues, config)
-        for name in prologues:
-            _schedule_spatial_block(sch, sch.get_sblock(name), config)
+        block, epilogues = fused
 
         # Step 2. Order: outer spatial axes, reductions, then the vectorised row.
         loops = {id(it): it.loop_rv for it in main.iters}
