@@ -29,24 +29,24 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["BITQ_RVV_DOT_16x4", "RVV_LANES"]
+from .contract import K_QUAD, LANES
+
+__all__ = ["BITQ_RVV_DOT_16x4"]
 
 BITQ_RVV_DOT_16x4 = "bitq_rvv_dot_16x4_i8i8i32"
-RVV_LANES = 16
-_QUAD = 4
 
 
 @T.prim_func(s_tir=True)
 def _rvv_dot_16x4_desc(
-    A: T.Buffer((_QUAD,), "int8", offset_factor=1),
-    B: T.Buffer((RVV_LANES, _QUAD), "int8", offset_factor=1),
-    C: T.Buffer((RVV_LANES,), "int32", offset_factor=1),
+    A: T.Buffer((K_QUAD,), "int8", offset_factor=1),
+    B: T.Buffer((LANES, K_QUAD), "int8", offset_factor=1),
+    C: T.Buffer((LANES,), "int32", offset_factor=1),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:RVV_LANES], A[0:_QUAD], B[0:RVV_LANES, 0:_QUAD])
-        T.writes(C[0:RVV_LANES])
-        for j in T.serial(0, RVV_LANES):
-            for k in T.serial(0, _QUAD):
+        T.reads(C[0:LANES], A[0:K_QUAD], B[0:LANES, 0:K_QUAD])
+        T.writes(C[0:LANES])
+        for j in T.serial(0, LANES):
+            for k in T.serial(0, K_QUAD):
                 with T.sblock("update"):
                     vj, vk = T.axis.remap("SR", [j, k])
                     C[vj] = C[vj] + T.cast(A[vk], "int32") * T.cast(B[vj, vk], "int32")
@@ -63,27 +63,27 @@ def _column_product(A, B, k):
                 "llvm.experimental.vp.strided.load",
                 T.tvm_access_ptr(
                     T.type_annotation("int8"), B.data, B.elem_offset + k,
-                    RVV_LANES * _QUAD - k, 1,
+                    LANES * K_QUAD - k, 1,
                 ),
-                T.int64(_QUAD),
-                T.broadcast(T.bool(True), RVV_LANES),
-                T.int32(RVV_LANES),
+                T.int64(K_QUAD),
+                T.broadcast(T.bool(True), LANES),
+                T.int32(LANES),
             ),
         )
-        * T.broadcast(T.Cast("int16", A[k]), RVV_LANES),
+        * T.broadcast(T.Cast("int16", A[k]), LANES),
     )
 
 
 @T.prim_func(s_tir=True)
 def _rvv_dot_16x4_impl(
-    A: T.Buffer((_QUAD,), "int8", offset_factor=1),
-    B: T.Buffer((RVV_LANES, _QUAD), "int8", offset_factor=1),
-    C: T.Buffer((RVV_LANES,), "int32", offset_factor=1),
+    A: T.Buffer((K_QUAD,), "int8", offset_factor=1),
+    B: T.Buffer((LANES, K_QUAD), "int8", offset_factor=1),
+    C: T.Buffer((LANES,), "int32", offset_factor=1),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:RVV_LANES], A[0:_QUAD], B[0:RVV_LANES, 0:_QUAD])
-        T.writes(C[0:RVV_LANES])
-        C[T.ramp(T.int32(0), 1, RVV_LANES)] = (
+        T.reads(C[0:LANES], A[0:K_QUAD], B[0:LANES, 0:K_QUAD])
+        T.writes(C[0:LANES])
+        C[T.ramp(T.int32(0), 1, LANES)] = (
             C.vload([0], dtype="int32x16")
             + _column_product(A, B, 0)
             + _column_product(A, B, 1)
