@@ -56,9 +56,8 @@ def deployed_cost(layer: Layer, candidate: Candidate,
     geometry = gemm_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, fmt.block_size,
                              layer.groups)
     nbytes = integer_weight_bytes(geometry, candidate.weight)
-    k = layer.reduction
-    k_padded = -(-k // fmt.block_size) * fmt.block_size
-    act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * k_padded / k  # int8 mantissas, int8 exponents
+    # int8 mantissas and int8 exponents, each (group's) channels padded to whole blocks
+    act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * geometry.group_channels_padded / layer.reduction
     return DeployedCost("integer", "", nbytes, 8.0 * nbytes / layer.params, act_bits)
 
 
