@@ -180,15 +180,11 @@ class CompiledModel:
 
     def export_library(self, path: str) -> None:
         """Write the compiled model as a shared library (atomically)."""
+        from .support.atomic import atomic_path
         from .targets.cross import export
 
-        tmp = f"{path}.tmp{os.getpid()}.so"
-        try:
+        with atomic_path(path, ".so") as tmp:
             export(self.executable, tmp, self.target)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from .errors import BitqError
 from .formats import BFPFormat, parse_format
+from .support.atomic import write_json
 
 PLAN_VERSION = 1
 
@@ -124,11 +125,7 @@ class Plan:
 
     def save(self, path) -> None:
         """Write the plan as JSON (atomically: a crash leaves the old file or none)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_json(), indent=2, newline=True)
 
     def resolve(self, layers, where: str = "plan", unsupported: Mapping[str, str] | None = None) -> dict[str, LayerFormats]:
         """The formats of every layer of a model, checking the plan names only layers it has.

@@ -18,7 +18,6 @@ true loss on data, for the predicted-vs-measured (additivity) check.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Mapping
 
 import numpy as np
@@ -26,6 +25,7 @@ import numpy as np
 from ..errors import BitqError
 from ..frontend.onnx_model import Layer, OnnxModel
 from ..plan import LayerFormats, Plan
+from ..support.progress import say
 from ..targets.presets import TargetPreset, get_target
 from .accuracy import Calibration, AccuracyTerm, NoiseGraph, _rel_mse, _top1, measure_accuracy_term
 from .candidates import Candidate, LayerCandidates
@@ -35,10 +35,6 @@ from .problem import Allocation, AllocationProblem
 
 OBJECTIVES = ("lambda", "budget", "size_budget")
 BYTES_PER_MB = 1_000_000
-
-
-def _progress(message: str) -> None:
-    print(f"[bitq-tvm] {message}", file=sys.stderr, flush=True)
 
 
 def parse_budget(text: str, option: str = "--budget") -> float:
@@ -178,7 +174,7 @@ def solve_objective(problem: AllocationProblem, accuracy: AccuracyTerm, objectiv
 
 def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, target: str | TargetPreset = "host",
                candidates: LayerCandidates | None = None, ties=(), measured: Measured | None = None,
-               noise: str = "quantization", progress=_progress, deployed: bool = True) -> PlanResult:
+               noise: str = "quantization", progress=say, deployed: bool = True) -> PlanResult:
     """Measure the accuracy and performance terms and solve for ``objective``.
 
     Parameters
@@ -312,7 +308,7 @@ class Verification:
 
 
 def verify(model: OnnxModel, plan: Plan, calib: Calibration, accuracy: AccuracyTerm | None = None,
-           target: str = "host", predicted_mse: float | None = None, progress=_progress) -> Verification:
+           target: str = "host", predicted_mse: float | None = None, progress=say) -> Verification:
     """Compile ``plan`` with TVM, run it on ``calib`` and compare with the FP32 model.
 
     ``predicted_mse`` defaults to the sum of the plan's per-layer ``predicted_loss`` infos.
