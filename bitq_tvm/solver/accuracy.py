@@ -40,8 +40,8 @@ from ..errors import BitqError
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
 from ..frontend.reference import act_block_axis, weight_block_axis
+from ..plan import LayerFormats
 from ..support.progress import Countdown, say
-from .candidates import Candidate
 
 LOGIT_MSE_UNIT = "relative logit MSE"
 TOP1_UNIT = "top-1 drop"
@@ -402,7 +402,7 @@ class AccuracyTerm:
     def unit(self) -> str:
         return TOP1_UNIT if self.curve else LOGIT_MSE_UNIT
 
-    def layer_loss(self, layer: str, candidate: Candidate) -> float:
+    def layer_loss(self, layer: str, candidate: LayerFormats) -> float:
         """Predicted relative logit MSE of ``layer`` under ``candidate``."""
         if candidate.is_fp32:
             return 0.0
@@ -437,7 +437,7 @@ class AccuracyTerm:
         return float(x0 + (budget - y0) / (y1 - y0) * (x1 - x0)) if y1 > y0 else float(x0)
 
 
-def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapping[str, tuple[Candidate, ...]],
+def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapping[str, tuple[LayerFormats, ...]],
                           noise: str = "quantization", seed: int = 0, progress=say,
                           budget: float | None = None, group_size: int = 4) -> AccuracyTerm:
     """Measure noise powers and sensitivities of every layer on ``calib``.

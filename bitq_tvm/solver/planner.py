@@ -28,7 +28,7 @@ from ..plan import LayerFormats, Plan
 from ..support.progress import say
 from ..targets.presets import TargetPreset, get_target
 from .accuracy import Calibration, AccuracyTerm, NoiseGraph, _rel_mse, _top1, measure_accuracy_term
-from .candidates import Candidate, LayerCandidates
+from .candidates import LayerCandidates
 from .milp import pareto_front, solve
 from .performance import Measured, PerformanceTerm, performance_term
 from .problem import Allocation, AllocationProblem
@@ -77,7 +77,7 @@ def _show_loss(value: float, unit: str) -> str:
     return f"{value * 100:.3g}% {unit}" if unit else f"{value:.4g}"
 
 
-def weight_size_bytes(layer: Layer, candidate: Candidate, deployed: bool = True) -> int:
+def weight_size_bytes(layer: Layer, candidate: LayerFormats, deployed: bool = True) -> int:
     """Bytes of the layer's weight under ``candidate``: as deployed (the integer kernel's packed
     storage, padding and exponents included; float fallbacks at FP32), or, with ``deployed=False``,
     bit-packed m bits per element plus E bits per block (ragged-block padding not stored)."""
@@ -98,7 +98,7 @@ class PlanResult:
 
     model: OnnxModel
     target: str
-    candidates: Mapping[str, tuple[Candidate, ...]]
+    candidates: Mapping[str, tuple[LayerFormats, ...]]
     accuracy: AccuracyTerm
     performance: PerformanceTerm
     problem: AllocationProblem
@@ -108,7 +108,7 @@ class PlanResult:
     uniforms: tuple[tuple[str, Allocation], ...]
     plan: Plan
 
-    def candidate(self, layer: str, label: str) -> Candidate:
+    def candidate(self, layer: str, label: str) -> LayerFormats:
         return next(c for c in self.candidates[layer] if c.label == label)
 
     def average_weight_bits(self, allocation: Allocation) -> float:
@@ -126,7 +126,7 @@ class PlanResult:
         return self.accuracy.to_user_units(allocation.acc_loss)
 
 
-def build_problem(model: OnnxModel, candidates: Mapping[str, tuple[Candidate, ...]], accuracy: AccuracyTerm,
+def build_problem(model: OnnxModel, candidates: Mapping[str, tuple[LayerFormats, ...]], accuracy: AccuracyTerm,
                   performance: PerformanceTerm, ties=(), deployed: bool = True) -> AllocationProblem:
     """The allocation problem: per layer and candidate, predicted loss, performance cost and weight bytes."""
     names = [layer.name for layer in model.layers]

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import BitqError
 from ..frontend.onnx_model import OnnxModel
-from ..solver.candidates import Candidate
+from ..plan import LayerFormats
 from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, extract_bfp_tasks
@@ -173,7 +173,7 @@ def _cross_validated(features, seconds, macs, shapes, seed) -> np.ndarray | None
     return predicted
 
 
-def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]], preset: TargetPreset,
+def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[LayerFormats]], preset: TargetPreset,
                   task_seconds: Mapping[str, float], seed: int = 0) -> LatencyTable:
     """Latencies of every (layer, BFP candidate) of ``model`` from measured task times.
 
@@ -225,7 +225,7 @@ def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]
     return LatencyTable(MappingProxyType(entries), report)
 
 
-def latency_table_from_work_dir(work_dir: str, model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]],
+def latency_table_from_work_dir(work_dir: str, model: OnnxModel, candidates: Mapping[str, Sequence[LayerFormats]],
                                 preset: TargetPreset, verified: bool = True) -> LatencyTable:
     """:func:`latency_table` of the tasks ``model`` x ``candidates`` measured in ``work_dir``.
 

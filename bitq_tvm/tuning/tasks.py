@@ -38,13 +38,13 @@ from tvm.s_tir import Schedule, TensorIntrin
 from ..errors import BitqError
 from ..formats import BFPFormat
 from ..frontend.onnx_model import Layer, OnnxModel
+from ..plan import LayerFormats
 from ..kernels.bfp_matmul import LANES, bfp_matmul_compute, bfp_matmul_name, padded_rows
 from ..kernels.bfp_matmul import VARIANTS as X86_VARIANTS
 from ..kernels.bfp_matmul import schedule_bfp_matmul as schedule_kernel
 from ..kernels.bfp_matmul_targets import (LANE_MAJOR_VARIANTS, bfp_matmul_signed_compute, default_variant,
                                             schedule_bfp_matmul_target)
 from ..kernels.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
-from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
 
 __all__ = [
@@ -190,7 +190,7 @@ def layer_gemm(layer: Layer, block_size: int) -> tuple[int, int, int, int]:
     return rows, int(layer.output_shape[-1]), _padded(layer.reduction, block_size), 1
 
 
-def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]],
+def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[LayerFormats]],
                       preset: TargetPreset) -> tuple[BfpTask, ...]:
     """One task per distinct GEMM of ``model``'s layers x their BFP candidates, sorted by name.
 
@@ -246,7 +246,7 @@ def extract_fp32_tasks(model: OnnxModel, preset: TargetPreset) -> tuple[Fp32Task
     return tuple(sorted(tasks, key=lambda t: t.name))
 
 
-def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]], preset: TargetPreset,
+def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[LayerFormats]], preset: TargetPreset,
                   include_fp32: bool = True) -> TaskSet:
     """All tuning tasks of ``model`` on ``preset``: BFP GEMMs of every candidate, then FP32 work."""
     fp32 = extract_fp32_tasks(model, preset) if include_fp32 else ()
