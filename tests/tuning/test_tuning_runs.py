@@ -154,7 +154,8 @@ def test_latency_table_measured_win_and_regressor_predicts_rest():
     # a plausible machine: 20 GMAC/s plus 2 us call overhead, 10% noise
     truth = {t.name: (2e-6 + t.m * t.n * t.k / 20e9) * rng.uniform(0.95, 1.05) for t in tasks}
     measured = {name: truth[name] for name in sorted(truth)[::2]}  # a handful: every other task
-    table = latency_table(model, candidates, preset, measured)
+    table = latency_table(model, candidates, preset, measured,
+                          model_costs=performance_term(model, preset, candidates).model_costs)
     assert len(table.entries) == sum(len(c) for c in candidates.values())
     for task in tasks:
         for layer, label in task.users:
