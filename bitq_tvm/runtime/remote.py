@@ -41,7 +41,7 @@ from bitq_tvm.runtime.runner import Runner
 from bitq_tvm.targets.presets import TargetPreset
 from bitq_tvm.targets.rpc import RpcAddress, device_address, parse_address
 
-__all__ = ["RpcProcess", "RemoteModel", "connect", "free_port", "start_rpc_server", "start_tracker"]
+__all__ = ["RpcProcess", "RemoteModel", "connect", "free_port", "open_session", "start_rpc_server", "start_tracker"]
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
