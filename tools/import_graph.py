@@ -44,7 +44,7 @@ ONLY_IMPORTS = {"models": {"__init__", "errors", "support", "formats", "frontend
 def _unit(module: str) -> str:
     """``bitq_tvm.targets.rpc`` -> ``targets``; ``bitq_tvm`` -> ``__init__``; CLI modules -> ``cli``."""
     parts = module.split(".")
-    if parts[-1].startswith("cli"):
+    if parts[-1] == "cli" or parts[-1].startswith("cli_"):
         return "cli"
     return parts[1] if len(parts) > 1 else "__init__"
 
