@@ -140,7 +140,7 @@ def latency_check(candidate_set: str, preset) -> None:
               f"{np.median(np.abs(predicted / truth - 1)) * 100:.1f}% | {spearmanr(dm_cost, truth).statistic:.3f} | "
               f"{np.median(np.abs(dm_cost * scale / truth - 1)) * 100:.1f}% |")
     print("\nlatency_table's own report, all tasks measured (cross-validated by shape):\n")
-    print(latency_table(model, candidates, preset, timed).report.markdown())
+    print(latency_table(model, candidates, preset, timed, model_costs=dm).report.markdown())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ from .errors import BitqError
 from .frontend.onnx_model import OnnxModel, cast_input, input_dtypes, load_onnx  # noqa: F401 - re-exported
 from .passes import AnnotateBFPLayers, InsertBFPSimulation
 from .plan import LayerFormats, Plan
+from .runtime.runner import Runner
 from .kernels.cpu import cpu_pipeline
 from .targets.presets import TargetPreset, get_target
 
@@ -101,7 +102,7 @@ def bitq_pipeline(model: OnnxModel, formats: dict[str, LayerFormats], params: di
 
 
 @dataclasses.dataclass
-class CompiledModel:
+class CompiledModel(Runner):
     """A model compiled by TVM under a plan, runnable on the host (or exportable for its target)."""
 
     model: OnnxModel
@@ -109,10 +110,6 @@ class CompiledModel:
     target: TargetPreset
     executable: relax.VMExecutable
     compile_seconds: float
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.model.input_shapes)
 
     def _vm(self):
         if not hasattr(self, "_vm_cache"):
@@ -122,73 +119,19 @@ class CompiledModel:
             self._vm_cache = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm_cache
 
-    def input_arrays(self, inputs) -> list[np.ndarray]:
-        """The model inputs as contiguous arrays of their declared ONNX element type, in input order, shapes checked.
-
-        ``inputs`` is a dict by input name or a list in input order. Integer inputs (token ids)
-        take integer data only: float data is an error, not a silent truncation.
-        """
-        if isinstance(inputs, dict):
-            missing = [n for n in self.input_names if n not in inputs]
-            if missing:
-                raise BitqError(f"missing model input(s) {missing}")
-            inputs = [inputs[n] for n in self.input_names]
-        dtypes = input_dtypes(self.model)
-        arrays = []
-        for name, x in zip(self.input_names, inputs):
-            expected = self.model.input_shapes[name]
-            x = cast_input(name, x, dtypes[name])
-            if tuple(x.shape) != tuple(expected):
-                raise BitqError(f"input '{name}' has shape {tuple(x.shape)}, the compiled model takes {tuple(expected)}")
-            arrays.append(x)
-        return arrays
-
     def run(self, inputs) -> list[np.ndarray]:
         """Run once; ``inputs`` is a dict by input name or a list in input order."""
         out = self._vm()["main"](*(tvm.runtime.tensor(x) for x in self.input_arrays(inputs)))
         outs = list(out) if isinstance(out, (tvm.ir.Array, list, tuple)) else [out]
         return [o.numpy() for o in outs]
 
-    def run_batched(self, inputs, data: np.ndarray | None = None):
-        """Run a dataset through the model's pinned batch size, in chunks (the last zero-padded, then trimmed).
-
-        ``run_batched({"ids": ids, "mask": mask})`` returns every output stacked over the samples,
-        in output order; ``run_batched(name, array)`` (one input) returns the first output.
-        Works for any object with ``model`` and ``run`` (a remote model too).
-        """
-        from .evaluation import chunks, stack_outputs
-
-        if not isinstance(inputs, dict):
-            return CompiledModel.run_batched(self, {inputs: data})[0]
-        names = list(self.model.input_shapes)
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise BitqError(f"no data for model input(s) {missing}")
-        batches = {self.model.input_shapes[n][0] for n in names}
-        if len(batches) != 1:
-            raise BitqError(f"the model's inputs have different batch sizes "
-                            f"{ {n: self.model.input_shapes[n][0] for n in names} }; run it with run()")
-        batch = batches.pop()
-        feeds = {}
-        for name in names:
-            x = np.asarray(inputs[name])
-            if tuple(x.shape[1:]) != tuple(self.model.input_shapes[name][1:]):
-                raise BitqError(f"data for input '{name}' has samples of shape {tuple(x.shape[1:])}, "
-                                f"the model takes {tuple(self.model.input_shapes[name][1:])}")
-            feeds[name] = x
-        return stack_outputs([(self.run(chunk), valid) for chunk, valid in chunks(feeds, batch)], batch)
-
     def export_library(self, path: str) -> None:
         """Write the compiled model as a shared library (atomically)."""
+        from .support.atomic import atomic_path
         from .targets.cross import export
 
-        tmp = f"{path}.tmp{os.getpid()}.so"
-        try:
+        with atomic_path(path, ".so") as tmp:
             export(self.executable, tmp, self.target)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",

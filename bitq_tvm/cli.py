@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import BitqError
 from .formats import PRESETS
-from .outputs import check_output_dir, check_output_path  # noqa: F401 - used by cli_plan too
+from .support.paths import check_output_dir, check_output_path  # noqa: F401 - used by cli_plan too
 
 EXIT_USER_ERROR = 2
 

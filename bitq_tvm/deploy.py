@@ -160,14 +160,10 @@ def relax_constant_bytes(mod: tvm.IRModule) -> int:
 
 def _tuned_kernels(tuning_db: str, model: OnnxModel, formats, preset) -> dict:
     """Verified tuned kernels of the plan's GEMMs from a tuning work dir, by kernel name."""
-    from .solver.candidates import Candidate
     from .tuning.tasks import extract_bfp_tasks
     from .tuning.verify import tuned_prim_funcs
 
-    candidates = {name: [Candidate(lf.weight, lf.activation)] for name, lf in formats.items()
-                  if lf.weight is not None and lf.activation is not None
-                  and lf.weight.block_size == lf.activation.block_size
-                  and lf.weight.exponent_bits == lf.activation.exponent_bits}
+    candidates = {name: [lf] for name, lf in formats.items() if lf.is_bfp_pair}
     return tuned_prim_funcs(tuning_db, extract_bfp_tasks(model, candidates, preset), preset)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import BitqError
+from .runtime.runner import chunks, stack_outputs
 
 
 def class_view(output: np.ndarray) -> np.ndarray | None:
@@ -77,34 +78,6 @@ def top_k(output: np.ndarray, labels: np.ndarray) -> dict:
         top5 = np.argpartition(-view, 4, axis=-1)[..., :5]
         stats["top5"] = float((top5 == labels[..., None]).any(-1).mean())
     return stats
-
-
-def chunks(feeds: dict[str, np.ndarray], batch: int):
-    """``(chunk, valid)`` pairs cutting every input into ``batch`` samples; the last chunk zero-padded."""
-    counts = {name: len(x) for name, x in feeds.items()}
-    if len(set(counts.values())) != 1:
-        raise BitqError(f"the input arrays hold different sample counts {counts}")
-    total = next(iter(counts.values()))
-    if total == 0:
-        raise BitqError("no samples to run")
-    for start in range(0, total, batch):
-        chunk = {}
-        for name, x in feeds.items():
-            part = x[start:start + batch]
-            if len(part) < batch:
-                part = np.concatenate([part, np.zeros((batch - len(part), *part.shape[1:]), part.dtype)])
-            chunk[name] = part
-        yield chunk, min(batch, total - start)
-
-
-def stack_outputs(per_chunk: list[tuple[list[np.ndarray], int]], batch: int) -> list[np.ndarray]:
-    """Outputs of every chunk trimmed to its valid samples and stacked, per output."""
-    first = per_chunk[0][0]
-    for index, out in enumerate(first):
-        if out.ndim == 0 or out.shape[0] != batch:
-            raise BitqError(f"output {index} has shape {list(out.shape)}: no leading batch axis of {batch} "
-                            "to run a dataset through")
-    return [np.concatenate([outs[i][:valid] for outs, valid in per_chunk]) for i in range(len(first))]
 
 
 def onnxruntime_reference(path: str, feeds: dict[str, np.ndarray], batch: int):

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 from .errors import BitqError
 from .formats import BFPFormat, parse_format
+from .formats.bfp import MAX_EXPONENT_BITS
+from .support.atomic import write_json
 
 PLAN_VERSION = 1
 
@@ -36,17 +38,64 @@ def _format_name(fmt: BFPFormat | None) -> str:
     return "fp32" if fmt is None else fmt.name
 
 
+FP32_LABEL = "fp32"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerFormats:
-    """The formats of one layer's weight and input activation (``None`` = FP32)."""
+    """The (weight, activation) format pair of one layer (``None`` = FP32): plan entries and solver candidates.
+
+    Its label, e.g. ``w4a8_b32`` (``_e5`` appended when E != 8, ``fp32`` for a float layer),
+    names a pair in the allocation problem, plans and reports. A pair whose tensors do not share
+    one block size and exponent width (a plan may quantize only the weight) is labelled
+    ``WEIGHT,ACTIVATION`` with its format names. The pair type itself accepts any two formats;
+    the solver's candidate sets take only :attr:`is_bfp_pair` pairs (see
+    :mod:`bitq_tvm.solver.candidates`).
+    """
 
     weight: BFPFormat | None = None
     activation: BFPFormat | None = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
+    @classmethod
+    def bfp(cls, weight_bits: int, activation_bits: int, block_size: int, exponent_bits: int = 8) -> "LayerFormats":
+        """Both tensors BFP with one block size and exponent width (a candidate of the solver)."""
+        return cls(BFPFormat(weight_bits, block_size, exponent_bits), BFPFormat(activation_bits, block_size, exponent_bits))
+
     @property
     def is_fp32(self) -> bool:
         return self.weight is None and self.activation is None
+
+    @property
+    def is_bfp_pair(self) -> bool:
+        """Both tensors BFP, blocked alike (one block size, one exponent width).
+
+        The integer dot product of one block needs its two operands blocked alike (one scale per
+        block and operand, see the numeric contract), so only such pairs have integer kernels.
+        """
+        return (self.weight is not None and self.activation is not None
+                and self.weight.block_size == self.activation.block_size
+                and self.weight.exponent_bits == self.activation.exponent_bits)
+
+    @property
+    def block_size(self) -> int | None:
+        """The block size of the weight (else of the activation); None for an FP32 layer."""
+        fmt = self.weight or self.activation
+        return None if fmt is None else fmt.block_size
+
+    @property
+    def label(self) -> str:
+        if self.is_fp32:
+            return FP32_LABEL
+        if not self.is_bfp_pair:
+            return f"{_format_name(self.weight)},{_format_name(self.activation)}"
+        label = f"w{self.weight.mantissa_bits}a{self.activation.mantissa_bits}_b{self.weight.block_size}"
+        if self.weight.exponent_bits != MAX_EXPONENT_BITS:
+            label += f"_e{self.weight.exponent_bits}"
+        return label
+
+    def __str__(self) -> str:
+        return self.label
 
     @classmethod
     def parse(cls, spec, where: str) -> "LayerFormats":
@@ -66,7 +115,7 @@ class LayerFormats:
         return {"weight": _format_name(self.weight), "activation": _format_name(self.activation), **self.info}
 
 
-FP32 = LayerFormats()
+FP32 = LayerFormats()  # a float layer; the solver's ``fp32`` candidate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +173,7 @@ class Plan:
 
     def save(self, path) -> None:
         """Write the plan as JSON (atomically: a crash leaves the old file or none)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_json(), indent=2, newline=True)
 
     def resolve(self, layers, where: str = "plan", unsupported: Mapping[str, str] | None = None) -> dict[str, LayerFormats]:
         """The formats of every layer of a model, checking the plan names only layers it has.

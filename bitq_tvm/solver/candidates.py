@@ -1,10 +1,10 @@
 """The candidate set: which (weight format, activation format) pairs the optimiser may give a layer.
 
-A candidate is one BFP configuration of a layer: weight mantissa bits, activation mantissa bits, one
-block size shared by both (the integer dot product of one block needs the two operands blocked
-alike, see the numeric contract) and shared-exponent bits. Its label, e.g. ``w4a8_b32`` (``_e5``
-appended when E != 8, ``fp32`` for a float layer), names it in the allocation problem, plans and
-reports; labels are the same across layers, so uniform allocations and ties compare by label.
+A candidate is a :class:`~bitq_tvm.plan.LayerFormats` pair: weight mantissa bits, activation
+mantissa bits, one block size shared by both (the integer dot product of one block needs the two
+operands blocked alike, see the numeric contract) and shared-exponent bits, or FP32. Those rules
+are checked here, where candidate sets and pins are built (a plan may say more, e.g. weight-only).
+Labels (``w4a8_b32``) are the same across layers, so uniform allocations and ties compare by label.
 
 Users write candidate sets as ``w=4,5,6,8;a=6,8;b=16,32,64;e=8`` and pins as ``NAME=SPEC`` where
 NAME is a layer, ``first`` or ``last`` and SPEC is ``fp32``, a format name (both tensors), a
@@ -21,58 +21,35 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..errors import BitqError
-from ..formats import BFPFormat, parse_format
+from ..formats import parse_format
 from ..formats.bfp import MAX_EXPONENT_BITS, MAX_MANTISSA_BITS, MIN_EXPONENT_BITS, MIN_MANTISSA_BITS
+from ..plan import LayerFormats
 
-FP32_LABEL = "fp32"
 _LABEL_PATTERN = re.compile(r"w(\d+)a(\d+)_b(\d+)(?:_e(\d+))?")
 _SET_KEYS = {"w": "weight_bits", "a": "activation_bits", "b": "block_sizes", "e": "exponent_bits"}
 MAX_CANDIDATE_BLOCK = 1024  # beyond this a block spans most reductions: BFP degenerates to per-row
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One layer configuration: weight and activation formats (``None`` both = FP32 layer)."""
+def check_candidate(pair: LayerFormats) -> LayerFormats:
+    """``pair`` if the solver may offer it: FP32, or both tensors BFP blocked alike.
 
-    weight: BFPFormat | None
-    activation: BFPFormat | None
-
-    def __post_init__(self):
-        if (self.weight is None) != (self.activation is None):
-            raise BitqError("a candidate quantizes both the weight and the activation, or neither (fp32)")
-        if self.weight is not None and self.weight.block_size != self.activation.block_size:
-            raise BitqError(f"candidate {self.weight.name},{self.activation.name}: weight and activation "
-                            "must share one block size (one scale per block of the integer dot product)")
-        if self.weight is not None and self.weight.exponent_bits != self.activation.exponent_bits:
-            raise BitqError(f"candidate {self.weight.name},{self.activation.name}: weight and activation "
-                            "must share the exponent bits")
-
-    @classmethod
-    def bfp(cls, weight_bits: int, activation_bits: int, block_size: int, exponent_bits: int = 8) -> "Candidate":
-        return cls(BFPFormat(weight_bits, block_size, exponent_bits), BFPFormat(activation_bits, block_size, exponent_bits))
-
-    @property
-    def is_fp32(self) -> bool:
-        return self.weight is None
-
-    @property
-    def block_size(self) -> int | None:
-        return None if self.weight is None else self.weight.block_size
-
-    @property
-    def label(self) -> str:
-        if self.weight is None:
-            return FP32_LABEL
-        label = f"w{self.weight.mantissa_bits}a{self.activation.mantissa_bits}_b{self.weight.block_size}"
-        if self.weight.exponent_bits != MAX_EXPONENT_BITS:
-            label += f"_e{self.weight.exponent_bits}"
-        return label
-
-    def __str__(self) -> str:
-        return self.label
-
-
-FP32_CANDIDATE = Candidate(None, None)
+    Raises
+    ------
+    BitqError
+        Only one tensor quantized, or the two with different block sizes or exponent bits (the
+        integer dot product of one block needs its operands blocked alike).
+    """
+    if pair.is_fp32:
+        return pair
+    if pair.weight is None or pair.activation is None:
+        raise BitqError("a candidate quantizes both the weight and the activation, or neither (fp32)")
+    if pair.weight.block_size != pair.activation.block_size:
+        raise BitqError(f"candidate {pair.weight.name},{pair.activation.name}: weight and activation "
+                        "must share one block size (one scale per block of the integer dot product)")
+    if pair.weight.exponent_bits != pair.activation.exponent_bits:
+        raise BitqError(f"candidate {pair.weight.name},{pair.activation.name}: weight and activation "
+                        "must share the exponent bits")
+    return pair
 
 
 def _int_tuple(values, option: str, low: int, high: int) -> tuple[int, ...]:
@@ -110,9 +87,9 @@ class CandidateSet:
                                                             MIN_EXPONENT_BITS, MAX_EXPONENT_BITS))
 
     @property
-    def candidates(self) -> tuple[Candidate, ...]:
+    def candidates(self) -> tuple[LayerFormats, ...]:
         """All candidates, most precise first (high bits, small blocks)."""
-        return tuple(Candidate.bfp(w, a, b, e) for e, w, a, b in itertools.product(
+        return tuple(LayerFormats.bfp(w, a, b, e) for e, w, a, b in itertools.product(
             sorted(self.exponent_bits, reverse=True), sorted(self.weight_bits, reverse=True),
             sorted(self.activation_bits, reverse=True), self.block_sizes))
 
@@ -140,7 +117,7 @@ class CandidateSet:
             raise BitqError(f"{where} '{text}': {err}") from None
 
 
-def parse_candidate(spec: str, where: str) -> tuple[Candidate, ...]:
+def parse_candidate(spec: str, where: str) -> tuple[LayerFormats, ...]:
     """Candidates of one pin SPEC (see the module docstring)."""
     spec = spec.strip()
     try:
@@ -149,11 +126,11 @@ def parse_candidate(spec: str, where: str) -> tuple[Candidate, ...]:
         match = _LABEL_PATTERN.fullmatch(spec.lower())
         if match:
             w, a, b, e = match.groups()
-            return (Candidate.bfp(int(w), int(a), int(b), int(e) if e else MAX_EXPONENT_BITS),)
+            return (LayerFormats.bfp(int(w), int(a), int(b), int(e) if e else MAX_EXPONENT_BITS),)
         weight_spec, _, act_spec = spec.partition(",")
         weight = parse_format(weight_spec)
         activation = parse_format(act_spec) if act_spec else weight
-        return (Candidate(weight, activation),)
+        return (check_candidate(LayerFormats(weight, activation)),)
     except BitqError as err:
         if str(err).startswith(where):
             raise
@@ -165,7 +142,7 @@ class LayerCandidates:
     """The candidate set for every layer of a model: a shared grid plus per-layer pins."""
 
     default: CandidateSet = CandidateSet()
-    pins: Mapping[str, tuple[Candidate, ...]] = dataclasses.field(default_factory=dict)
+    pins: Mapping[str, tuple[LayerFormats, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         pins = {}
@@ -173,6 +150,11 @@ class LayerCandidates:
             cands = tuple(cands)
             if not cands:
                 raise BitqError(f"layer '{name}' has an empty candidate set")
+            for cand in cands:
+                try:
+                    check_candidate(cand)
+                except BitqError as err:
+                    raise BitqError(f"layer '{name}': {err}") from None
             labels = [c.label for c in cands]
             if len(set(labels)) != len(labels):
                 raise BitqError(f"layer '{name}': pinned candidates repeat: {labels}")
@@ -198,7 +180,7 @@ class LayerCandidates:
         aliases = {"first": names[0], "last": names[-1]} if names else {}
         return {aliases.get(pin, pin) for pin in self.pins}
 
-    def resolve(self, layer_names) -> dict[str, tuple[Candidate, ...]]:
+    def resolve(self, layer_names) -> dict[str, tuple[LayerFormats, ...]]:
         """Layer name -> its candidates; ``first``/``last`` pins name the first/last layer.
 
         Raises

@@ -96,8 +96,11 @@ def run_planner(args, model):
         from ..targets.presets import get_target
         from ..tuning.latency import latency_table_from_work_dir
 
-        table = latency_table_from_work_dir(args.tuning_db, model, candidates.resolve([l.name for l in model.layers]),
-                                            get_target(args.target))
+        from .performance import performance_term
+
+        table_candidates, preset = candidates.resolve([l.name for l in model.layers]), get_target(args.target)
+        table = latency_table_from_work_dir(args.tuning_db, model, table_candidates, preset,
+                                            model_costs=performance_term(model, preset, table_candidates).model_costs)
         print(table.report.markdown(), file=sys.stderr)
         measured = table.seconds
     return plan_model(model, calib, objective, args.target, candidates, _ties(args), measured=measured), calib

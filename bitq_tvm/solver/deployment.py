@@ -22,7 +22,7 @@ from typing import Mapping
 
 from ..frontend.onnx_model import Layer, OnnxModel
 from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, gemm_geometry, integer_support, integer_weight_bytes
-from .candidates import FP32_CANDIDATE, Candidate
+from ..plan import FP32, LayerFormats
 
 FP32_BITS = 32.0
 
@@ -42,7 +42,7 @@ class DeployedCost:
         return self.mode == "integer"
 
 
-def deployed_cost(layer: Layer, candidate: Candidate,
+def deployed_cost(layer: Layer, candidate: LayerFormats,
                   max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> DeployedCost:
     """The deployed mode, weight bytes and bits per element of ``layer`` under ``candidate``."""
     fp32_bytes = 4 * layer.params
@@ -61,7 +61,7 @@ def deployed_cost(layer: Layer, candidate: Candidate,
     return DeployedCost("integer", "", nbytes, 8.0 * nbytes / layer.params, act_bits)
 
 
-def deployable_candidates(model: OnnxModel, table: Mapping[str, tuple[Candidate, ...]], pinned=(),
+def deployable_candidates(model: OnnxModel, table: Mapping[str, tuple[LayerFormats, ...]], pinned=(),
                           max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO):
     """Per layer, the candidates deployment runs as integer kernels (see the module docstring).
 
@@ -81,7 +81,7 @@ def deployable_candidates(model: OnnxModel, table: Mapping[str, tuple[Candidate,
         if layer.name in pinned or not dropped:
             out[layer.name] = cands
         else:
-            out[layer.name] = keep or (FP32_CANDIDATE,)
+            out[layer.name] = keep or (FP32,)
             notes[layer.name] = (f"{len(dropped)}/{len(cands)} candidates run as float simulation when deployed "
                                  f"({dropped[0]})" + ("" if keep else ": FP32"))
     return out, notes

@@ -28,8 +28,8 @@ from onnx import helper
 
 from ..errors import BitqError
 from ..frontend.onnx_model import Layer, OnnxModel
+from ..plan import LayerFormats
 from ..targets.presets import TargetPreset
-from .candidates import Candidate
 from .dm_model import (BITQ_ONCHIP_COST_PER_BYTE, CacheLevel, ConvShape, LayerCost, MemoryHierarchy,
                        bits_per_element, layer_costs)
 
@@ -77,7 +77,7 @@ class PerformanceTerm:
     seconds_per_unit: float | None = None
 
 
-def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping[str, tuple[Candidate, ...]],
+def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping[str, tuple[LayerFormats, ...]],
                      measured: Measured | None = None, deployed: bool = True) -> PerformanceTerm:
     """DM costs of every layer's candidates on ``preset``, overridden by ``measured`` latencies.
 

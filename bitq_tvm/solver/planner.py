@@ -18,7 +18,6 @@ true loss on data, for the predicted-vs-measured (additivity) check.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Mapping
 
 import numpy as np
@@ -26,19 +25,16 @@ import numpy as np
 from ..errors import BitqError
 from ..frontend.onnx_model import Layer, OnnxModel
 from ..plan import LayerFormats, Plan
+from ..support.progress import say
 from ..targets.presets import TargetPreset, get_target
 from .accuracy import Calibration, AccuracyTerm, NoiseGraph, _rel_mse, _top1, measure_accuracy_term
-from .candidates import Candidate, LayerCandidates
+from .candidates import LayerCandidates
 from .milp import pareto_front, solve
 from .performance import Measured, PerformanceTerm, performance_term
 from .problem import Allocation, AllocationProblem
 
 OBJECTIVES = ("lambda", "budget", "size_budget")
 BYTES_PER_MB = 1_000_000
-
-
-def _progress(message: str) -> None:
-    print(f"[bitq-tvm] {message}", file=sys.stderr, flush=True)
 
 
 def parse_budget(text: str, option: str = "--budget") -> float:
@@ -81,7 +77,7 @@ def _show_loss(value: float, unit: str) -> str:
     return f"{value * 100:.3g}% {unit}" if unit else f"{value:.4g}"
 
 
-def weight_size_bytes(layer: Layer, candidate: Candidate, deployed: bool = True) -> int:
+def weight_size_bytes(layer: Layer, candidate: LayerFormats, deployed: bool = True) -> int:
     """Bytes of the layer's weight under ``candidate``: as deployed (the integer kernel's packed
     storage, padding and exponents included; float fallbacks at FP32), or, with ``deployed=False``,
     bit-packed m bits per element plus E bits per block (ragged-block padding not stored)."""
@@ -102,7 +98,7 @@ class PlanResult:
 
     model: OnnxModel
     target: str
-    candidates: Mapping[str, tuple[Candidate, ...]]
+    candidates: Mapping[str, tuple[LayerFormats, ...]]
     accuracy: AccuracyTerm
     performance: PerformanceTerm
     problem: AllocationProblem
@@ -112,7 +108,7 @@ class PlanResult:
     uniforms: tuple[tuple[str, Allocation], ...]
     plan: Plan
 
-    def candidate(self, layer: str, label: str) -> Candidate:
+    def candidate(self, layer: str, label: str) -> LayerFormats:
         return next(c for c in self.candidates[layer] if c.label == label)
 
     def average_weight_bits(self, allocation: Allocation) -> float:
@@ -130,7 +126,7 @@ class PlanResult:
         return self.accuracy.to_user_units(allocation.acc_loss)
 
 
-def build_problem(model: OnnxModel, candidates: Mapping[str, tuple[Candidate, ...]], accuracy: AccuracyTerm,
+def build_problem(model: OnnxModel, candidates: Mapping[str, tuple[LayerFormats, ...]], accuracy: AccuracyTerm,
                   performance: PerformanceTerm, ties=(), deployed: bool = True) -> AllocationProblem:
     """The allocation problem: per layer and candidate, predicted loss, performance cost and weight bytes."""
     names = [layer.name for layer in model.layers]
@@ -178,7 +174,7 @@ def solve_objective(problem: AllocationProblem, accuracy: AccuracyTerm, objectiv
 
 def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, target: str | TargetPreset = "host",
                candidates: LayerCandidates | None = None, ties=(), measured: Measured | None = None,
-               noise: str = "quantization", progress=_progress, deployed: bool = True) -> PlanResult:
+               noise: str = "quantization", progress=say, deployed: bool = True) -> PlanResult:
     """Measure the accuracy and performance terms and solve for ``objective``.
 
     Parameters
@@ -312,7 +308,7 @@ class Verification:
 
 
 def verify(model: OnnxModel, plan: Plan, calib: Calibration, accuracy: AccuracyTerm | None = None,
-           target: str = "host", predicted_mse: float | None = None, progress=_progress) -> Verification:
+           target: str = "host", predicted_mse: float | None = None, progress=say) -> Verification:
     """Compile ``plan`` with TVM, run it on ``calib`` and compare with the FP32 model.
 
     ``predicted_mse`` defaults to the sum of the plan's per-layer ``predicted_loss`` infos.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..support.atomic import write_text
 from .planner import PlanResult, Verification
 
 
@@ -135,8 +136,5 @@ def write_report(result: PlanResult, directory: str, checks: dict[str, Verificat
              "## Plan vs uniform allocations (predicted)", "", comparison_table(result), ""]
     if checks:
         lines += ["## Predicted vs measured (TVM BFP simulation)", "", verification_table(checks), ""]
-    tmp = f"{markdown}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, markdown)
+    write_text(markdown, "\n".join(lines))
     return [pareto, bitmap, markdown]

@@ -1,7 +1,7 @@
 """Command-line pieces for remote devices, wired into :mod:`bitq_tvm.cli`.
 
 - :func:`add_remote_args` adds ``--rpc``/``--tracker``/``--key``/``--rpc-timeout`` to a command;
-  :func:`remote_runner` turns them into a :class:`~bitq_tvm.targets.remote.RemoteModel` (or None
+  :func:`remote_runner` turns them into a :class:`~bitq_tvm.runtime.remote.RemoteModel` (or None
   when the command runs on the host).
 - :func:`add_emulator_command` adds ``bitq-tvm emulator setup|serve``: build the cached aarch64
   rootfs, and serve an emulated aarch64 device over TVM RPC (optionally through a tracker).
@@ -34,13 +34,14 @@ def add_remote_args(parser: argparse.ArgumentParser) -> None:
 
 
 def remote_runner(args: argparse.Namespace, compiled):
-    """A :class:`~bitq_tvm.targets.remote.RemoteModel` of ``compiled`` when ``--rpc``/``--tracker`` is given, else None.
+    """A :class:`~bitq_tvm.runtime.remote.RemoteModel` of ``compiled`` when ``--rpc``/``--tracker`` is given, else None.
 
     The model is exported for its target (cross compiled), uploaded and loaded by a worker
     process that holds the RPC session; the result has ``run``/``run_batched`` like the compiled
     model itself, and every remote step is bounded by ``--rpc-timeout``.
     """
-    from bitq_tvm.targets.remote import RemoteModel, RpcDevice
+    from bitq_tvm.runtime.remote import RemoteModel
+    from bitq_tvm.targets.rpc import device_address
 
     if not getattr(args, "rpc", None) and not getattr(args, "tracker", None):
         if getattr(args, "key", None):
@@ -48,9 +49,7 @@ def remote_runner(args: argparse.Namespace, compiled):
         return None
     if args.rpc_timeout <= 0:
         raise BitqError(f"--rpc-timeout {args.rpc_timeout:g}: must be > 0 seconds")
-    if args.rpc and args.tracker:
-        raise BitqError("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT")
-    device = RpcDevice(rpc=args.rpc, tracker=args.tracker, key=args.key)
+    device = device_address(args.rpc, args.tracker, args.key)
     return RemoteModel(device, compiled, call_timeout_s=args.rpc_timeout, connect_timeout_s=args.rpc_timeout)
 
 
@@ -105,7 +104,7 @@ def cmd_emulator_setup(args: argparse.Namespace) -> int:
 
 def cmd_emulator_serve(args: argparse.Namespace) -> int:
     """``bitq-tvm emulator serve``: an emulated aarch64 RPC server, until Ctrl-C."""
-    from bitq_tvm.targets.remote import start_rpc_server
+    from bitq_tvm.runtime.remote import start_rpc_server
     from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs
 
     preset = _emulated_preset(args.target)

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bitq_tvm.cache import default_cache_dir
+from bitq_tvm.support.atomic import atomic_path
+from bitq_tvm.support.cache import default_cache_dir
 from bitq_tvm.errors import BitqError
 from bitq_tvm.targets.cross import require_tool
 from bitq_tvm.targets.presets import TargetPreset
@@ -87,16 +88,14 @@ def build_runner(preset: TargetPreset, cache_dir: str | os.PathLike | None = Non
     if runner.exists():
         return runner
     runner_dir.mkdir(parents=True, exist_ok=True)
-    # Build under a unique name, then rename: concurrent test runs may race on the same key.
-    partial = runner_dir / f".{runner.name}.{os.getpid()}.partial"
-    command = [compiler, *_RUNNER_FLAGS, *(f"-I{path}" for path in include_dirs),
-               "-o", str(partial), str(RUNNER_SOURCE), "-ldl"]
-    built = subprocess.run(command, capture_output=True, text=True)
-    if built.returncode != 0:
-        partial.unlink(missing_ok=True)
-        first_error = (built.stderr.strip().splitlines() or ["no output"])[0]
-        raise BitqError(f"building the kernel runner for {preset.name} failed: {first_error}")
-    os.replace(partial, runner)
+    # Built under a unique name, then renamed: concurrent test runs may race on the same key.
+    with atomic_path(runner) as partial:
+        command = [compiler, *_RUNNER_FLAGS, *(f"-I{path}" for path in include_dirs),
+                   "-o", partial, str(RUNNER_SOURCE), "-ldl"]
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode != 0:
+            first_error = (built.stderr.strip().splitlines() or ["no output"])[0]
+            raise BitqError(f"building the kernel runner for {preset.name} failed: {first_error}")
     return runner
 
 

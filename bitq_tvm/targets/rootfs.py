@@ -95,8 +95,8 @@ PYTHONPATH="$here/site-packages" PYTHONNOUSERSITE=1 exec qemu-aarch64 -L "$here/
 
 
 def default_rootfs_dir() -> Path:
-    """``<bitq-tvm cache>/aarch64-rootfs`` (see :func:`bitq_tvm.cache.default_cache_dir`)."""
-    from bitq_tvm.cache import default_cache_dir
+    """``<bitq-tvm cache>/aarch64-rootfs`` (see :func:`bitq_tvm.support.cache.default_cache_dir`)."""
+    from bitq_tvm.support.cache import default_cache_dir
 
     return default_cache_dir() / "aarch64-rootfs"
 

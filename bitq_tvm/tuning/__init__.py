@@ -23,7 +23,7 @@ _EXPORTS = {
     "verify_tasks": "verify", "trusted_records": "verify", "tuned_prim_funcs": "verify",
     "LatencyTable": "latency", "latency_table": "latency", "latency_table_from_work_dir": "latency",
     "measured_task_seconds": "latency",
-    "TrackerAddress": "remote", "check_tracker": "remote", "remote_builder_runner": "remote",
+    "check_tracker": "remote", "remote_builder_runner": "remote",
     "add_tune_command": "cli_tune",
 }
 

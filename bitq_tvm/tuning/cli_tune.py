@@ -65,7 +65,8 @@ def _tune_command(args, preset) -> int:
     from ..frontend.onnx_model import load_onnx, parse_input_shapes
     from ..solver.candidates import LayerCandidates
     from .latency import latency_table, measured_task_seconds
-    from .remote import parse_tracker, remote_builder_runner
+    from ..targets.rpc import parse_address
+    from .remote import remote_builder_runner
     from .session import TuningOptions, repair_database, tune
     from .tasks import extract_tasks
 
@@ -78,7 +79,7 @@ def _tune_command(args, preset) -> int:
           f"{len(tasks.fp32)} FP32 task(s); target {preset.name}", file=sys.stderr)
     builder = runner = None
     if args.tracker:
-        builder, runner = remote_builder_runner(parse_tracker(args.tracker, args.key), preset)
+        builder, runner = remote_builder_runner(parse_address(args.tracker, args.key, tracker=True).require_key(), preset)
     options = TuningOptions(min_trials_per_task=args.min_trials_per_task)
     try:
         summary = tune(tasks.all, preset, args.work_dir, args.trials, options, builder, runner, repair=args.repair)
@@ -100,5 +101,8 @@ def _tune_command(args, preset) -> int:
         print(f"\n{len(seconds)} BFP task(s) have a verified tuned kernel"
               + (f"; {rejected} task(s) had only records with wrong numbers (excluded)" if rejected else ""))
         if seconds:
-            print("\n" + latency_table(model, candidates, preset, seconds).report.markdown())
+            from ..solver.performance import performance_term
+
+            dm = performance_term(model, preset, candidates).model_costs
+            print("\n" + latency_table(model, candidates, preset, seconds, model_costs=dm).report.markdown())
     return 0

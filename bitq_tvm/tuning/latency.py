@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import BitqError
 from ..frontend.onnx_model import OnnxModel
 from ..kernels.contract import LANES, padded
-from ..solver.candidates import Candidate
+from ..plan import LayerFormats
 from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, extract_bfp_tasks
@@ -173,8 +173,9 @@ def _cross_validated(features, seconds, macs, shapes, seed) -> np.ndarray | None
     return predicted
 
 
-def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]], preset: TargetPreset,
-                  task_seconds: Mapping[str, float], seed: int = 0) -> LatencyTable:
+def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[LayerFormats]], preset: TargetPreset,
+                  task_seconds: Mapping[str, float], seed: int = 0,
+                  model_costs: Mapping[str, Mapping[str, object]] | None = None) -> LatencyTable:
     """Latencies of every (layer, BFP candidate) of ``model`` from measured task times.
 
     Parameters
@@ -183,9 +184,12 @@ def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]
         Task name -> measured seconds (:func:`measured_task_seconds`); names of tasks the model
         does not have are an error (a database from another model or candidate set is fine: pass
         only what matches).
+    model_costs : mapping, optional
+        Layer -> label -> cost (with ``.total``) of an analytic model, e.g.
+        ``bitq_tvm.solver.performance_term(...).model_costs`` (the DM model): the report then
+        says how well it ranks the measured tasks. Passed in, so tuning does not depend on the
+        solver that reads its records.
     """
-    from ..solver.performance import performance_term
-
     tasks = {t.name: t for t in extract_bfp_tasks(model, candidates, preset)}
     unknown = sorted(set(task_seconds) - set(tasks))
     if unknown:
@@ -215,18 +219,19 @@ def latency_table(model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]
         cv = _cross_validated(features, seconds, macs, shapes, seed)
         if cv is not None:
             regressor_spearman, regressor_error = _spearman(cv, seconds), _median_rel_error(cv, seconds)
-        dm = performance_term(model, preset, candidates).model_costs
-        dm_cost = np.array([dm[tasks[n].users[0][0]][tasks[n].users[0][1]].total / layer_calls[tasks[n].users[0][0]]
-                            for n in names])  # per call, like the measured times
-        scale = float(dm_cost @ seconds / (dm_cost @ dm_cost))
-        dm_spearman, dm_error = _spearman(dm_cost, seconds), _median_rel_error(dm_cost * scale, seconds)
+        if model_costs is not None:
+            dm_cost = np.array([model_costs[tasks[n].users[0][0]][tasks[n].users[0][1]].total
+                                / layer_calls[tasks[n].users[0][0]] for n in names])  # per call, like the measured times
+            scale = float(dm_cost @ seconds / (dm_cost @ dm_cost))
+            dm_spearman, dm_error = _spearman(dm_cost, seconds), _median_rel_error(dm_cost * scale, seconds)
     predicted = sum(e.source == "predicted" for e in entries.values())
     report = LatencyReport(len(names), predicted, regressor_spearman, regressor_error, dm_spearman, dm_error)
     return LatencyTable(MappingProxyType(entries), report)
 
 
-def latency_table_from_work_dir(work_dir: str, model: OnnxModel, candidates: Mapping[str, Sequence[Candidate]],
-                                preset: TargetPreset, verified: bool = True) -> LatencyTable:
+def latency_table_from_work_dir(work_dir: str, model: OnnxModel, candidates: Mapping[str, Sequence[LayerFormats]],
+                                preset: TargetPreset, verified: bool = True,
+                                model_costs: Mapping[str, Mapping[str, object]] | None = None) -> LatencyTable:
     """:func:`latency_table` of the tasks ``model`` x ``candidates`` measured in ``work_dir``.
 
     For ``bitq-tvm plan --tuning-db DB``: pass ``table.seconds`` as ``measured`` to
@@ -236,4 +241,5 @@ def latency_table_from_work_dir(work_dir: str, model: OnnxModel, candidates: Map
 
     open_work_dir(work_dir, preset, create=False)
     tasks = extract_bfp_tasks(model, candidates, preset)
-    return latency_table(model, candidates, preset, measured_task_seconds(work_dir, tasks, preset, verified))
+    return latency_table(model, candidates, preset, measured_task_seconds(work_dir, tasks, preset, verified),
+                         model_costs=model_costs)

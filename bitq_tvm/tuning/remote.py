@@ -9,7 +9,6 @@ an unreachable tracker or a key without devices is a clear error within seconds,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -22,8 +21,9 @@ from typing import Callable
 from ..errors import BitqError
 from ..targets.cross import cross_compiler
 from ..targets.presets import TargetPreset
+from ..targets.rpc import RpcAddress
 
-__all__ = ["TrackerAddress", "parse_tracker", "check_tracker", "answering_session", "remote_builder_runner"]
+__all__ = ["check_tracker", "answering_session", "remote_builder_runner"]
 
 # Seconds one candidate's RPC session (upload, load, allocate, time) may take; the device kills
 # a session after it. Sessions took under 1 s here, also under qemu-user (an emulated board).
@@ -37,33 +37,6 @@ PROBE_TIMEOUT_S = 20.0
 SESSION_ATTEMPTS = 3
 
 
-@dataclasses.dataclass(frozen=True)
-class TrackerAddress:
-    """A tracker endpoint and the device key to request from it."""
-
-    host: str
-    port: int
-    key: str
-
-    def __post_init__(self):
-        if not self.host:
-            raise BitqError("--tracker: the host is empty (expected HOST:PORT)")
-        if not 0 < self.port < 65536:
-            raise BitqError(f"--tracker {self.host}:{self.port}: port must be in 1..65535")
-        if not self.key:
-            raise BitqError("--key: the device key is empty (it names the devices registered with the tracker)")
-
-
-def parse_tracker(spec: str, key: str | None) -> TrackerAddress:
-    """``host:port`` and a key -> :class:`TrackerAddress`."""
-    host, sep, port = str(spec).rpartition(":")
-    if not sep or not port.isdigit():
-        raise BitqError(f"--tracker '{spec}': expected HOST:PORT, e.g. 127.0.0.1:9190")
-    if key is None:
-        raise BitqError("--tracker needs --key K: the key the devices registered with")
-    return TrackerAddress(host, int(port), key)
-
-
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -74,8 +47,8 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def check_tracker(address: TrackerAddress, timeout_s: float = 5.0) -> dict:
-    """Ask the tracker for its summary, within ``timeout_s`` per socket operation.
+def check_tracker(address: RpcAddress, timeout_s: float = 5.0) -> dict:
+    """Ask the tracker at ``address`` for its summary, within ``timeout_s`` per socket operation.
 
     Returns
     -------
@@ -85,10 +58,11 @@ def check_tracker(address: TrackerAddress, timeout_s: float = 5.0) -> dict:
     Raises
     ------
     BitqError
-        The tracker does not answer, is not a TVM tracker, or has no device under the key.
+        No key given, or the tracker does not answer, is not a TVM tracker, or has no device under the key.
     """
     from tvm.rpc import base
 
+    address.require_key()
     where = f"--tracker {address.host}:{address.port}"
     try:
         with socket.create_connection((address.host, address.port), timeout=timeout_s) as sock:
@@ -155,7 +129,7 @@ def _export_cross(module, compiler_name: str) -> str:
     return path
 
 
-def remote_builder_runner(address: TrackerAddress, preset: TargetPreset, run_timeout_s: float = RUN_TIMEOUT_S,
+def remote_builder_runner(address: RpcAddress, preset: TargetPreset, run_timeout_s: float = RUN_TIMEOUT_S,
                           build_timeout_s: float = 120.0, check_timeout_s: float = 5.0):
     """(builder, runner) for :func:`bitq_tvm.tuning.session.tune` measuring on tracker devices.
 

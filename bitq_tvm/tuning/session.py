@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -36,6 +35,8 @@ import tvm_ffi
 
 from .. import __version__ as BITQ_VERSION
 from ..errors import BitqError
+from ..support.atomic import write_bytes, write_json
+from ..support.progress import say_tune
 from ..targets.presets import TargetPreset
 from .tasks import BfpTask, Fp32Task, bfp_matmul_space, register_metaschedule_intrinsics, space_configs
 
@@ -72,10 +73,6 @@ BATCHES_PER_TASK = 4
 MANIFEST_VERSION = 1
 # MetaSchedule's run_secs for a candidate that failed to build or run.
 FAILED_RUN_SECS = 1e10
-
-
-def _progress(message: str) -> None:
-    print(f"[bitq-tvm tune] {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +192,7 @@ def open_work_dir(work_dir: str, preset: TargetPreset, create: bool = True) -> d
         The work dir belongs to another target, bitq-tvm or TVM version, has database files but
         no manifest, or its manifest is unreadable.
     """
-    from ..outputs import check_output_dir
+    from ..support.paths import check_output_dir
 
     path = os.path.join(work_dir, MANIFEST_FILE)
     if not create and not os.path.exists(path):
@@ -267,10 +264,7 @@ def _bad_lines(path: str, is_record: bool) -> list[tuple[int, str]]:
 
 
 def _rewrite_lines(path: str, lines: list[bytes]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    write_bytes(path, lines)
 
 
 def _drop_lines(work_dir: str, bad_workloads: set[int], bad_records: set[int]) -> str | None:
@@ -468,7 +462,7 @@ def _tune_context(task, target, options: TuningOptions, logger):
 
 def tune(tasks: Sequence[BfpTask | Fp32Task], preset: TargetPreset, work_dir: str, trials: int,
          options: TuningOptions = TuningOptions(), builder=None, runner=None,
-         progress: Callable[[str], None] | None = _progress, repair: bool = False) -> TuningSummary:
+         progress: Callable[[str], None] | None = say_tune, repair: bool = False) -> TuningSummary:
     """Tune ``tasks`` for ``preset`` with ``trials`` trials in total, resuming ``work_dir``.
 
     Parameters
@@ -535,10 +529,7 @@ def _tune_locked(tasks, preset, work_dir, trials, options, builder, runner, say,
 
 
 def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def shutdown_workers(runner) -> None:

@@ -36,6 +36,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from ..errors import BitqError
 from ..formats import BFPFormat
 from ..frontend.onnx_model import Layer, OnnxModel
+from ..plan import LayerFormats
 from ..kernels.bfp_matmul import bfp_matmul_compute, bfp_matmul_name
 from ..kernels.bfp_matmul_arm_riscv import LANE_MAJOR_VARIANTS, schedule_bfp_matmul_arm_riscv
 from ..kernels.bfp_matmul_variants import kernel_variant
@@ -43,7 +44,6 @@ from ..kernels.bfp_matmul_x86 import VARIANTS as X86_VARIANTS
 from ..kernels.bfp_matmul_x86 import schedule_bfp_matmul_x86
 from ..kernels.contract import K_QUAD, LANES, MAX_BLOCK, MIN_BLOCK, block_size_problem, gemm_geometry, padded
 from ..kernels.intrin_x86 import _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni
-from ..solver.candidates import Candidate
 from ..targets.presets import TargetPreset
 
 __all__ = [
@@ -174,7 +174,7 @@ def layer_gemm(layer: Layer, block_size: int) -> tuple[int, int, int, int]:
     return g.rows_padded, g.n, g.k_padded, g.groups
 
 
-def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]],
+def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[LayerFormats]],
                       preset: TargetPreset) -> tuple[BfpTask, ...]:
     """One task per distinct GEMM of ``model``'s layers x their BFP candidates, sorted by name.
 
@@ -211,7 +211,7 @@ def extract_fp32_tasks(model: OnnxModel, preset: TargetPreset) -> tuple[Fp32Task
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from ..api import import_relax
+    from ..frontend.relax_import import import_relax
 
     mod, params = import_relax(model)
     mod = relax.transform.BindParams("main", params)(mod)
@@ -230,7 +230,7 @@ def extract_fp32_tasks(model: OnnxModel, preset: TargetPreset) -> tuple[Fp32Task
     return tuple(sorted(tasks, key=lambda t: t.name))
 
 
-def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[Candidate]], preset: TargetPreset,
+def extract_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[LayerFormats]], preset: TargetPreset,
                   include_fp32: bool = True) -> TaskSet:
     """All tuning tasks of ``model`` on ``preset``: BFP GEMMs of every candidate, then FP32 work."""
     fp32 = extract_fp32_tasks(model, preset) if include_fp32 else ()

@@ -27,6 +27,7 @@ from tvm.s_tir import Schedule
 from ..errors import BitqError
 from ..kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
 from ..kernels.packing import pack_weights
+from ..support.atomic import write_json
 from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, register_metaschedule_intrinsics
@@ -161,10 +162,7 @@ def verify_tasks(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset, 
                 break
             say(f"{task.name}: record of {verdict.seconds * 1e6:.1f} us rejected ({verdict.message})")
         outcome[task.name] = (trusted, verdicts)
-    tmp = f"{cache_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(cache, f, indent=1)
-    os.replace(tmp, cache_path)
+    write_json(cache_path, cache)
     return outcome
 
 

@@ -250,7 +250,7 @@ def test_read_only_output_folders_are_refused_before_the_work(tmp_path, monkeypa
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kwargs)
 
-        monkeypatch.setattr("bitq_tvm.outputs.tempfile.mkstemp", mkstemp)
+        monkeypatch.setattr("bitq_tvm.support.paths.tempfile.mkstemp", mkstemp)
     target = read_only / "out"
     argv = {"compile": ["compile", BUNDLED, "--format", "bfp8_b32", "-o", str(target)],
             "plan": ["plan", BUNDLED, "--calib", str(zoo._bundled_file("digits_test.npz")), "--budget", "1%",

@@ -9,7 +9,8 @@ from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models.zoo import bundled_model_path, bundled_test_data
 from bitq_tvm.solver.accuracy import (Calibration, NoiseGraph, check_calibration, load_calibration,
                                       measure_accuracy_term, measure_output_mse, noise_power)
-from bitq_tvm.solver.candidates import Candidate, CandidateSet, LayerCandidates
+from bitq_tvm.plan import FP32, LayerFormats
+from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates, check_candidate
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_accuracy_term_orders_candidates(digits):
         # 4-bit weights put more noise on every layer than 8-bit (4 fewer bits: ~256x the power)
         w4, w8 = term.weight_noise[layer.name]["bfp4_b32"], term.weight_noise[layer.name]["bfp8_b32"]
         assert w4 > 50 * w8 > 0
-        assert term.layer_loss(layer.name, Candidate.bfp(4, 8, 32)) > term.layer_loss(layer.name, Candidate.bfp(8, 8, 32))
+        assert term.layer_loss(layer.name, LayerFormats.bfp(4, 8, 32)) > term.layer_loss(layer.name, LayerFormats.bfp(8, 8, 32))
     assert term.unit == "relative logit MSE" and term.to_user_units(0.01) == 0.01
 
 
@@ -79,6 +80,17 @@ def test_bad_calibration_names_input_and_shapes(digits, tmp_path):
         Calibration({"input": np.zeros((4, 1, 8, 8))}, labels=np.arange(3))
 
 
+def test_candidates_are_plan_format_pairs_with_stable_labels():
+    # labels appear in plans and reports: they must not change
+    assert LayerFormats.bfp(4, 8, 32).label == "w4a8_b32"
+    assert LayerFormats.bfp(6, 8, 16, 5).label == "w6a8_b16_e5"
+    assert FP32.label == "fp32" and FP32.is_fp32 and FP32.block_size is None
+    assert LayerFormats.bfp(4, 8, 32) == LayerFormats(BFPFormat(4, 32), BFPFormat(8, 32))
+    weight_only = LayerFormats(BFPFormat(8, 32), None)  # a plan may say this; a candidate set may not
+    assert not weight_only.is_fp32 and not weight_only.is_bfp_pair and weight_only.label == "bfp8_b32,fp32"
+    assert [c.label for c in LayerCandidates.from_specs(None, ["x=w4a8_b32"]).pins["x"]] == ["w4a8_b32"]
+
+
 def test_candidate_parsing_and_empty_sets():
     assert len(CandidateSet().candidates) == 24
     assert [c.label for c in CandidateSet.parse("w=4,8;a=8;b=32").candidates] == ["w8a8_b32", "w4a8_b32"]
@@ -94,6 +106,10 @@ def test_candidate_parsing_and_empty_sets():
     with pytest.raises(BitqError, match="'nope'"):
         LayerCandidates.from_specs(None, ["nope=fp32"]).resolve(["conv1"])
     with pytest.raises(BitqError, match="block size"):
-        Candidate(BFPFormat(4, 16), BFPFormat(8, 32))
+        check_candidate(LayerFormats(BFPFormat(4, 16), BFPFormat(8, 32)))
+    with pytest.raises(BitqError, match="layer 'fc1'.*both the weight and the activation"):
+        LayerCandidates(pins={"fc1": (LayerFormats(BFPFormat(4, 16), None),)})
+    with pytest.raises(BitqError, match="block size"):
+        LayerCandidates.from_specs(None, ["fc1=bfp4_b16,bfp8_b32"])
     with pytest.raises(BitqError, match="w .weight bits.*9"):
         CandidateSet.parse("w=9")

@@ -9,7 +9,8 @@ from bitq_tvm.kernels.contract import gemm_geometry, integer_weight_bytes, packe
 from bitq_tvm.kernels.packing import pack_quantized
 from bitq_tvm.formats import quantize_np
 from bitq_tvm.solver.accuracy import Calibration
-from bitq_tvm.solver.candidates import Candidate, CandidateSet, LayerCandidates
+from bitq_tvm.plan import LayerFormats
+from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
 from bitq_tvm.solver.deployment import deployable_candidates, deployed_cost
 from bitq_tvm.solver.planner import Objective, plan_model
 
@@ -44,7 +45,7 @@ def test_candidates_follow_the_deployment_rule(digits):
     # conv2 (16 input channels) deploys at block 16, not 64 (4x padding)
     assert {c.block_size for c in restricted["conv2"]} == {16}
     conv1 = model.layers[0]
-    fallback = deployed_cost(conv1, Candidate.bfp(8, 8, 16))
+    fallback = deployed_cost(conv1, LayerFormats.bfp(8, 8, 16))
     assert fallback.mode == "simulation" and fallback.weight_bytes == 4 * conv1.params
     # pinned layers keep their pin, priced at their fallback cost
     kept, _ = deployable_candidates(model, table, pinned={"conv1"})

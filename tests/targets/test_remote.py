@@ -32,7 +32,7 @@ from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
 from bitq_tvm.targets import export, get_target
 from bitq_tvm.targets.cli_remote import add_emulator_command, add_remote_args, remote_runner
-from bitq_tvm.targets.remote import RemoteModel, RpcDevice, connect, free_port, start_rpc_server, start_tracker
+from bitq_tvm.runtime.remote import RemoteModel, connect, free_port, start_rpc_server, start_tracker
 from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs, is_ready, rootfs_size_bytes
 
 TARGET = "cortex-a76"
@@ -174,7 +174,7 @@ def test_tracker_hands_out_the_emulated_device(tracked_server, digits):
     tracker, _ = tracked_server
     _, data, host, device = digits
     images = data["x"][:64]
-    with RemoteModel(RpcDevice(tracker=tracker.address, key="bitq-a76"), device, connect_timeout_s=30.0) as remote:
+    with RemoteModel(tracker.address.with_key("bitq-a76"), device, connect_timeout_s=30.0) as remote:
         assert_matches_host(remote.run_batched("input", images), host.run_batched("input", images))
 
 

@@ -30,7 +30,7 @@ from bitq_tvm.errors import BitqError
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models import zoo
 from bitq_tvm.targets import host_preset
-from bitq_tvm.targets.remote import RemoteModel, start_rpc_server
+from bitq_tvm.runtime.remote import RemoteModel, start_rpc_server
 
 CALL_TIMEOUT_S = 3.0
 # Far above any step's real duration here, far below "forever": the test's own bound, not a
@@ -39,7 +39,7 @@ SUBPROCESS_LIMIT_S = 900
 # Four float32 values, repeated, fill the run-triggering inputs; the proxy freezes at their bytes.
 MARKER_VALUES = np.array([1234.5, -4321.25, 777.125, -0.0078125], np.float32)
 MARKER = MARKER_VALUES.tobytes()
-WORKER_MODULE = "bitq_tvm.targets.rpc_worker"
+WORKER_MODULE = "bitq_tvm.runtime.rpc_worker"
 # The run freezes at this client message (a received chunk) after the inputs (the input copy, set_input and invoke
 # went through): a freeze there hung the earlier, thread-based deadline of the CLI for good
 # (measured: messages 6 and 8 hung it, 1-4 did not), so it tells a bounded run from an unbounded one.

@@ -38,7 +38,7 @@ from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance
 from bitq_tvm.solver.candidates import LayerCandidates
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 from bitq_tvm.targets.presets import target_names
-from bitq_tvm.targets.remote import connect, start_rpc_server, start_tracker
+from bitq_tvm.runtime.remote import connect, start_rpc_server, start_tracker
 from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs
 from bitq_tvm.tuning.remote import answering_session
 from bitq_tvm.tuning.session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task

@@ -16,7 +16,8 @@ import pytest
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.targets import host_preset
-from bitq_tvm.tuning.remote import TrackerAddress, check_tracker, parse_tracker, remote_builder_runner
+from bitq_tvm.targets.rpc import RpcAddress, parse_address
+from bitq_tvm.tuning.remote import check_tracker, remote_builder_runner
 from bitq_tvm.tuning.session import TuningOptions, shutdown_workers, tune
 from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
 from bitq_tvm.tuning.tasks import BfpTask
@@ -37,7 +38,7 @@ def _free_port() -> int:
 def test_unreachable_tracker_is_a_quick_clear_error():
     start = time.monotonic()
     with pytest.raises(BitqError, match="tracker unreachable"):
-        check_tracker(TrackerAddress(LOOPBACK, _free_port(), "k"), CHECK_TIMEOUT_S)
+        check_tracker(RpcAddress(LOOPBACK, _free_port(), "k", tracker=True), CHECK_TIMEOUT_S)
     assert time.monotonic() - start < ERROR_DEADLINE_S
 
 
@@ -47,16 +48,19 @@ def test_silent_tracker_times_out_instead_of_hanging():
         listener.listen(1)
         start = time.monotonic()
         with pytest.raises(BitqError, match="unreachable within"):
-            check_tracker(TrackerAddress(LOOPBACK, listener.getsockname()[1], "k"), CHECK_TIMEOUT_S)
+            check_tracker(RpcAddress(LOOPBACK, listener.getsockname()[1], "k", tracker=True), CHECK_TIMEOUT_S)
         assert time.monotonic() - start < ERROR_DEADLINE_S
 
 
 def test_tracker_option_parsing():
-    assert parse_tracker("127.0.0.1:9190", "rk") == TrackerAddress(LOOPBACK, 9190, "rk")
-    with pytest.raises(BitqError, match="HOST:PORT"):
-        parse_tracker("127.0.0.1", "rk")
-    with pytest.raises(BitqError, match="--key"):
-        parse_tracker("127.0.0.1:9190", None)
+    assert parse_address("127.0.0.1:9190", "rk", tracker=True) == RpcAddress(LOOPBACK, 9190, "rk", tracker=True)
+    assert parse_address("127.0.0.1:9190", "rk", tracker=True).option == "--tracker 127.0.0.1:9190 --key rk"
+    with pytest.raises(BitqError, match="--tracker '127.0.0.1': expected HOST:PORT"):
+        parse_address("127.0.0.1", "rk", tracker=True)
+    with pytest.raises(BitqError, match="--tracker needs --key"):
+        check_tracker(parse_address("127.0.0.1:9190", None, tracker=True), CHECK_TIMEOUT_S)
+    with pytest.raises(BitqError, match="--tracker 127.0.0.1:0: port must be in 1..65535"):
+        RpcAddress(LOOPBACK, 0, "rk", tracker=True)
 
 
 def _start(args):
@@ -68,7 +72,7 @@ def test_tuning_on_a_tracker_device(tmp_path):
     tracker_port, server_port = _free_port(), _free_port()
     processes = [_start(["tvm.exec.rpc_tracker", "--host", LOOPBACK, "--port", str(tracker_port),
                          "--port-end", str(tracker_port + 1), "--silent"])]
-    address = TrackerAddress(LOOPBACK, tracker_port, "bitq-test")
+    address = RpcAddress(LOOPBACK, tracker_port, "bitq-test", tracker=True)
     runner = None
     try:
         deadline = time.monotonic() + SERVER_START_DEADLINE_S
@@ -85,7 +89,7 @@ def test_tuning_on_a_tracker_device(tmp_path):
                 continue
             break
         with pytest.raises(BitqError, match="no device registered under key 'other'"):
-            check_tracker(TrackerAddress(LOOPBACK, tracker_port, "other"), CHECK_TIMEOUT_S)
+            check_tracker(RpcAddress(LOOPBACK, tracker_port, "other", tracker=True), CHECK_TIMEOUT_S)
         builder, runner = remote_builder_runner(address, host_preset())
         fmt = BFPFormat(8, 32)
         task = BfpTask(16, 32, 64, fmt, fmt, kernel_variant(host_preset().tvm_target()))

@@ -156,7 +156,8 @@ def test_latency_table_measured_win_and_regressor_predicts_rest():
     # a plausible machine: 20 GMAC/s plus 2 us call overhead, 10% noise
     truth = {t.name: (2e-6 + t.m * t.n * t.k / 20e9) * rng.uniform(0.95, 1.05) for t in tasks}
     measured = {name: truth[name] for name in sorted(truth)[::2]}  # a handful: every other task
-    table = latency_table(model, candidates, preset, measured)
+    dm = performance_term(model, preset, candidates).model_costs
+    table = latency_table(model, candidates, preset, measured, model_costs=dm)
     assert len(table.entries) == sum(len(c) for c in candidates.values())
     for task in tasks:
         for layer, label in task.users:
@@ -172,9 +173,18 @@ def test_latency_table_measured_win_and_regressor_predicts_rest():
     # unmeasured formats of measured shapes: the regressor must rank them like the truth
     predicted = sorted({e.task: e.seconds for e in table.entries.values() if e.source == "predicted"}.items())
     assert spearmanr([s for _, s in predicted], [truth[n] for n, _ in predicted]).statistic >= 0.9
-    # the report's cross-validation holds out whole shapes (harder): only its range is certain
-    assert -1 <= report.regressor_spearman <= 1 and report.regressor_median_rel_error >= 0
-    assert report.dm_spearman is not None and "Spearman" in report.markdown()
+    # the report's cross-validation holds out whole shapes (harder): the regressor still ranks the
+    # held-out shapes better than chance and lands within 2x of them (0.40 and 0.57 here)
+    assert report.regressor_spearman > 0 and report.regressor_median_rel_error < 1
+    # the DM line ranks the same measured points by the analytic model's per-call cost
+    by_name = {t.name: t for t in tasks}
+    names = sorted(measured)
+    dm_cost = [dm[by_name[n].users[0][0]][by_name[n].users[0][1]].total / model.layer(by_name[n].users[0][0]).groups
+               for n in names]
+    assert report.dm_spearman == pytest.approx(spearmanr(dm_cost, [measured[n] for n in names]).statistic)
+    assert "Spearman" in report.markdown()
+    # without an analytic model to compare with, the report has no DM line
+    assert latency_table(model, candidates, preset, measured).report.dm_spearman is None
     term = performance_term(model, preset, candidates, measured=table.seconds)
     assert term.unit == SECONDS_UNIT
 

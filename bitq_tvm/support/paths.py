@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .errors import BitqError
+from ..errors import BitqError
 
 
 def check_output_path(path: str, option: str) -> None:

@@ -1,7 +1,8 @@
 """Run compiled models on a device through TVM RPC: ``--rpc host:port`` or ``--tracker host:port --key K``.
 
 The device side is TVM's own ``python -m tvm.exec.rpc_server``: on a real board, or here on the
-host, natively or under ``qemu-aarch64`` with the rootfs of :mod:`bitq_tvm.targets.rootfs`::
+host, natively or under ``qemu-aarch64`` with the rootfs of :mod:`bitq_tvm.targets.rootfs`; addresses
+are :class:`~bitq_tvm.targets.rpc.RpcAddress`::
 
     with start_rpc_server(get_target("cortex-a76")) as server:
         with RemoteModel(server.address, compiled) as remote:
@@ -36,10 +37,11 @@ from typing import Any, Callable
 import numpy as np
 
 from bitq_tvm.errors import BitqError
+from bitq_tvm.runtime.runner import Runner
 from bitq_tvm.targets.presets import TargetPreset
+from bitq_tvm.targets.rpc import RpcAddress, device_address, parse_address
 
-__all__ = ["RpcAddress", "RpcDevice", "RpcProcess", "RemoteModel", "connect", "free_port", "parse_address", "start_rpc_server",
-           "start_tracker"]
+__all__ = ["RpcProcess", "RemoteModel", "connect", "free_port", "open_session", "start_rpc_server", "start_tracker"]
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -61,31 +63,6 @@ _STOP_GRACE_S = 5.0
 # which proves a live TVM RPC server without starting a session (a bare TCP connect that closes
 # early kills TVM's listen loop).
 _PROBE_KEY = "client:__bitq_probe__"
-
-
-@dataclass(frozen=True)
-class RpcAddress:
-    """A ``host:port`` endpoint (an RPC server or a tracker)."""
-
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        if not self.host:
-            raise BitqError("RPC address: the host is empty (expected HOST:PORT)")
-        if not 0 < self.port < 65536:
-            raise BitqError(f"RPC address {self.host}:{self.port}: port must be in 1..65535")
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def parse_address(spec: str, option: str = "--rpc") -> RpcAddress:
-    """``"host:port"`` -> :class:`RpcAddress`; ``option`` names the flag in errors."""
-    host, sep, port = str(spec).rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise BitqError(f"{option} '{spec}': expected HOST:PORT, e.g. 127.0.0.1:9090")
-    return RpcAddress(host, int(port))
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -207,7 +184,7 @@ def _bound(process: RpcProcess) -> bool:
 def start_tracker(host: str = LOOPBACK, port: int | None = None,
                   ready_timeout_s: float = 30.0) -> RpcProcess:
     """Start ``python -m tvm.exec.rpc_tracker`` on ``host:port`` (a free port if None)."""
-    address = RpcAddress(host, port or free_port(host))
+    address = RpcAddress(host, port or free_port(host), tracker=True)
     command = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
                "--port", str(address.port), "--port-end", str(address.port + 1)]
     tracker = _launch("tracker", command, {}, address, "")
@@ -248,7 +225,7 @@ def start_rpc_server(preset: TargetPreset, host: str = LOOPBACK, port: int | Non
     if tracker is not None:
         if not key:
             raise BitqError("--tracker needs --key K: the key to register the server under")
-        tracker_address = tracker if isinstance(tracker, RpcAddress) else parse_address(tracker, "--tracker")
+        tracker_address = parse_address(tracker, key, tracker=True)
         command += ["--tracker", str(tracker_address), "--key", key]
     elif key:
         command += ["--key", key]
@@ -256,16 +233,16 @@ def start_rpc_server(preset: TargetPreset, host: str = LOOPBACK, port: int | Non
     server = _launch("rpc-server", command, env, address, key)
     _wait_until(server, lambda: _bound(server), ready_timeout_s, what)
     if tracker_address is not None:
-        _wait_until(server, lambda: _registered(tracker_address, key), ready_timeout_s,
+        _wait_until(server, lambda: _registered(tracker_address), ready_timeout_s,
                     f"{what} (registration under key '{key}' with tracker {tracker_address})")
     return server
 
 
-def _registered(tracker: RpcAddress, key: str) -> bool:
-    from bitq_tvm.tuning.remote import TrackerAddress, check_tracker
+def _registered(tracker: RpcAddress) -> bool:
+    from bitq_tvm.tuning.remote import check_tracker
 
     try:
-        check_tracker(TrackerAddress(tracker.host, tracker.port, key), timeout_s=2.0)
+        check_tracker(tracker, timeout_s=2.0)
     except BitqError:
         return False
     return True
@@ -275,7 +252,7 @@ def _probe_server(address: RpcAddress, timeout_s: float) -> None:
     """BitqError unless a TVM RPC server answers at ``address`` within ``timeout_s``."""
     from tvm.rpc import base
 
-    where = f"--rpc {address}"
+    where = address.flag + f" {address}"
     try:
         with socket.create_connection((address.host, address.port), timeout=timeout_s) as sock:
             sock.settimeout(timeout_s)
@@ -335,56 +312,37 @@ def connect(rpc: str | RpcAddress | None = None, tracker: str | RpcAddress | Non
         Both or neither address given, nothing answering within ``timeout_s``, no device under
         ``key`` (lists the registered keys), or a refused session.
     """
+    return open_session(device_address(rpc, tracker, key), timeout_s, session_timeout_s)
+
+
+def open_session(address: RpcAddress, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, session_timeout_s: float = 0):
+    """:func:`connect` to the device at ``address`` (a server, or a tracker's device of ``address.key``)."""
     from tvm import rpc as tvm_rpc
 
-    if (rpc is None) == (tracker is None):
-        raise BitqError("give exactly one of --rpc HOST:PORT or --tracker HOST:PORT")
-    if rpc is not None:
-        address = rpc if isinstance(rpc, RpcAddress) else parse_address(rpc, "--rpc")
+    if not address.tracker:
         _probe_server(address, timeout_s)
-        return _within(timeout_s, f"--rpc {address}", lambda: tvm_rpc.connect(
-            address.host, address.port, key=key or "", session_timeout=session_timeout_s))
-    from bitq_tvm.tuning.remote import check_tracker, parse_tracker
+        return _within(timeout_s, address.option, lambda: tvm_rpc.connect(
+            address.host, address.port, key=address.key, session_timeout=session_timeout_s))
+    from bitq_tvm.tuning.remote import check_tracker
 
-    address = tracker if isinstance(tracker, RpcAddress) else parse_address(tracker, "--tracker")
-    check_tracker(parse_tracker(str(address), key), timeout_s)
+    check_tracker(address.require_key(), timeout_s)
 
     def request():
         client = tvm_rpc.connect_tracker(address.host, address.port)
-        return client.request(key, priority=1, session_timeout=session_timeout_s, max_retry=1)
+        return client.request(address.key, priority=1, session_timeout=session_timeout_s, max_retry=1)
 
-    return _within(timeout_s, f"--tracker {address} --key {key}", request)
-
-
-@dataclass(frozen=True)
-class RpcDevice:
-    """Where a :class:`RemoteModel` gets its device: an RPC server (``rpc``) or a ``tracker`` and ``key``.
-
-    A ``"host:port"`` string or an :class:`RpcAddress` given to :class:`RemoteModel` means
-    ``RpcDevice(rpc=...)``.
-    """
-
-    rpc: str | RpcAddress | None = None
-    tracker: str | RpcAddress | None = None
-    key: str | None = None
-
-    def __str__(self) -> str:
-        if self.rpc is not None:
-            return f"--rpc {self.rpc}"
-        return f"--tracker {self.tracker} --key {self.key}"
+    return _within(timeout_s, address.option, request)
 
 
-def _as_device(where) -> RpcDevice:
-    if isinstance(where, RpcDevice):
-        return where
+def _as_device(where) -> RpcAddress:
     if isinstance(where, (str, RpcAddress)):
-        return RpcDevice(rpc=str(where))
-    raise BitqError(f"RemoteModel takes the device's address (HOST:PORT or an RpcDevice), not "
+        return parse_address(where)
+    raise BitqError(f"RemoteModel takes the device's address (HOST:PORT or an RpcAddress), not "
                     f"{type(where).__name__}: the RPC session lives in a worker process")
 
 
 class _Worker:
-    """The child process that holds the TVM RPC client (:mod:`bitq_tvm.targets.rpc_worker`).
+    """The child process that holds the TVM RPC client (:mod:`bitq_tvm.runtime.rpc_worker`).
 
     The child leads its own process group; every request waits for its reply with a deadline,
     and a missed deadline kills the whole group (a TVM client call blocked on a frozen device
@@ -400,7 +358,7 @@ class _Worker:
         package_root = str(Path(bitq_tvm.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "bitq_tvm.targets.rpc_worker"],
+            self.process = subprocess.Popen([sys.executable, "-m", "bitq_tvm.runtime.rpc_worker"],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                             cwd=self.log_dir, env=env, start_new_session=True)
         _LIVE_WORKERS.add(self)
@@ -420,7 +378,7 @@ class _Worker:
 
         ``option``: the setting that bounds the step, named in the timeout's message.
         """
-        from bitq_tvm.targets.rpc_worker import encode
+        from bitq_tvm.runtime.rpc_worker import encode
 
         if self.process is None:
             raise BitqError(f"{what}: the RPC session is closed (an earlier step timed out or failed)")
@@ -477,7 +435,7 @@ class _Worker:
     def _receive(self, deadline: float):
         import pickle
 
-        from bitq_tvm.targets.rpc_worker import _HEADER
+        from bitq_tvm.runtime.rpc_worker import _HEADER
 
         (size,) = _HEADER.unpack(self._read_exact(_HEADER.size, deadline))
         return pickle.loads(self._read_exact(size, deadline))
@@ -523,20 +481,20 @@ def _kill_live_workers() -> None:
 atexit.register(_kill_live_workers)
 
 
-class RemoteModel:
+class RemoteModel(Runner):
     """A compiled model loaded on a remote device: ``run``/``run_batched`` like ``CompiledModel``.
 
     Works for any compiled Relax model with ``executable``, ``target``, ``model`` (simulation or
     integer deployment): the library is exported for ``compiled.target`` (cross compiled with
-    the preset's compiler) here, then a worker process (:mod:`bitq_tvm.targets.rpc_worker`)
+    the preset's compiler) here, then a worker process (:mod:`bitq_tvm.runtime.rpc_worker`)
     opens the RPC session to ``device``, uploads the library, loads it with ``load_module`` and
     runs it with a Relax VirtualMachine on the remote CPU. Inputs and outputs cross as arrays.
 
     Parameters
     ----------
     device
-        ``"host:port"`` / :class:`RpcAddress` of an RPC server, or an :class:`RpcDevice`
-        (``tracker`` and ``key``).
+        ``"host:port"`` of an RPC server, or an :class:`~bitq_tvm.targets.rpc.RpcAddress` (a
+        server, or a tracker and the device ``key``).
     compiled
         The compiled model.
     call_timeout_s
@@ -565,9 +523,8 @@ class RemoteModel:
         self._worker = _Worker()
         try:
             # The child bounds the connection itself (clear messages); this is the backstop.
-            self._worker.request(("connect", self.where.rpc and str(self.where.rpc),
-                                  self.where.tracker and str(self.where.tracker), self.where.key,
-                                  connect_timeout_s), 2 * connect_timeout_s + _CONNECT_MARGIN_S, str(self.where), "the session request")
+            self._worker.request(("connect", self.where, connect_timeout_s), 2 * connect_timeout_s + _CONNECT_MARGIN_S,
+                                 self.where.option, "the session request")
             what = f"loading {self.LIBRARY_NAME} ({compiled.target.name}) on the remote device"
             with tempfile.TemporaryDirectory(prefix="bitq-remote-") as folder:
                 library = Path(folder) / self.LIBRARY_NAME
@@ -592,10 +549,6 @@ class RemoteModel:
             raise BitqError(f"{what}: the remote model is closed")
         return self._worker.request(message, self.call_timeout_s, what, step)
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.model.input_shapes)
-
     def close(self) -> None:
         """Release the session and end the worker process (killed if the device does not answer)."""
         worker, self._worker = getattr(self, "_worker", None), None
@@ -616,16 +569,5 @@ class RemoteModel:
 
     def run(self, inputs) -> list[np.ndarray]:
         """Run once; ``inputs`` is a dict by input name or a list in input order."""
-        from bitq_tvm.api import CompiledModel
-
-        # Same input checks as on the host; they only need ``model`` and ``input_names``.
-        host_arrays = CompiledModel.input_arrays(self, inputs)
         return self._step(f"running 'main' on the remote device ({self.target.name})", "the run",
-                          ("run", host_arrays))
-
-    def run_batched(self, name: str, data: np.ndarray | None = None):
-        """Run a dataset through the model's pinned batch size, like ``CompiledModel.run_batched``."""
-        from bitq_tvm.api import CompiledModel
-
-        # Same padding and stacking as on the host; it only needs ``model`` and ``run``.
-        return CompiledModel.run_batched(self, name, data)
+                          ("run", self.input_arrays(inputs)))

@@ -1,6 +1,6 @@
-"""The TVM RPC client side of a :class:`~bitq_tvm.targets.remote.RemoteModel`, in its own process.
+"""The TVM RPC client side of a :class:`~bitq_tvm.runtime.remote.RemoteModel`, in its own process.
 
-Run as ``python -m bitq_tvm.targets.rpc_worker`` by the parent (never by hand). A TVM RPC call
+Run as ``python -m bitq_tvm.runtime.rpc_worker`` by the parent (never by hand). A TVM RPC call
 to a device that stops answering blocks inside TVM's C++ client while holding the GIL, so no
 thread of the calling process can take control back; in a child process the parent waits with
 a deadline and kills the child's process group instead.
@@ -81,10 +81,10 @@ class _Worker:
         self.session = self.module = self.vm = self.device = None
         self.trailing: list = []
 
-    def connect(self, rpc, tracker, key, timeout_s):
-        from bitq_tvm.targets.remote import connect
+    def connect(self, address, timeout_s):
+        from bitq_tvm.runtime.remote import open_session
 
-        self.session = connect(rpc=rpc, tracker=tracker, key=key, timeout_s=timeout_s)
+        self.session = open_session(address, timeout_s)
         self.device = self.session.cpu()
 
     def upload(self, path, name):
