@@ -19,12 +19,12 @@ import sys
 
 import numpy as np
 
-from bitq_tvm.cli import _print_table
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
 from bitq_tvm.models.zoo import bundled_model_path, bundled_test_data, resnet18, synthetic_inputs
 from bitq_tvm.solver.accuracy import Calibration, NoiseGraph
 from bitq_tvm.solver.milp import solve
 from bitq_tvm.solver.planner import Objective, allocation_plan, plan_model, verify
+from bitq_tvm.support.tables import print_table
 
 BASELINES = ("w4a8_b32", "w5a8_b32", "w6a8_b32")
 
@@ -77,7 +77,7 @@ def main():
     print("top-1: digits against real labels (450 held-out images, FP32 98.44%); resnet18 (random weights, "
           "32x32, 100 classes, synthetic N(0,1) inputs) against FP32 argmax on 128 held-out inputs. "
           "Calibration: digits 64 training images, resnet18 32 other synthetic inputs.")
-    _print_table(["model", "allocation", "weight bits/param", "pred. logit MSE", "meas. logit MSE", "top-1",
+    print_table(["model", "allocation", "weight bits/param", "pred. logit MSE", "meas. logit MSE", "top-1",
                   "agrees w/ FP32", "DRAM bytes (DM)", "DRAM vs uniform"], rows)
 
 

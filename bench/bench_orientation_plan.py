@@ -15,13 +15,12 @@ import time
 
 import numpy as np
 
+from bitq_tvm.evaluation import rel_mse, stored_weight_bytes
+from bitq_tvm.support.tables import print_table
+
 
 def _outputs(compiled, x):
     return np.concatenate([compiled.run({"x": x[i:i + 1]})[0] for i in range(len(x))])
-
-
-def _rel_mse(out, ref):
-    return float(((out - ref) ** 2).sum() / (ref ** 2).sum())
 
 
 def main(argv=None):
@@ -64,25 +63,23 @@ def main(argv=None):
     for name, allocation in points:
         plan = allocation_plan(result, allocation)
         deployed = compile_deployed(model, plan, progress=None)
-        stored = sum(d.stored_bytes if d.mode == "integer" else d.fp32_bytes for d in deployed.report.layers)
+        stored = stored_weight_bytes(deployed.report)
         out = _outputs(deployed, xt)
         predicted = out.argmax(1)
         top1 = float((predicted == yt).mean())
         rows.append((name, f"{len(deployed.report.integer_layers)}/{len(model.layers)}", f"{stored:,}",
                      f"{stored / fp32_bytes:.3f}x", f"{top1:.2%}", f"{(predicted == fp32_pred).mean():.2%}",
                      f"{result.predicted(allocation):.2%}", f"{fp32_top1 - top1:.2%}",
-                     f"{allocation.acc_loss:.2e}", f"{_rel_mse(out, fp32_out):.2e}"))
+                     f"{allocation.acc_loss:.2e}", f"{rel_mse([out], [fp32_out]):.2e}"))
         print(f"{name}: done", file=sys.stderr)
     curve = ", ".join(f"{m:.2e}->{d:.2%}" for m, d in result.accuracy.measured_curve)
     print(f"measured calibration curve (relative output MSE -> top-1 drop): {curve}")
     print(f"pplcnet_orientation, {args.calib} calibration pages (seed 0), {args.test} test pages (seed 1); "
           f"plan took {plan_seconds:.1f} s; planned weight bytes {result.allocation.size_bytes:,.0f}")
     print()
-    print("| allocation | integer layers | deployed weight bytes | vs FP32 | top-1 (test) | agrees w/ FP32 | "
-          "predicted top-1 drop | measured top-1 drop | predicted rel. output MSE | measured rel. output MSE |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["allocation", "integer layers", "deployed weight bytes", "vs FP32", "top-1 (test)", "agrees w/ FP32",
+                 "predicted top-1 drop", "measured top-1 drop", "predicted rel. output MSE",
+                 "measured rel. output MSE"], rows)
     print()
     print("command: python bench/bench_orientation_plan.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
 

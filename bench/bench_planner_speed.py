@@ -20,6 +20,8 @@ import time
 import numpy as np
 import onnx
 
+from bitq_tvm.support.tables import print_table
+
 
 def _model(name, size, samples, tmp):
     from bitq_tvm.frontend.onnx_model import load_onnx
@@ -63,10 +65,8 @@ def main(argv=None):
             rows.append((name, size, len(model.layers), measured, args.samples, f"{seconds:.1f}",
                          f"{result.allocation.size_bytes:,.0f}"))
             print(f"{name}: {seconds:.1f} s", file=sys.stderr)
-    print("| model | input | layers | layers measured (BFP candidates) | samples | plan time (s) | planned weight bytes |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(map(str, row)) + " |")
+    print_table(["model", "input", "layers", "layers measured (BFP candidates)", "samples", "plan time (s)",
+                 "planned weight bytes"], rows)
     print()
     print("command: python bench/bench_planner_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
 

@@ -26,6 +26,7 @@ import tvm
 
 from bitq_tvm.formats import parse_format
 from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func, kernel_variant
+from bitq_tvm.support.tables import print_table
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.session import TuningOptions, tune
 from bitq_tvm.tuning.tasks import BfpTask
@@ -84,10 +85,7 @@ def main(argv=None) -> int:
           "repeats, ms (GOPS)\n")
     headers = ["M x N x K", "format", "trials", "failed", "rejected by verify", "tuning s",
                "default (hand) ms", "tuned ms", "speedup"]
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
+    print_table(headers, rows)
     if args.latency_candidates:
         latency_check(args.latency_candidates, preset)
     return 0
@@ -125,9 +123,7 @@ def latency_check(candidate_set: str, preset) -> None:
     print(f"\nlatency model on ResNet-18 (32x32), candidates {candidate_set!r}: {len(tasks)} BFP GEMM tasks "
           f"({len(shapes)} shapes) timed with the default kernel; per split, the regressor is fitted on the "
           "given tasks and checked on the held-out ones\n")
-    print("| split | fitted / held out | regressor Spearman | regressor median rel. error "
-          "| DM model Spearman | DM median rel. error |")
-    print("|---|---|---|---|---|---|")
+    split_rows = []
     for split, given_names in splits.items():
         table = latency_table(model, candidates, preset, {n: timed[n] for n in given_names})
         by_task = {e.task: e.seconds / model.layer(layer).groups for (layer, _), e in table.entries.items()}
@@ -136,9 +132,12 @@ def latency_check(candidate_set: str, preset) -> None:
         truth = np.array([timed[n] for n in held_out])
         dm_cost = np.array([dm_per_task[n] for n in held_out])
         scale = float(dm_cost @ truth / (dm_cost @ dm_cost))
-        print(f"| {split} | {len(given_names)} / {len(held_out)} | {spearmanr(predicted, truth).statistic:.3f} | "
-              f"{np.median(np.abs(predicted / truth - 1)) * 100:.1f}% | {spearmanr(dm_cost, truth).statistic:.3f} | "
-              f"{np.median(np.abs(dm_cost * scale / truth - 1)) * 100:.1f}% |")
+        split_rows.append((split, f"{len(given_names)} / {len(held_out)}", f"{spearmanr(predicted, truth).statistic:.3f}",
+                           f"{np.median(np.abs(predicted / truth - 1)) * 100:.1f}%",
+                           f"{spearmanr(dm_cost, truth).statistic:.3f}",
+                           f"{np.median(np.abs(dm_cost * scale / truth - 1)) * 100:.1f}%"))
+    print_table(["split", "fitted / held out", "regressor Spearman", "regressor median rel. error",
+                 "DM model Spearman", "DM median rel. error"], split_rows)
     print("\nlatency_table's own report, all tasks measured (cross-validated by shape):\n")
     print(latency_table(model, candidates, preset, timed, model_costs=dm).report.markdown())
 

@@ -34,8 +34,7 @@ from .plan import LayerFormats, Plan
 from .kernels.cpu import cpu_pipeline
 from .targets.presets import TargetPreset, get_target
 
-__all__ = ["DeploymentReport", "DeployedModel", "deploy_passes", "compile_deployed", "relax_constant_bytes",
-           "cmd_compile_deploy"]
+__all__ = ["DeploymentReport", "DeployedModel", "deploy_passes", "compile_deployed", "relax_constant_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,24 +198,3 @@ def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPr
             progress(f"tuning database {tuning_db}: {len(lower.tuned_used)} tuned kernel(s) used, "
                      f"the other integer kernels use the default schedules")
     return DeployedModel(model, formats, preset, executable, seconds, report)
-
-
-def cmd_compile_deploy(args, model, plan) -> int:
-    """``bitq-tvm compile --deploy [--report]``: write the integer BFP library (and print the report)."""
-    if plan is None:
-        raise BitqError("compile --deploy needs --format, --plan or a budget (an FP32 model has nothing to deploy as BFP)")
-    deployed = compile_deployed(model, plan, args.target, tuning_db=getattr(args, "tuning_db", None))
-    out = args.output or os.path.splitext(os.path.basename(args.model))[0] + ".so"
-    deployed.export_library(out)
-    report = deployed.report
-    if getattr(args, "report", False):
-        print(report.table())
-    for layer, reason in report.fallbacks.items():
-        print(f"fallback: layer '{layer}' runs as float BFP simulation: {reason}")
-    for node in model.fp32_nodes:
-        print(f"fp32: node '{node.name}' ({node.onnx_op}) is not a BFP layer: {node.reason}")
-    print(f"wrote {out} (target {deployed.target.name}; integer BFP kernels ({report.variant}) for "
-          f"{len(report.integer_layers)}/{len(report.layers)} layers; constants {report.artifact_constant_bytes:,} B "
-          f"vs {report.fp32_weight_bytes:,} B FP32 weights; after loading call "
-          f"w = {EXPAND_FUNCTION}(*{PACKED_FUNCTION}()) once, then main(inputs..., *w))")
-    return 0

@@ -76,6 +76,15 @@ class Layer:
     def params(self) -> int:
         return int(np.prod(self.weight_shape))
 
+    def bitpacked_weight_bytes(self, fmt) -> int:
+        """Bytes of the weight in BFP ``fmt`` (None: FP32), bit-packed: m bits per element plus E
+        bits per block. The zero padding of ragged blocks is not stored (kernels re-create it), so
+        a 3-channel conv is not charged for 32."""
+        if fmt is None:
+            return 4 * self.params
+        blocks = self.params // self.reduction * fmt.num_blocks(self.reduction)
+        return -(-(self.params * fmt.mantissa_bits + blocks * fmt.exponent_bits) // 8)
+
 
 @dataclasses.dataclass(frozen=True)
 class FP32Node:
@@ -109,6 +118,14 @@ class OnnxModel:
     def weights(self) -> dict[str, np.ndarray]:
         """The layer weights (initializers), by initializer name."""
         return {t.name: numpy_helper.to_array(t) for t in self.proto.graph.initializer}
+
+    def require_layers(self) -> None:
+        """Raise BitqError if the model has no layer BFP can quantize (naming the skipped nodes and why)."""
+        if self.layers:
+            return
+        skipped = [f"{n.onnx_op} '{n.name}' ({n.reason})" for n in self.fp32_nodes]
+        why = f"; skipped: {', '.join(skipped[:4])}" if skipped else ""
+        raise BitqError(f"{self.path}: no layer BFP can quantize{why}")
 
 
 #: Most elements an input may have: int32 range, so that shapes, MAC counts (int64) and TVM's
@@ -158,6 +175,54 @@ def parse_input_shapes(specs) -> dict[str, tuple[int, ...]]:
             raise BitqError(f"--input-shape '{spec}': {math.prod(shape):,} elements; at most "
                             f"{MAX_INPUT_ELEMENTS:,} per input")
         shapes[name] = shape
+    return shapes
+
+
+def pin_batch(path, shapes: dict[str, tuple[int, ...]], batch: int | None) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (from :func:`parse_input_shapes`) plus ``batch`` on dim 0 of every input of the
+    model file ``path`` whose dim 0 is symbolic (``--batch N``); ``batch`` None: ``shapes`` as is.
+
+    Raises
+    ------
+    BitqError
+        ``batch`` <= 0, an input whose static batch differs, a conflicting ``--input-shape``, or
+        an input with dynamic dims besides the batch (and no default shape to fill them).
+    """
+    if batch is None:
+        return shapes
+    if batch <= 0:
+        raise BitqError(f"--batch {batch}: must be > 0")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_onnx reports unreadable files with its own message
+        return shapes
+    shapes = dict(shapes)
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if "" in shapes and len(inputs) == 1:
+        shapes[inputs[0].name] = shapes.pop("")
+    default = next((p.value for p in proto.metadata_props if p.key == DEFAULT_SHAPE_KEY), None)
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        if not dims:
+            continue
+        static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        if static[0] is not None:
+            if static[0] != batch:
+                raise BitqError(f"{path}: --batch {batch}: input '{inp.name}' has a static batch of {static[0]}")
+            continue
+        if inp.name in shapes:
+            if shapes[inp.name][0] != batch:
+                raise BitqError(f"--batch {batch} conflicts with --input-shape "
+                                f"{inp.name}:{','.join(map(str, shapes[inp.name]))}")
+            continue
+        rest = static[1:]
+        if None in rest and default is not None and len(inputs) == 1:
+            rest = [int(d) for d in default.split(",")][1:]
+        if None in rest:
+            raise BitqError(f"{path}: input '{inp.name}' has dynamic dims besides the batch; pin them with "
+                            f"--input-shape {inp.name}:{batch}," + ",".join(str(d or 1) for d in rest))
+        shapes[inp.name] = (batch, *rest)
     return shapes
 
 

@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import BitqError
+from ..evaluation import rel_mse, top1
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
 from ..frontend.reference import layer_block_axes
@@ -367,17 +368,6 @@ class NoiseGraph:
         return dict(zip(names, outs))
 
 
-def _rel_mse(outputs, reference) -> float:
-    diff = np.concatenate([np.ravel(o) - np.ravel(r) for o, r in zip(outputs, reference)]).astype(np.float64)
-    ref = np.concatenate([np.ravel(r) for r in reference]).astype(np.float64)
-    return float(np.dot(diff, diff) / max(np.dot(ref, ref), 1e-300))
-
-
-def _top1(outputs, labels) -> float:
-    logits = np.concatenate([o.reshape(o.shape[0], -1) for o in outputs])
-    return float((logits.argmax(1) == labels).mean())
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class AccuracyTerm:
     """Measured noise powers and sensitivities; predicted loss per (layer, candidate).
@@ -514,7 +504,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         progress(f"noise powers of {len(probes)} layers in {time.perf_counter() - started:.1f} s")
     curve, measured_curve, fp32_top1 = (), (), None
     if labels is not None:
-        fp32_top1 = _top1(reference, labels)
+        fp32_top1 = top1(reference, labels)
         curve, measured_curve = _top1_curve(graph, batches, reference, labels, probes, fp32_top1)
         if progress:
             progress("top-1 drop vs relative logit MSE, measured: "
@@ -532,10 +522,10 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         w_power, a_power = powers[name]
         if w_error is not None and w_power > 0:
             outputs = [suffix.run(b, {("w", name): w_error}) for b in range(len(batches))]
-            w_sens[name] = _rel_mse(outputs, reference) / w_power
+            w_sens[name] = rel_mse(outputs, reference) / w_power
         if a_errors is not None and a_power > 0:
             outputs = [suffix.run(b, {("a", name): a_errors[b]}) for b in range(len(batches))]
-            a_sens[name] = _rel_mse(outputs, reference) / a_power
+            a_sens[name] = rel_mse(outputs, reference) / a_power
         best_so_far += min(w_sens[name] * w_noise[name][c.weight.name] + a_sens[name] * a_noise[name][c.activation.name]
                            if not c.is_fp32 else 0.0 for c in candidates[name])
         if progress:
@@ -582,7 +572,7 @@ def _error(x, fmt, axis, power, noise, rng, groups=1) -> np.ndarray:
 def measure_output_mse(graph: NoiseGraph, batches, reference, key, errors, scale: float = 1.0) -> float:
     """Relative logit MSE with ``scale * errors[b]`` injected at ``key`` for batch b."""
     outputs = [graph.run(b, {key: scale * e}) for b, e in zip(batches, errors)]
-    return _rel_mse(outputs, reference)
+    return rel_mse(outputs, reference)
 
 
 def _sensitivity(graph, batches, reference, key, errors, power) -> float:
@@ -613,7 +603,7 @@ def _top1_curve(graph, batches, reference, labels, probes, fp32_top1):
                 if a_errors is not None:
                     noise[("a", name)] = amplitude * a_errors[b_index]
             outputs.append(graph.run(batch, noise))
-        measured.append((_rel_mse(outputs, reference), fp32_top1 - _top1(outputs, labels)))
+        measured.append((rel_mse(outputs, reference), fp32_top1 - top1(outputs, labels)))
     measured = sorted(measured)
     model = _margin_model(reference, labels, fp32_top1, measured)
     resolved = _RESOLVED_FLIPS / len(labels)

@@ -27,7 +27,8 @@ from ..frontend.onnx_model import Layer, OnnxModel
 from ..plan import LayerFormats, Plan
 from ..support.progress import say
 from ..targets.presets import TargetPreset, get_target
-from .accuracy import Calibration, AccuracyTerm, NoiseGraph, _rel_mse, _top1, measure_accuracy_term
+from ..evaluation import argmax_agreement, rel_mse, top1
+from .accuracy import Calibration, AccuracyTerm, NoiseGraph, measure_accuracy_term
 from .candidates import LayerCandidates
 from .milp import pareto_front, solve
 from .performance import Measured, PerformanceTerm, performance_term
@@ -85,11 +86,7 @@ def weight_size_bytes(layer: Layer, candidate: LayerFormats, deployed: bool = Tr
         from .deployment import deployed_cost
 
         return deployed_cost(layer, candidate).weight_bytes
-    fmt = candidate.weight
-    if fmt is None:
-        return 4 * layer.params
-    blocks = layer.params // layer.reduction * fmt.num_blocks(layer.reduction)
-    return -(-(layer.params * fmt.mantissa_bits + blocks * fmt.exponent_bits) // 8)
+    return layer.bitpacked_weight_bytes(candidate.weight)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -320,16 +317,15 @@ def verify(model: OnnxModel, plan: Plan, calib: Calibration, accuracy: AccuracyT
     reference = [NoiseGraph(model).run(b) for b in batches]
     compiled = compile_model(model, plan, target, progress=progress)
     outputs = [compiled.run(b)[0] for b in batches]
-    measured = _rel_mse(outputs, reference)
+    measured = rel_mse(outputs, reference)
     if predicted_mse is None:
         predicted_mse = sum(float(lf.info.get("predicted_loss", 0.0)) for lf in plan.layers.values())
-    ref_arg = np.concatenate([r.reshape(r.shape[0], -1) for r in reference]).argmax(1)
-    out_arg = np.concatenate([o.reshape(o.shape[0], -1) for o in outputs]).argmax(1)
-    agreement = float((ref_arg == out_arg).mean())
+    agreement = argmax_agreement(outputs, reference)
+    samples = sum(len(r) for r in reference)
     if labels is not None:
-        top1_fp32, top1_plan = _top1(reference, labels), _top1(outputs, labels)
+        top1_fp32, top1_plan = top1(reference, labels), top1(outputs, labels)
         predicted = accuracy.to_user_units(predicted_mse) if accuracy is not None else float("nan")
         return Verification(predicted_mse, measured, predicted, top1_fp32 - top1_plan,
-                            "top-1 drop", len(ref_arg), top1_fp32, top1_plan, agreement)
-    return Verification(predicted_mse, measured, predicted_mse, measured, "relative logit MSE", len(ref_arg),
+                            "top-1 drop", samples, top1_fp32, top1_plan, agreement)
+    return Verification(predicted_mse, measured, predicted_mse, measured, "relative logit MSE", samples,
                         agreement=agreement)

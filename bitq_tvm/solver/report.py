@@ -5,16 +5,8 @@ from __future__ import annotations
 import os
 
 from ..support.atomic import write_text
+from ..support.tables import format_table
 from .planner import PlanResult, Verification
-
-
-
-def _rows_table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def _loss_text(result: PlanResult, mse: float) -> str:
@@ -31,7 +23,7 @@ def layer_table(result: PlanResult) -> str:
         rows.append((name, label, "fp32" if lf.weight is None else lf.weight.name,
                      "fp32" if lf.activation is None else lf.activation.name, f"{info['predicted_loss']:.3e}",
                      f"{info['dram_bytes']:,.0f}", f"{info['perf']:.4g}", f"{info['weight_bytes']:,}"))
-    return _rows_table(["layer", "candidate", "weight", "activation", "pred. logit MSE", "DRAM bytes",
+    return format_table(["layer", "candidate", "weight", "activation", "pred. logit MSE", "DRAM bytes",
                         f"perf ({result.performance.unit})", "weight bytes"], rows)
 
 
@@ -43,7 +35,7 @@ def comparison_table(result: PlanResult) -> str:
         rows.append((label, _loss_text(result, allocation.acc_loss), f"{allocation.acc_loss:.3e}",
                      f"{allocation.perf:.4g}", f"{result.dram_bytes(allocation):,.0f}",
                      f"{result.average_weight_bits(allocation):.2f}"))
-    return _rows_table(["allocation", f"pred. {unit}", "pred. logit MSE", "perf", "DRAM bytes", "weight bits/param"],
+    return format_table(["allocation", f"pred. {unit}", "pred. logit MSE", "perf", "DRAM bytes", "weight bits/param"],
                        rows)
 
 
@@ -54,7 +46,7 @@ def verification_table(checks: dict[str, Verification]) -> str:
         rows.append((name, f"{v.predicted_logit_mse:.3e}", f"{v.measured_logit_mse:.3e}", f"{v.ratio:.2f}",
                      f"{v.predicted * 100:.2f}%" if v.unit == "top-1 drop" else "-",
                      f"{v.measured * 100:.2f}%" if v.unit == "top-1 drop" else "-", f"{v.agreement * 100:.2f}%"))
-    return _rows_table(["plan", "pred. logit MSE", "meas. logit MSE", "meas/pred", "pred. top-1 drop",
+    return format_table(["plan", "pred. logit MSE", "meas. logit MSE", "meas/pred", "pred. top-1 drop",
                         "meas. top-1 drop", "argmax agreement"], rows)
 
 

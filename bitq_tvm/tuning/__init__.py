@@ -4,8 +4,9 @@
 - :mod:`.session`: budgeted, resumable tuning into a work dir (JSON database + manifest);
 - :mod:`.verify`: tuned kernels are checked against the NumPy reference before they are trusted;
 - :mod:`.latency`: measured latencies + an XGBoost regressor -> the optimiser's performance term;
-- :mod:`.remote`: measuring on devices of a TVM RPC tracker;
-- :mod:`.cli_tune`: the ``bitq-tvm tune`` command.
+- :mod:`.remote`: measuring on devices of a TVM RPC tracker.
+
+The ``bitq-tvm tune`` command is :mod:`bitq_tvm.cli.tune`.
 
 Names are imported lazily (``from bitq_tvm.tuning import tune``), so ``bitq-tvm --help`` does not
 load TVM.
@@ -24,7 +25,6 @@ _EXPORTS = {
     "LatencyTable": "latency", "latency_table": "latency", "latency_table_from_work_dir": "latency",
     "measured_task_seconds": "latency",
     "check_tracker": "remote", "remote_builder_runner": "remote",
-    "add_tune_command": "cli_tune",
 }
 
 __all__ = sorted(_EXPORTS)

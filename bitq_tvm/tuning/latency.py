@@ -31,6 +31,7 @@ from ..frontend.onnx_model import OnnxModel
 from ..kernels.contract import LANES, padded
 from ..plan import LayerFormats
 from ..targets.presets import TargetPreset
+from ..support.tables import format_table
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, extract_bfp_tasks
 
@@ -101,16 +102,12 @@ class LatencyReport:
         def fmt(value, pct=False):
             return "n/a" if value is None else (f"{value * 100:.1f}%" if pct else f"{value:.3f}")
 
-        return "\n".join([
-            "| source | Spearman vs measured | median relative error |",
-            "|---|---|---|",
-            f"| XGBoost regressor (cross-validated by shape) | {fmt(self.regressor_spearman)} | "
-            f"{fmt(self.regressor_median_rel_error, True)} |",
-            f"| analytic DM model (scaled to seconds) | {fmt(self.dm_spearman)} | "
-            f"{fmt(self.dm_median_rel_error, True)} |",
-            f"\n{self.measured_points} measured task(s); "
-            f"{self.predicted_points} (layer, candidate) latencies predicted",
-        ])
+        rows = [("XGBoost regressor (cross-validated by shape)", fmt(self.regressor_spearman),
+                 fmt(self.regressor_median_rel_error, True)),
+                ("analytic DM model (scaled to seconds)", fmt(self.dm_spearman), fmt(self.dm_median_rel_error, True))]
+        return (format_table(["source", "Spearman vs measured", "median relative error"], rows)
+                + f"\n\n{self.measured_points} measured task(s); "
+                f"{self.predicted_points} (layer, candidate) latencies predicted")
 
 
 @dataclasses.dataclass(frozen=True)

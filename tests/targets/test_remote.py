@@ -31,7 +31,8 @@ from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
 from bitq_tvm.targets import export, get_target
-from bitq_tvm.targets.cli_remote import add_emulator_command, add_remote_args, remote_runner
+from bitq_tvm.cli import emulator as emulator_command
+from bitq_tvm.cli.args import add_remote_args, remote_runner
 from bitq_tvm.runtime.remote import RemoteModel, connect, free_port, start_rpc_server, start_tracker
 from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs, is_ready, rootfs_size_bytes
 
@@ -263,7 +264,7 @@ def test_eval_hook_runs_on_the_rpc_device(server, digits):
 
 def test_emulator_command_rejects_non_aarch64_targets():
     parser = argparse.ArgumentParser(prog="bitq-tvm")
-    add_emulator_command(parser.add_subparsers(dest="command"))
+    emulator_command.add_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["emulator", "setup", "--target", "rv64gcv-vlen256"])
     with pytest.raises(BitqError, match="only aarch64 targets can be emulated"):
         args.func(args)
@@ -272,7 +273,7 @@ def test_emulator_command_rejects_non_aarch64_targets():
 @pytest.mark.slow
 def test_emulator_setup_command_reports_the_cached_rootfs(rootfs, capsys):
     parser = argparse.ArgumentParser(prog="bitq-tvm")
-    add_emulator_command(parser.add_subparsers(dest="command"))
+    emulator_command.add_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["emulator", "setup", "--cache-dir", str(rootfs)])
     assert args.func(args) == 0
     assert f"aarch64 rootfs for {TARGET}: {rootfs}" in capsys.readouterr().out
@@ -282,7 +283,7 @@ def test_emulator_setup_command_reports_the_cached_rootfs(rootfs, capsys):
 def test_emulator_serve_command_serves_until_interrupted(rootfs, digits, monkeypatch):
     """``emulator serve`` in a thread; Ctrl-C is simulated by making its wait loop raise it."""
     parser = argparse.ArgumentParser(prog="bitq-tvm")
-    add_emulator_command(parser.add_subparsers(dest="command"))
+    emulator_command.add_command(parser.add_subparsers(dest="command"))
     port = free_port()
     args = parser.parse_args(["emulator", "serve", "--cache-dir", str(rootfs), "--port", str(port)])
     stop = threading.Event()
@@ -292,7 +293,7 @@ def test_emulator_serve_command_serves_until_interrupted(rootfs, digits, monkeyp
             raise KeyboardInterrupt
         time.sleep(seconds)
 
-    monkeypatch.setattr("bitq_tvm.targets.cli_remote._pause", pause_or_interrupt)
+    monkeypatch.setattr("bitq_tvm.cli.emulator._pause", pause_or_interrupt)
     result = {}
     serving = threading.Thread(target=lambda: result.setdefault("status", args.func(args)))
     serving.start()

@@ -140,10 +140,10 @@ def test_repair_truncates_partial_last_lines(tmp_path):
 def test_cli_tune_zero_trials_and_wrong_work_dir(tmp_path, capsys):
     import argparse
 
-    from bitq_tvm.tuning.cli_tune import add_tune_command
+    from bitq_tvm.cli import tune as tune_command
 
     parser = argparse.ArgumentParser()
-    add_tune_command(parser.add_subparsers(dest="command"))
+    tune_command.add_command(parser.add_subparsers(dest="command"))
     work = str(tmp_path / "db")
     args = parser.parse_args(["tune", str(bundled_model_path()), "--trials", "0", "--work-dir", work,
                               "--candidates", "w=8;a=8;b=32", "--no-fp32"])
@@ -235,7 +235,8 @@ def test_cli_tune_for_a_cross_target_without_a_device_is_refused_up_front(tmp_pa
 def test_a_run_whose_every_trial_failed_is_an_error(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from bitq_tvm.tuning import cli_tune, session
+    from bitq_tvm.cli import tune as tune_command
+    from bitq_tvm.tuning import session
     from bitq_tvm.tuning.session import TaskResult, TuningSummary
 
     def all_failed(tasks, preset, work_dir, trials, *args, **kwargs):
@@ -243,7 +244,7 @@ def test_a_run_whose_every_trial_failed_is_an_error(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(session, "tune", all_failed)
     parser = argparse.ArgumentParser()
-    cli_tune.add_tune_command(parser.add_subparsers(dest="command"))
+    tune_command.add_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["tune", str(bundled_model_path()), "--trials", "4", "--work-dir", str(tmp_path / "db"),
                               "--candidates", "w=8;a=8;b=32", "--no-fp32"])
     with pytest.raises(BitqError, match=r"all 16 trial\(s\) of this run failed to build or run on host; nothing was "

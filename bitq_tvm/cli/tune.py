@@ -1,26 +1,19 @@
-"""``bitq-tvm tune``: tune a model's BFP kernels (and its FP32 work) into a resumable work dir.
-
-Wire into ``bitq_tvm/cli.py`` with ``add_tune_command(sub)`` inside ``build_parser``.
-"""
+"""``bitq-tvm tune``: tune a model's BFP kernels (and its FP32 work) into a resumable work dir."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from ..errors import BitqError
+from ..support.tables import print_table
+from .args import add_model_args, add_target_arg, load_model, say
 
-__all__ = ["add_tune_command", "cmd_tune"]
 
-
-def add_tune_command(subparsers) -> argparse.ArgumentParser:
-    """Add ``tune`` to the ``bitq-tvm`` subcommands; returns its parser."""
+def add_command(subparsers) -> None:
     p = subparsers.add_parser("tune", help="autotune the model's BFP kernels with MetaSchedule (resumable)")
-    p.add_argument("model", help="ONNX model file")
-    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
-                   help="pin an input's shape (repeat per input; NAME: may be left out for a single input)")
-    p.add_argument("--target", default="host", help="target preset (see `bitq-tvm targets`); default: host")
+    add_model_args(p)
+    add_target_arg(p)
     p.add_argument("--trials", type=int, required=True,
                    help="total trials, split over tasks by MAC share; 0 = keep the default schedules")
     p.add_argument("--work-dir", required=True, metavar="DB",
@@ -33,13 +26,16 @@ def add_tune_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--key", help="device key registered with --tracker")
     p.add_argument("--repair", action="store_true", help="drop broken lines of the work dir's database (and the "
                    "records they invalidate) instead of refusing it")
-    p.set_defaults(func=cmd_tune)
-    return p
+    p.set_defaults(func=run)
 
 
-def cmd_tune(args) -> int:
+def _say(message: str) -> None:
+    say(message, "tune", sys.stderr)
+
+
+def run(args) -> int:
     from ..targets.presets import get_target
-    from .session import open_work_dir, work_dir_lock
+    from ..tuning.session import open_work_dir, work_dir_lock
 
     if args.key and not args.tracker:
         raise BitqError("--key is only used with --tracker HOST:PORT")
@@ -53,26 +49,20 @@ def cmd_tune(args) -> int:
                         f"give --tracker HOST:PORT --key K ({how})")
     open_work_dir(args.work_dir, preset)  # a wrong work dir fails before the slow steps
     with work_dir_lock(args.work_dir, _say):  # and so does a second tuner on it
-        return _tune_command(args, preset)
+        return _tune(args, preset)
 
 
-def _say(message: str) -> None:
-    print(f"[bitq-tvm tune] {message}", file=sys.stderr, flush=True)
-
-
-def _tune_command(args, preset) -> int:
-    from ..cli import _print_table
-    from ..frontend.onnx_model import load_onnx, parse_input_shapes
+def _tune(args, preset) -> int:
     from ..solver.candidates import LayerCandidates
-    from .latency import latency_table, measured_task_seconds
     from ..targets.rpc import parse_address
-    from .remote import remote_builder_runner
-    from .session import TuningOptions, repair_database, tune
-    from .tasks import extract_tasks
+    from ..tuning.latency import latency_table, measured_task_seconds
+    from ..tuning.remote import remote_builder_runner
+    from ..tuning.session import TuningOptions, repair_database, shutdown_workers, tune
+    from ..tuning.tasks import extract_tasks
 
     for message in repair_database(args.work_dir, drop_bad_lines=args.repair):  # a broken database fails now
         _say(f"repaired {message}")
-    model = load_onnx(args.model, parse_input_shapes(args.input_shape))
+    model = load_model(args)
     candidates = LayerCandidates.from_specs(args.candidates, args.pin).resolve([l.name for l in model.layers])
     tasks = extract_tasks(model, candidates, preset, include_fp32=not args.no_fp32)
     print(f"{model.name}: {len(tasks.bfp)} BFP GEMM task(s) from {len(model.layers)} layers x candidates, "
@@ -85,12 +75,10 @@ def _tune_command(args, preset) -> int:
         summary = tune(tasks.all, preset, args.work_dir, args.trials, options, builder, runner, repair=args.repair)
     finally:
         if runner is not None:
-            from .session import shutdown_workers
-
             shutdown_workers(runner)
     rows = [(r.name, f"{tasks.by_name()[r.name].macs:,}", r.trials, r.failed,
              "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}", r.source) for r in summary.results]
-    _print_table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows, sys.stdout)
+    print_table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows)
     if summary.all_failed:
         raise BitqError(f"all {summary.new_trials} trial(s) of this run failed to build or run on {preset.name}; "
                         f"nothing was tuned (causes: {os.path.join(args.work_dir, 'logs', 'meta_schedule.log')})")
