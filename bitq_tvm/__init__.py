@@ -3,3 +3,4 @@
 __version__ = "0.1.0"
 
 from .errors import BitqError  # noqa: F401
+from .pipeline import pipeline  # noqa: F401 - cheap: the module defers its TVM imports to the call

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from bitq_tvm.api import compile_model, import_relax, resolve_plan
-from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_bytes
+from bitq_tvm.deploy import compile_deployed
+from bitq_tvm.passes import module_report
+from bitq_tvm.passes.lower_bfp_integer import deployment_layers
+from bitq_tvm.pipeline import bfp_passes
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
 from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
@@ -71,13 +74,12 @@ def test_resnet18_bfp8_deployed_and_weight_bytes():
 
 def test_resnet18_bfp4_weight_bytes():
     model = normalize(zoo.resnet18(image_size=32, num_classes=100), "resnet18")
-    formats = resolve_plan(model, Plan.uniform("bfp4_b32"))
     mod, params = import_relax(model)
-    passes, lower = deploy_passes(model, formats, params, "vnni")
-    stored = relax_constant_bytes(__import__("tvm").transform.Sequential(passes)(mod))
+    passes = bfp_passes(Plan.uniform("bfp4_b32"), "avx512-vnni", deploy=True, params=params)
+    report = module_report(__import__("tvm").transform.Sequential(passes)(mod))
     fp32 = sum(4 * layer.params for layer in model.layers)
-    assert stored <= 0.15 * fp32
-    assert sum(d.stored_bytes for d in lower.report.values()) <= 0.14 * fp32
+    assert report["artifact_constant_bytes"] <= 0.15 * fp32
+    assert sum(d.stored_bytes for d in deployment_layers(report)) <= 0.14 * fp32
 
 
 @pytest.mark.slow

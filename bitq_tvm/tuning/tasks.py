@@ -227,7 +227,7 @@ def extract_fp32_tasks(model: OnnxModel, preset: TargetPreset) -> tuple[Fp32Task
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from ..api import import_relax
+    from ..frontend.relax_import import import_relax
 
     mod, params = import_relax(model)
     mod = relax.transform.BindParams("main", params)(mod)
