@@ -39,7 +39,8 @@ import onnx
 
 import tvm
 
-from bitq_tvm.api import compile_model, import_relax, resolve_plan
+from bitq_tvm.api import compile_model, resolve_plan
+from bitq_tvm.frontend.relax_import import import_relax
 from bitq_tvm.deploy import compile_deployed
 from bitq_tvm.passes import relax_constant_bytes
 from bitq_tvm.pipeline import bfp_passes

@@ -29,7 +29,7 @@ from .api import CompiledModel, _progress, check_weights, import_relax, resolve_
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel
 from .kernels.bfp_matmul_targets import default_variant
-from .passes.embed_bfp_report import REPORT_FUNCTION
+from .passes.embed_bfp_report import REPORT_FUNCTION, embedded_report
 from .passes.lower_bfp_integer import (DEFAULT_MAX_PADDING_RATIO, EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment,
                                        deployment_layers)
 from .pipeline import pipeline
@@ -138,7 +138,7 @@ class _ReportReader:
 
     def run_after_pass(self, mod, info):
         if info.name == "EmbedBFPReport":
-            self.data = json.loads(mod[REPORT_FUNCTION].body.body.value)
+            self.data = embedded_report(mod)
 
 
 def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPreset = "host",

@@ -46,6 +46,12 @@ def module_report(mod: IRModule) -> dict:
     return {**records[0], "artifact_constant_bytes": relax_constant_bytes(mod)}
 
 
+def embedded_report(mod: IRModule) -> dict:
+    """The report :class:`EmbedBFPReport` put into ``mod`` (the JSON of :data:`REPORT_FUNCTION`)."""
+    body = mod[REPORT_FUNCTION].body
+    return json.loads((body.body if isinstance(body, relax.SeqExpr) else body).value)
+
+
 @tvm.transform.module_pass(opt_level=0, name="EmbedBFPReport")
 class EmbedBFPReport:
     """Add :data:`REPORT_FUNCTION`, returning the deployment report as a JSON string."""

@@ -17,7 +17,8 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from bitq_tvm.api import compile_model, import_relax, resolve_plan
+from bitq_tvm.api import compile_model
+from bitq_tvm.frontend.relax_import import import_relax
 from bitq_tvm.deploy import compile_deployed
 from bitq_tvm.passes import module_report
 from bitq_tvm.pipeline import bfp_passes
