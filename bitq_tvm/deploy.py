@@ -25,9 +25,10 @@ import time
 import tvm
 from tvm import relax
 
-from .api import CompiledModel, _progress, check_weights, import_relax, resolve_plan
+from .api import CompiledModel, _progress, check_weights, resolve_plan
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel
+from .frontend.relax_import import import_relax
 from .kernels.bfp_matmul_targets import default_variant
 from .passes.embed_bfp_report import REPORT_FUNCTION, embedded_report
 from .passes.lower_bfp_integer import (DEFAULT_MAX_PADDING_RATIO, EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment,

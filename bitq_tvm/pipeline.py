@@ -13,10 +13,12 @@ Imports are deferred so that ``import bitq_tvm`` stays cheap.
 
 from __future__ import annotations
 
+
 def resolve_target(target):
     """(TargetPreset or None, tvm.target.Target) of a preset name, a TargetPreset or a Target."""
     import tvm
 
+    from .errors import BitqError
     from .targets.presets import TargetPreset, get_target, target_names
 
     if isinstance(target, str):
@@ -24,7 +26,7 @@ def resolve_target(target):
     if isinstance(target, TargetPreset):
         return target, target.tvm_target()
     if not isinstance(target, tvm.target.Target):
-        raise TypeError(f"target must be a preset name, a TargetPreset or a tvm.target.Target, not {type(target)}")
+        raise BitqError(f"target must be a preset name, a TargetPreset or a tvm.target.Target, not {type(target)}")
     # A Target that is one of the presets keeps the preset's kernel variant and tuning database.
     for name in target_names():
         preset = get_target(name)

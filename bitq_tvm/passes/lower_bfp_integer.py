@@ -397,10 +397,9 @@ class LowerBFPInteger:
 
     Parameters
     ----------
-    formats : dict
-        Layer name -> :class:`~bitq_tvm.plan.LayerFormats`.
-    params : dict
-        Weight parameter name -> array (``api.import_relax``), packed at compile time.
+    formats : Plan or dict
+        A :class:`~bitq_tvm.plan.Plan`, or layer name -> :class:`~bitq_tvm.plan.LayerFormats`
+        (then every planned layer must be annotated). Weights are packed from bound constants.
     variant : str
         Matmul kernel variant (:func:`~bitq_tvm.kernels.bfp_matmul_targets.default_variant` of the target).
     max_padding_ratio : float
