@@ -123,3 +123,20 @@ def test_unbound_weight_is_a_reported_fallback():
 def test_unknown_variant_is_an_error():
     with pytest.raises(BitqError, match="variant"):
         LowerBFPInteger({}, "sse9")
+
+
+def test_tuned_kernels_replace_the_default_schedule_and_are_recorded():
+    tag = bfp_matmul_name(4, 16, 64, B8, B8, VARIANT)
+    asked = []
+
+    def kernels(rows, n, k, fmt_a, fmt_w, variant):
+        asked.append((rows, n, k, fmt_a, fmt_w, variant))
+        return bfp_matmul_target_func(rows, n, k, fmt_a, fmt_w, variant).with_attr("tuned", True)
+
+    after = tvm.transform.Sequential([
+        AnnotateBFPLayers(), relax.transform.BindParams("main", {"fc_weight": W}),
+        LowerBFPInteger({"fc": LayerFormats(B8, B8)}, VARIANT, kernels=kernels),
+    ])(Before)
+    assert asked == [(4, 16, 64, B8, B8, VARIANT)]
+    assert list(after["main"].attrs["bitq.deployment"]["tuned_kernels"]) == [tag]
+    assert "tuned" in after[tag].attrs
