@@ -3,12 +3,11 @@
 Where it sits: after :class:`~bitq_tvm.passes.AnnotateBFPLayers` (it finds layers by the names that
 pass recorded) and, on the deployment path, after :class:`~bitq_tvm.passes.LowerBFPInteger`, whose
 ``bitq.deployment`` attribute says which layers it left in float: only those are simulated there.
-Then constants are folded. Each planned layer's
-``conv2d``/``matmul`` gets its operands replaced by ``call_tir`` of the BFP fake-quant kernel
-(:mod:`bitq_tvm.kernels.bfp_quant`) with blocks along the op's reduction axis: input channels
-within a group (per kernel offset) for convs, K for matmuls. Once the weights are bound,
-``FoldConstant`` runs the weight kernels at compile time, so only activations are quantized at
-run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
+Then constants are folded. Each planned layer's ``conv2d``/``matmul`` gets its operands replaced
+by ``call_tir`` of the BFP fake-quant kernel (:mod:`bitq_tvm.kernels.bfp_quant`) with blocks along
+the op's reduction axis: input channels within a group (per kernel offset) for convs, K for
+matmuls. Once the weights are bound, ``FoldConstant`` runs the weight kernels at compile time, so
+only activations are quantized at run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
 the same plan up to float32 summation order.
 """
 
