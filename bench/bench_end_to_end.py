@@ -39,8 +39,11 @@ import onnx
 
 import tvm
 
-from bitq_tvm.api import compile_model, import_relax, resolve_plan, simulation_passes
-from bitq_tvm.deploy import compile_deployed, relax_constant_bytes
+from bitq_tvm.api import compile_model, resolve_plan
+from bitq_tvm.frontend.relax_import import import_relax
+from bitq_tvm.deploy import compile_deployed
+from bitq_tvm.passes import relax_constant_bytes
+from bitq_tvm.pipeline import bfp_passes
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
 from bitq_tvm.models import corpus, zoo
 from bitq_tvm.plan import Plan
@@ -117,7 +120,7 @@ def _simulation_constant_bytes(model, plan) -> int:
     """Constants of the simulation (or FP32) module: float weights, fake-quantized when planned."""
     formats = resolve_plan(model, plan)
     mod, params = import_relax(model)
-    return relax_constant_bytes(tvm.transform.Sequential(simulation_passes(model, formats, params))(mod))
+    return relax_constant_bytes(tvm.transform.Sequential(bfp_passes(formats, "host", params=params))(mod))
 
 
 def _tvm_row(compiled, feed, workdir: str, label: str, repeat: int, constant_bytes: int, note: str = ""):

@@ -1,23 +1,21 @@
-"""The Python API: load an ONNX model, compile it with a BFP plan, run and evaluate it.
+"""The Python API for ONNX models: compile one under a BFP plan, run and evaluate it.
 
 The ``bitq-tvm`` command is a thin layer over these functions::
 
-    model = bitq_tvm.load_onnx("model.onnx", {"input": (1, 3, 224, 224)})
-    compiled = bitq_tvm.compile_model(model, Plan.uniform("bfp8_b32"), target="host")
+    model = load_onnx("model.onnx", {"input": (1, 3, 224, 224)})
+    compiled = compile_model(model, Plan.uniform("bfp8_b32"), target="host")
     logits = compiled.run({"input": x})[0]
 
-The passes also work on their own inside ``tvm.compile``: see :func:`bitq_pipeline`.
+:func:`compile_model` imports the model and makes the one ``tvm.compile(mod, target,
+relax_pipeline=bitq_tvm.pipeline(...))`` call, which works on any Relax module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import tvm
@@ -25,42 +23,15 @@ from tvm import relax
 
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel, cast_input, input_dtypes, load_onnx  # noqa: F401 - re-exported
-from .passes import AnnotateBFPLayers, InsertBFPSimulation
+from .frontend.relax_import import import_relax
+from .pipeline import pipeline
 from .plan import LayerFormats, Plan
 from .runtime.runner import Runner
-from .kernels.cpu import cpu_pipeline
 from .targets.presets import TargetPreset, get_target
 
 
 def _progress(message: str) -> None:
     print(f"[bitq-tvm] {message}", file=sys.stderr, flush=True)
-
-
-def import_relax(model: OnnxModel) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
-    """Import a normalised ONNX model into Relax with the layer weights as named parameters.
-
-    Returns
-    -------
-    mod : IRModule
-        ``main`` takes the model inputs, then one parameter per layer weight.
-    params : dict
-        Layer weight name -> array, for ``relax.transform.BindParams("main", params)``.
-    """
-    from tvm.relax.frontend.onnx import from_onnx
-
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as out:
-            warnings.simplefilter("ignore")
-            mod = from_onnx(model.proto, shape_dict=dict(model.input_shapes), keep_params_in_input=True)
-    except Exception as err:  # noqa: BLE001 - the importer raises bare Exceptions for user input
-        detail = str(err).strip().splitlines()
-        where = out.getvalue().strip().splitlines()[-1:] if out.getvalue().strip() else []
-        raise BitqError(f"{model.path}: TVM's ONNX importer cannot convert this model: "
-                        f"{(detail or [type(err).__name__])[0]}{' (' + where[0] + ')' if where else ''}") from None
-    mod, params = relax.frontend.detach_params(mod)
-    names = [p.name for p in mod["main"].params[len(model.input_shapes):]]
-    arrays = params.get("main", [])
-    return mod, {name: np.asarray(a.numpy()) for name, a in zip(names, arrays)}
 
 
 def check_weights(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray]) -> None:
@@ -81,24 +52,6 @@ def resolve_plan(model: OnnxModel, plan: Plan | None) -> dict[str, LayerFormats]
     plan = plan or Plan()
     unsupported = {n.name: f"{n.onnx_op} node ({n.reason})" for n in model.fp32_nodes}
     return plan.resolve(model.layers, where=f"plan for {model.path}", unsupported=unsupported)
-
-
-def simulation_passes(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray]):
-    """The bitq passes that turn an imported model into its BFP simulation (weights bound)."""
-    return [
-        AnnotateBFPLayers({layer.weight: layer.name for layer in model.layers}),
-        InsertBFPSimulation(formats),
-        relax.transform.BindParams("main", params),
-        relax.transform.FoldConstant(),
-        relax.transform.DeadCodeElimination(),
-    ]
-
-
-def bitq_pipeline(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray],
-                  target: tvm.target.Target) -> tvm.transform.Pass:
-    """A ``relax_pipeline`` for ``tvm.compile``: BFP simulation passes, then the scheduled CPU pipeline."""
-    return tvm.transform.Sequential(simulation_passes(model, formats, params) + [cpu_pipeline(target)],
-                                    name="bitq_pipeline")
 
 
 @dataclasses.dataclass
@@ -136,7 +89,7 @@ class CompiledModel(Runner):
 
 def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",
                   progress=_progress) -> CompiledModel:
-    """Compile ``model`` under ``plan`` (``None``: FP32) for ``target`` with the bitq pipeline."""
+    """Compile ``model`` under ``plan`` (``None``: FP32) for ``target``: :func:`bitq_tvm.pipeline` simulation."""
     preset = get_target(target) if isinstance(target, str) else target
     formats = resolve_plan(model, plan)
     mod, params = import_relax(model)
@@ -146,7 +99,8 @@ def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | Targ
     if progress:
         progress(f"compiling {model.name}: {len(model.layers)} layers ({quantized} BFP) for {preset.name}")
     start = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=bitq_pipeline(model, formats, params, tvm_target))
+    # the resolved formats, not the plan: a planned layer the passes do not find is an error
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(formats, preset, params=params))
     seconds = time.perf_counter() - start
     if progress:
         progress(f"compiled in {seconds:.1f} s")

@@ -6,35 +6,38 @@
     print(deployed.report.table())           # per layer: integer kernel variant or fallback + reason
     logits = deployed.run({"input": x})[0]   # equals api.compile_model(...).run(...) up to fp32 sums
 
-The compiled module has three Relax functions: ``bitq_packed_weights()`` returns the compact
-stored weights (int8 or 4-bit-pair mantissas, int8 exponents), ``bitq_expand_weights(*packed)``
-derives the matmul operands from them, and ``main(inputs..., *expanded)``. :class:`DeployedModel`
-runs the first two once, at load time, and appends their result to every ``main`` call; a user of
-the exported library does the same.
+:func:`compile_deployed` imports the model and makes the one ``tvm.compile(mod, target,
+relax_pipeline=bitq_tvm.pipeline(..., deploy=True))`` call. The compiled module has four Relax
+functions: ``bitq_packed_weights()`` returns the compact stored weights (int8 or 4-bit-pair
+mantissas, int8 exponents), ``bitq_expand_weights(*packed)`` derives the matmul operands from
+them, ``main(inputs..., *expanded)``, and ``bitq_report()`` the deployment report as JSON
+(:meth:`DeploymentReport.from_module`). :class:`DeployedModel` runs the first two once, at load
+time, and appends their result to every ``main`` call; a user of the exported library does the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
-import numpy as np
 import tvm
 from tvm import relax
 
-from .api import CompiledModel, _progress, check_weights, import_relax, resolve_plan
+from .api import CompiledModel, _progress, check_weights, resolve_plan
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel
-from .passes import AnnotateBFPLayers, InsertBFPSimulation
+from .frontend.relax_import import import_relax
 from .kernels.bfp_matmul_variants import kernel_variant
 from .kernels.contract import DEFAULT_MAX_PADDING_RATIO
-from .passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment, LowerBFPInteger
-from .plan import LayerFormats, Plan
-from .kernels.cpu import cpu_pipeline
+from .passes.embed_bfp_report import REPORT_FUNCTION, embedded_report
+from .passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment, deployment_layers
+from .pipeline import pipeline
+from .plan import Plan
 from .targets.presets import TargetPreset, get_target
 
-__all__ = ["DeploymentReport", "DeployedModel", "deploy_passes", "compile_deployed", "relax_constant_bytes"]
+__all__ = ["DeploymentReport", "DeployedModel", "compile_deployed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +48,28 @@ class DeploymentReport:
     variant: str
     layers: tuple[LayerDeployment, ...]
     artifact_constant_bytes: int
+    tuned_kernels: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.artifact_constant_bytes < 0:
             raise BitqError("DeploymentReport: artifact_constant_bytes must be >= 0")
+
+    @classmethod
+    def from_json(cls, data: dict, target: str, layer_order=None) -> "DeploymentReport":
+        """The report of a ``bitq_report()`` JSON record; ``layer_order``: layer names to sort by."""
+        layers = deployment_layers(data)
+        if layer_order is not None:
+            order = {name: i for i, name in enumerate(layer_order)}
+            layers.sort(key=lambda d: order.get(d.layer, len(order)))
+        return cls(target, data["variant"], tuple(layers), int(data["artifact_constant_bytes"]),
+                   tuple(data.get("tuned_kernels", ())))
+
+    @classmethod
+    def from_module(cls, module, target: str, layer_order=None) -> "DeploymentReport":
+        """The report a compiled module carries: ``module`` is a VirtualMachine, an executable or a
+        loaded library (``tvm.runtime.load_module``) runnable here."""
+        vm = module if isinstance(module, relax.VirtualMachine) else relax.VirtualMachine(module, tvm.cpu())
+        return cls.from_json(json.loads(str(vm[REPORT_FUNCTION]())), target, layer_order)
 
     @property
     def fp32_weight_bytes(self) -> int:
@@ -109,61 +130,16 @@ class DeployedModel(CompiledModel):
         return self._vm_cache
 
 
-@tvm.transform.module_pass(opt_level=0, name="SimulateBFPFallbacks")
-class _SimulateFallbacks:
-    """InsertBFPSimulation on the layers a LowerBFPInteger pass (run before) left in float."""
+@tvm.instrument.pass_instrument
+class _ReportReader:
+    """Reads the report the pipeline embeds, for an executable this host cannot load (another ISA)."""
 
-    def __init__(self, lower: LowerBFPInteger):
-        self.lower = lower
+    def __init__(self):
+        self.data = None
 
-    def transform_module(self, mod, ctx):
-        return InsertBFPSimulation(self.lower.fallback_formats)(mod)
-
-
-def deploy_passes(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray],
-                  variant: str, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, kernels=None):
-    """The bitq passes of the deployment path (weights bound), and the lowering pass for its report.
-
-    Returns
-    -------
-    passes : list of Pass
-        Annotate, lower to integer kernels, simulate the fallbacks, bind, fold, clean up.
-    lower : LowerBFPInteger
-        Its ``report`` is filled once the passes ran.
-    """
-    lower = LowerBFPInteger(formats, params, variant, max_padding_ratio, kernels)
-    passes = [
-        AnnotateBFPLayers({layer.weight: layer.name for layer in model.layers}),
-        lower,
-        _SimulateFallbacks(lower),
-        relax.transform.BindParams("main", params),
-        relax.transform.FoldConstant(),
-        relax.transform.DeadCodeElimination(),
-    ]
-    return passes, lower
-
-
-def relax_constant_bytes(mod: tvm.IRModule) -> int:
-    """Bytes of all distinct tensor constants in the Relax functions of ``mod``."""
-    seen: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
-            seen[expr.value] = expr.value.numpy().nbytes
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return sum(seen.values())
-
-
-def _tuned_kernels(tuning_db: str, model: OnnxModel, formats, preset) -> dict:
-    """Verified tuned kernels of the plan's GEMMs from a tuning work dir, by kernel name."""
-    from .tuning.tasks import extract_bfp_tasks
-    from .tuning.verify import tuned_prim_funcs
-
-    candidates = {name: [lf] for name, lf in formats.items() if lf.is_bfp_pair}
-    return tuned_prim_funcs(tuning_db, extract_bfp_tasks(model, candidates, preset), preset)
+    def run_after_pass(self, mod, info):
+        if info.name == "EmbedBFPReport":
+            self.data = embedded_report(mod)
 
 
 def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPreset = "host",
@@ -183,18 +159,23 @@ def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPr
     if progress:
         progress(f"deploying {model.name}: {len(model.layers)} layers for {preset.name} ({variant} kernels)")
     start = time.perf_counter()
-    kernels = _tuned_kernels(tuning_db, model, formats, preset) if tuning_db else {}
-    passes, lower = deploy_passes(model, formats, params, variant, max_padding_ratio, kernels)
-    mod = tvm.transform.Sequential(passes, name="bitq_deploy")(mod)
-    order = {layer.name: i for i, layer in enumerate(model.layers)}
-    report = DeploymentReport(preset.name, variant, tuple(sorted(lower.report.values(), key=lambda d: order[d.layer])),
-                              relax_constant_bytes(mod))
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+    # the resolved formats, not the plan: a planned layer the passes do not find is an error
+    bitq = pipeline(formats, preset, deploy=True, tuning_db=tuning_db, params=params,
+                    max_padding_ratio=max_padding_ratio)
+    runnable = preset.emulator is None and preset.cross_compiler is None
+    reader = _ReportReader()
+    ctx = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(ctx.opt_level, ctx.required_pass, ctx.disabled_pass, config=dict(ctx.config),
+                                   instruments=[*ctx.instruments, *([] if runnable else [reader])]):
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=bitq)
+    layer_order = [layer.name for layer in model.layers]
+    report = DeploymentReport.from_module(executable, preset.name, layer_order) if runnable else \
+        DeploymentReport.from_json(reader.data, preset.name, layer_order)
     seconds = time.perf_counter() - start
     if progress:
         progress(f"compiled in {seconds:.1f} s: {len(report.integer_layers)} integer layers, "
                  f"{len(report.fallbacks)} fallbacks")
         if tuning_db:
-            progress(f"tuning database {tuning_db}: {len(lower.tuned_used)} tuned kernel(s) used, "
+            progress(f"tuning database {tuning_db}: {len(report.tuned_kernels)} tuned kernel(s) used, "
                      f"the other integer kernels use the default schedules")
     return DeployedModel(model, formats, preset, executable, seconds, report)

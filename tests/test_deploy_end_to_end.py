@@ -10,8 +10,12 @@ simulation and its NumPy reference in tests/test_end_to_end.py).
 import numpy as np
 import pytest
 
-from bitq_tvm.api import compile_model, import_relax, resolve_plan
-from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_bytes
+from bitq_tvm.api import compile_model
+from bitq_tvm.frontend.relax_import import import_relax
+from bitq_tvm.deploy import DeploymentReport, compile_deployed
+from bitq_tvm.passes import module_report
+from bitq_tvm.passes.lower_bfp_integer import deployment_layers
+from bitq_tvm.pipeline import bfp_passes
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize
 from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
@@ -71,13 +75,12 @@ def test_resnet18_bfp8_deployed_and_weight_bytes():
 
 def test_resnet18_bfp4_weight_bytes():
     model = normalize(zoo.resnet18(image_size=32, num_classes=100), "resnet18")
-    formats = resolve_plan(model, Plan.uniform("bfp4_b32"))
     mod, params = import_relax(model)
-    passes, lower = deploy_passes(model, formats, params, "vnni")
-    stored = relax_constant_bytes(__import__("tvm").transform.Sequential(passes)(mod))
+    passes = bfp_passes(Plan.uniform("bfp4_b32"), "avx512-vnni", deploy=True, params=params)
+    report = module_report(__import__("tvm").transform.Sequential(passes)(mod))
     fp32 = sum(4 * layer.params for layer in model.layers)
-    assert stored <= 0.15 * fp32
-    assert sum(d.stored_bytes for d in lower.report.values()) <= 0.14 * fp32
+    assert report["artifact_constant_bytes"] <= 0.15 * fp32
+    assert sum(d.stored_bytes for d in deployment_layers(report)) <= 0.14 * fp32
 
 
 @pytest.mark.slow
@@ -108,5 +111,19 @@ def test_cli_compile_deploy_writes_a_library_that_runs(tmp_path, capsys):
     x = zoo.bundled_test_data()["x"][:1]
     got = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
     model = load_onnx(zoo.bundled_model_path(), {"input": (1, 1, 8, 8)})
-    want = compile_deployed(model, Plan.uniform("bfp8_b32"), progress=None).run({"input": x})[0]
-    np.testing.assert_array_equal(got, want)
+    deployed = compile_deployed(model, Plan.uniform("bfp8_b32"), progress=None)
+    np.testing.assert_array_equal(got, deployed.run({"input": x})[0])
+    # the report survives export: the library's bitq_report() gives the one compile printed
+    layer_order = [layer.name for layer in model.layers]
+    assert DeploymentReport.from_module(vm, "host", layer_order) == deployed.report
+
+
+def test_report_of_a_cross_compiled_deployment(digits):
+    """A library for another ISA cannot be loaded here: its report is read where the pipeline embeds it."""
+    model, _ = digits
+    arm = compile_deployed(model, Plan.uniform("bfp8_b32"), "cortex-a76", progress=None)
+    host = compile_deployed(model, Plan.uniform("bfp8_b32"), progress=None)
+    assert arm.report.variant == "sdot" and arm.report.target == "cortex-a76"
+    assert [(d.layer, d.mode, d.stored_bytes) for d in arm.report.layers] == \
+        [(d.layer, d.mode, d.stored_bytes) for d in host.report.layers]
+    assert arm.report.integer_layers == ["conv2", "fc1", "fc2"]

@@ -21,7 +21,7 @@ PACKAGE = "bitq_tvm"
 # runtime sits before api/deploy: CompiledModel and DeployedModel derive from its Runner base,
 # and it needs nothing of the compiler but the names of the deployed model's functions.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "support"),
+    ("errors", "support"),
     ("formats",),
     ("targets",),
     ("kernels",),
@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("evaluation",),
     ("solver",),
     ("models",),
+    ("__init__",),  # the package root: the public facade (bitq_tvm.pipeline, BitqError)
     ("cli",),
 )
 # Units that may sit early in the flow but import only these (the model makers feed everything).

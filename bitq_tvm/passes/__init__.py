@@ -1,10 +1,16 @@
 """Relax passes of bitq-tvm, each usable in ``tvm.compile(mod, target, relax_pipeline=...)``.
 
-Order in the pipeline: :class:`AnnotateBFPLayers` (names) -> :class:`InsertBFPSimulation`
-(fake quantization) -> ``BindParams`` + ``FoldConstant`` (weights quantized at compile time).
+Order in :func:`bitq_tvm.pipeline`: :class:`AnnotateBFPLayers` (find and name layers) ->
+``BindParams`` -> :class:`LowerBFPInteger` (deployment only) -> :class:`InsertBFPSimulation`
+(fake quantization; on the deployment path, of the layers left in float) -> ``FoldConstant``
+(weights quantized at compile time) -> ``DeadCodeElimination`` -> :class:`EmbedBFPReport`
+(deployment only). Passes keep no results: they travel in the IR as function attributes.
 """
 
 from .annotate_layers import AnnotateBFPLayers, annotated_layers, relax_var_name
+from .embed_bfp_report import REPORT_FUNCTION, EmbedBFPReport, module_report, relax_constant_bytes
 from .insert_bfp_simulation import InsertBFPSimulation
+from .lower_bfp_integer import LowerBFPInteger
 
-__all__ = ["AnnotateBFPLayers", "InsertBFPSimulation", "annotated_layers", "relax_var_name"]
+__all__ = ["AnnotateBFPLayers", "EmbedBFPReport", "InsertBFPSimulation", "LowerBFPInteger", "REPORT_FUNCTION",
+           "annotated_layers", "module_report", "relax_constant_bytes", "relax_var_name"]

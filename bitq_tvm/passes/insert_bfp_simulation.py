@@ -1,12 +1,13 @@
 """InsertBFPSimulation: BFP quantize -> dequantize on each planned layer's weight and input.
 
 Where it sits: after :class:`~bitq_tvm.passes.AnnotateBFPLayers` (it finds layers by the names that
-pass recorded) and before parameters are bound and constants folded. Each planned layer's
-``conv2d``/``matmul`` gets its operands replaced by ``call_tir`` of the BFP fake-quant kernel
-(:mod:`bitq_tvm.kernels.bfp_quant`) with blocks along the op's reduction axis: input channels
-within a group (per kernel offset) for convs, K for matmuls. Once the weights are bound,
-``FoldConstant`` runs the weight kernels at compile time, so only activations are quantized at
-run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
+pass recorded) and, on the deployment path, after :class:`~bitq_tvm.passes.LowerBFPInteger`, whose
+``bitq.deployment`` attribute says which layers it left in float: only those are simulated there.
+Then constants are folded. Each planned layer's ``conv2d``/``matmul`` gets its operands replaced
+by ``call_tir`` of the BFP fake-quant kernel (:mod:`bitq_tvm.kernels.bfp_quant`) with blocks along
+the op's reduction axis: input channels within a group (per kernel offset) for convs, K for
+matmuls. Once the weights are bound, ``FoldConstant`` runs the weight kernels at compile time, so
+only activations are quantized at run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
 the same plan up to float32 summation order.
 """
 
@@ -19,7 +20,8 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
 from ..kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
-from .annotate_layers import annotated_layers
+from .annotate_layers import annotated_layers, resolve_formats
+from .lower_bfp_integer import DEPLOYMENT_ATTR, deployment_modes
 
 _PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 
@@ -99,16 +101,17 @@ class InsertBFPSimulation:
 
     Parameters
     ----------
-    formats : dict
-        Layer name -> :class:`~bitq_tvm.plan.LayerFormats` (``Plan.resolve`` gives it). Layers
-        absent or FP32 are left alone; a planned layer missing from the module is an error.
+    formats : Plan or dict
+        A :class:`~bitq_tvm.plan.Plan`, or layer name -> :class:`~bitq_tvm.plan.LayerFormats`.
+        Layers absent or FP32 are left alone, and so are layers a ``bitq.deployment`` attribute
+        says run as integer kernels; a planned layer missing from the module is an error.
     """
 
-    def __init__(self, formats: dict):
-        self.formats = dict(formats)
+    def __init__(self, formats):
+        self.formats = formats
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        sim = _Simulator(mod, self.formats)
+        sim = _Simulator(mod, {})
         seen = set()
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
@@ -117,8 +120,17 @@ class InsertBFPSimulation:
             if not layers:
                 continue
             seen.update(layers)
+            formats = resolve_formats(self.formats, layers)
+            if func.attrs is not None and DEPLOYMENT_ATTR in func.attrs:
+                modes = deployment_modes(func)
+                formats = {name: lf for name, lf in formats.items() if modes.get(name) == "simulation"}
+            sim.formats = formats
             sim.var_to_layer = {var: layer for layer, var in layers.items()}
             sim.builder_.update_func(gv, sim.visit_expr(func))
+        if not isinstance(self.formats, dict):
+            if not seen:
+                resolve_formats(self.formats, [])  # a plan naming layers of a module without any
+            return sim.builder_.get()  # a Plan was resolved against each function's layers
         missing = [name for name, lf in self.formats.items() if not lf.is_fp32 and name not in seen]
         if missing:
             raise BitqError(f"InsertBFPSimulation: planned layer(s) {missing} are not annotated in the module "

@@ -1,8 +1,10 @@
 """LowerBFPInteger: run planned layers as integer BFP kernels (the deployment path).
 
-Where it sits: right after :class:`~bitq_tvm.passes.AnnotateBFPLayers`, before
-:class:`~bitq_tvm.passes.InsertBFPSimulation` (which then simulates only the layers this pass
-left in float, see :attr:`LowerBFPInteger.fallback_formats`) and before the weights are bound.
+Where it sits: after :class:`~bitq_tvm.passes.AnnotateBFPLayers` and the binding of the weights
+(it packs them from the bound constants), before :class:`~bitq_tvm.passes.InsertBFPSimulation`,
+which then simulates only the layers this pass left in float. Its decisions travel in the IR: the
+function's ``bitq.deployment`` attribute holds, per annotated layer, kind, mode, variant, reason,
+FP32 and stored bytes, plus the tuned kernels used (:func:`deployment_layers` reads it).
 Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports becomes:
 
 1. ``call_tir`` of the activation quantizer (:mod:`~bitq_tvm.kernels.bfp_act_quant`): float
@@ -12,7 +14,7 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
    skipped for pointwise convs;
 3. ``call_tir`` of the integer BFP matmul (:mod:`~bitq_tvm.kernels.bfp_matmul`, variant
    vnni/avx2/generic from the target's intrinsic family) against the weight packed at compile
-   time in NumPy from the parameter array (quantized in its stored layout, like the simulation);
+   time in NumPy from the bound constant (quantized in its stored layout, like the simulation);
 4. float reshapes (and a transpose back to NCHW for convs) that TVM legalizes and fuses with the
    layer's epilogue (bias add, ReLU, residual add): those are not part of the integer kernel,
    whose scaled float32 output they read once.
@@ -24,8 +26,8 @@ them the matmul's operands (float scales, offset corrections, unpacked 4-bit man
 loading, call ``expand(*packed())`` once and pass its results to every ``main`` call
 (:class:`bitq_tvm.deploy.DeployedModel` does this). The expansion is not per inference.
 
-Layers the kernel cannot run stay float with a reason (:attr:`LowerBFPInteger.report`), never
-silently: weight-only or activation-only plans, different weight/activation block sizes, block
+Layers the kernel cannot run stay float with a reason (in ``bitq.deployment``), never
+silently: weights that are not bound constants, weight-only or activation-only plans, different weight/activation block sizes, block
 sizes that are not a multiple of 4 in [8, 128], depthwise convs, convs whose padded K would be
 more than ``max_padding_ratio`` times the real one, non-NCHW layouts, non-2-D weights.
 """
@@ -47,15 +49,18 @@ from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
-from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, K_QUAD, conv_problem, format_problem, padded_rows
+from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, K_QUAD, LANES, conv_problem, format_problem, padded_rows
 from ..kernels.packing import PackedWeights, bfp_weight_expand_func, pack_quantized
-from .annotate_layers import annotated_layers, weight_param
+from ..frontend import LAYER_NAMES_ATTR
+from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, resolve_formats
 
-__all__ = ["EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger"]
+__all__ = ["DEPLOYMENT_ATTR", "EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger",
+           "deployment_layers", "deployment_modes"]
+
+DEPLOYMENT_ATTR = "bitq.deployment"
 
 EXPAND_FUNCTION = "bitq_expand_weights"
 PACKED_FUNCTION = "bitq_packed_weights"
-_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
@@ -84,6 +89,46 @@ class LayerDeployment:
         if self.mode == "simulation" and not self.reason:
             raise BitqError(f"LayerDeployment({self.layer}): a fallback needs a reason")
 
+    def to_attr(self) -> dict:
+        """The record as IR attribute (and JSON) values."""
+        return {**dataclasses.asdict(self), "variant": self.variant or ""}
+
+    @classmethod
+    def from_attr(cls, record) -> "LayerDeployment":
+        record = _plain(record)
+        return cls(**{**record, "variant": record["variant"] or None})
+
+
+def _plain(value):
+    """An IR attribute value (Map, Array, String, IntImm) as plain Python."""
+    if isinstance(value, str):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+        return value.value
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value]
+
+
+def deployment_attr(func: relax.Function) -> dict | None:
+    """The ``bitq.deployment`` attribute of ``func`` as plain Python (None if absent)."""
+    if func.attrs is None or DEPLOYMENT_ATTR not in func.attrs:
+        return None
+    return _plain(func.attrs[DEPLOYMENT_ATTR])
+
+
+def deployment_layers(record: dict) -> list[LayerDeployment]:
+    """The per-layer decisions of a ``bitq.deployment`` record, in program order."""
+    return [LayerDeployment.from_attr(r) for r in record["layers"]]
+
+
+def deployment_modes(func: relax.Function) -> dict[str, str]:
+    """Layer -> ``integer``/``simulation``/``fp32`` from ``func``'s ``bitq.deployment``."""
+    record = deployment_attr(func)
+    return {} if record is None else {d.layer: d.mode for d in deployment_layers(record)}
+
 
 def _shape(expr: relax.Expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
@@ -91,16 +136,17 @@ def _shape(expr: relax.Expr) -> list[int]:
 
 @expr_functor.mutator
 class _Lowerer(PyExprMutator):
-    def __init__(self, mod: IRModule, formats, params, variant: str, max_padding_ratio: float, kernels):
+    def __init__(self, mod: IRModule, variant: str, max_padding_ratio: float, kernels):
         super().__init__(mod)
-        self.formats = formats
-        self.params = params
+        self.formats: dict = {}
         self.variant = variant
         self.max_padding_ratio = max_padding_ratio
         self.kernels = kernels
         self.tuned_used: set[str] = set()
         self.var_to_layer: dict[str, str] = {}
-        self.report: dict[str, LayerDeployment] = {}
+        self.report: dict[str, LayerDeployment] = {}  # of the function being lowered
+        self.weight_names: dict[str, str] = {}  # layer -> weight name for messages (producer's hint)
+        self.weight_name = ""
         # expanded-weight parameters of main, in order, with the packed weight each comes from
         self.expanded: list[tuple[PackedWeights, list[relax.Var]]] = []
         self._act_cache: dict = {}
@@ -131,7 +177,7 @@ class _Lowerer(PyExprMutator):
         """(qw, sw, wcorr) of one packed weight: new trailing parameters of main."""
         nb, n_padded = packed.ew.shape
         params = [
-            relax.Var(f"{name}_qw", relax.TensorType([n_padded // 16, packed.k_padded // K_QUAD, 16, K_QUAD], "int8")),
+            relax.Var(f"{name}_qw", relax.TensorType([n_padded // LANES, packed.k_padded // K_QUAD, LANES, K_QUAD], "int8")),
             relax.Var(f"{name}_sw", relax.TensorType([nb, n_padded], "float32")),
             relax.Var(f"{name}_wcorr", relax.TensorType([nb, n_padded], "int32")),
         ]
@@ -141,7 +187,8 @@ class _Lowerer(PyExprMutator):
     def _matmul(self, qa, ea, packed: PackedWeights, rows: int, k: int, fmt_a, name: str):
         qw, sw, wcorr = self._weight_operands(packed, name)
         tag = bfp_matmul_name(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
-        func = self.kernels.get(tag)
+        func = self.kernels(rows, packed.n, k, fmt_a, packed.fmt, self.variant) if callable(self.kernels) \
+            else self.kernels.get(tag)
         if func is None:
             func = bfp_matmul_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         else:
@@ -155,17 +202,16 @@ class _Lowerer(PyExprMutator):
         x_shape, w_shape = _shape(x), _shape(call.args[1])
         if len(w_shape) != 2 or len(x_shape) < 2:
             return None, f"matmul of a {len(x_shape)}-D input by a {len(w_shape)}-D weight (kernel: 2-D weights)"
-        param = weight_param(self, original.args[1])
-        if param is None or param.name not in self.params:
-            return None, "weight is not a model parameter"
-        stored = self.params[param.name]
-        bound = self.lookup_binding(original.args[1]) if isinstance(original.args[1], relax.Var) else None
+        const, permute = layer_weight(self, original.args[1])
+        if const is None or not is_tensor_constant(const):
+            return None, _NOT_CONSTANT
+        stored = const.value.numpy()
         k_axis = 0
-        if isinstance(bound, relax.Call) and bound.op.same_as(_PERMUTE_DIMS):
-            axes = [int(a) for a in bound.attrs.axes] if bound.attrs.axes is not None else [1, 0]
+        if permute is not None:
+            axes = [int(a) for a in permute.attrs.axes] if permute.attrs.axes is not None else [1, 0]
             k_axis = axes[0]
         try:
-            packed = _pack(stored, lf.weight, k_axis, param.name)
+            packed = _pack(stored, lf.weight, k_axis, self.weight_name)
         except BitqError as err:
             return None, str(err)
         k, n = w_shape
@@ -186,9 +232,9 @@ class _Lowerer(PyExprMutator):
         attrs = call.attrs
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
             return None, f"conv2d layout {attrs.data_layout}/{attrs.kernel_layout} (kernel: NCHW/OIHW)"
-        param = original.args[1]
-        if not isinstance(param, relax.Var) or param.name not in self.params:
-            return None, "weight is not a model parameter"
+        const, permute = layer_weight(self, original.args[1])
+        if const is None or not is_tensor_constant(const) or permute is not None:
+            return None, _NOT_CONSTANT
         n, c, h, w = _shape(call.args[0])
         o, cg, kh, kw = _shape(call.args[1])
         pad = [int(p) for p in attrs.padding]
@@ -198,9 +244,9 @@ class _Lowerer(PyExprMutator):
         if reason is not None:
             return None, reason
         cg_p = geom.group_channels_padded(lf.weight)
-        stored = self.params[param.name]
+        stored = const.value.numpy()
         try:
-            t = quantize_np(stored, lf.weight, axis=1, name=param.name)
+            t = quantize_np(stored, lf.weight, axis=1, name=self.weight_name)
         except BitqError as err:
             return None, str(err)
         mantissas = t.mantissas.reshape(o, kh * kw * cg_p)
@@ -208,7 +254,7 @@ class _Lowerer(PyExprMutator):
         og = o // geom.groups
         try:
             packs = [pack_quantized(mantissas[g * og:(g + 1) * og], exponents[g * og:(g + 1) * og],
-                                    lf.weight, param.name) for g in range(geom.groups)]
+                                    lf.weight, self.weight_name) for g in range(geom.groups)]
         except BitqError as err:
             return None, str(err)
 
@@ -242,6 +288,7 @@ class _Lowerer(PyExprMutator):
             super().visit_var_binding_(binding)
             return
         lf = self.formats.get(layer)
+        self.weight_name = self.weight_names.get(layer, layer)
         kind = "conv2d" if value.op.name == "relax.nn.conv2d" else "matmul"
         fp32_bytes = int(np.prod(_shape(value.args[1]))) * 4
         if lf is None or lf.is_fp32:
@@ -268,6 +315,9 @@ class _Lowerer(PyExprMutator):
                                              stored_bytes=stored_bytes)
 
 
+_NOT_CONSTANT = "weight is not a bound constant (bind the weight parameters before this pass)"
+
+
 def _opaque(func):
     """Mark a hand-scheduled kernel opaque: FuseOps would merge it with neighbouring ops into a new
     PrimFunc that loses the schedule (and breaks FuseTIR on the matmul's buffers)."""
@@ -287,44 +337,34 @@ class LowerBFPInteger:
 
     Parameters
     ----------
-    formats : dict
-        Layer name -> :class:`~bitq_tvm.plan.LayerFormats`.
-    params : dict
-        Weight parameter name -> array (``api.import_relax``), packed at compile time.
+    formats : Plan or dict
+        A :class:`~bitq_tvm.plan.Plan`, or layer name -> :class:`~bitq_tvm.plan.LayerFormats`
+        (then every planned layer must be annotated). Weights are packed from bound constants.
     variant : str
         Matmul kernel variant (:func:`~bitq_tvm.kernels.bfp_matmul_variants.kernel_variant` of the target).
     max_padding_ratio : float
         Largest padded/real in-group channel ratio a conv may have and still be lowered.
-    kernels : dict, optional
-        Tuned kernels by name (:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_name`, the tuning
-        database key); kernels not in it use the default schedule. :attr:`tuned_used` lists the
-        ones used.
+    kernels : dict or callable, optional
+        Tuned kernels: by name (:func:`~bitq_tvm.kernels.bfp_matmul.bfp_matmul_name`, the tuning
+        database key), or ``kernels(rows, n, k, fmt_a, fmt_w, variant) -> PrimFunc | None``;
+        kernels it has not use the default schedule. ``bitq.deployment`` lists the ones used.
 
-    After the pass ran, :attr:`report` maps every annotated layer to a :class:`LayerDeployment`
-    and :attr:`fallback_formats` holds the planned layers left for ``InsertBFPSimulation``.
+    The function with the annotated layers gets the ``bitq.deployment`` attribute: every
+    annotated layer's :class:`LayerDeployment` (program order), the variant and the tuned kernels.
     """
 
-    def __init__(self, formats: dict, params: dict, variant: str,
-                 max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, kernels=None):
+    def __init__(self, formats, variant: str, max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, kernels=None):
         if variant not in VARIANTS:
             raise BitqError(f"LowerBFPInteger: variant {variant!r} is not one of {', '.join(VARIANTS)}")
         if max_padding_ratio < 1:
             raise BitqError(f"LowerBFPInteger: max_padding_ratio {max_padding_ratio} must be >= 1")
-        self.formats = dict(formats)
-        self.params = dict(params)
+        self.formats = formats
         self.variant = variant
         self.max_padding_ratio = float(max_padding_ratio)
-        self.kernels = dict(kernels or {})
-        self.report: dict[str, LayerDeployment] = {}
-        self.tuned_used: set[str] = set()
-
-    @property
-    def fallback_formats(self) -> dict:
-        """Planned layers the pass left in float: simulate them (``InsertBFPSimulation``)."""
-        return {name: self.formats[name] for name, d in self.report.items() if d.mode == "simulation"}
+        self.kernels = kernels if callable(kernels) else dict(kernels or {})
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        lowerer = _Lowerer(mod, self.formats, self.params, self.variant, self.max_padding_ratio, self.kernels)
+        lowerer = _Lowerer(mod, self.variant, self.max_padding_ratio, self.kernels)
         main_gv = None
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function) or not annotated_layers(func):
@@ -332,19 +372,26 @@ class LowerBFPInteger:
             if main_gv is not None:
                 raise BitqError("LowerBFPInteger: more than one Relax function has annotated layers")
             main_gv = gv
-            lowerer.var_to_layer = {var: layer for layer, var in annotated_layers(func).items()}
+            layers = annotated_layers(func)
+            lowerer.formats = resolve_formats(self.formats, layers)
+            lowerer.var_to_layer = {var: layer for layer, var in layers.items()}
+            hint = func.attrs[LAYER_NAMES_ATTR] if LAYER_NAMES_ATTR in func.attrs else {}
+            lowerer.weight_names = {str(layer): str(weight) for weight, layer in hint.items()}
             new_func = lowerer.visit_expr(func)
             if lowerer.expanded:
                 extra = [v for _, params in lowerer.expanded for v in params]
                 new_func = relax.Function(list(new_func.params) + extra, new_func.body, new_func.ret_ty,
                                           new_func.is_pure, new_func.attrs, new_func.span)
-            lowerer.builder_.update_func(gv, new_func)
-        missing = [name for name, lf in self.formats.items() if not lf.is_fp32 and name not in lowerer.report]
+            record = {"variant": self.variant, "layers": [d.to_attr() for d in lowerer.report.values()],
+                      "tuned_kernels": sorted(lowerer.tuned_used)}
+            lowerer.builder_.update_func(gv, new_func.with_attr(DEPLOYMENT_ATTR, record))
+        if main_gv is None and not isinstance(self.formats, dict):
+            resolve_formats(self.formats, [])  # a plan naming layers of a module without any
+        planned = self.formats if isinstance(self.formats, dict) else lowerer.formats
+        missing = [name for name, lf in planned.items() if not lf.is_fp32 and name not in lowerer.report]
         if missing:
             raise BitqError(f"LowerBFPInteger: planned layer(s) {missing} are not annotated in the module "
                             "(run AnnotateBFPLayers first)")
-        self.report = lowerer.report
-        self.tuned_used = lowerer.tuned_used
         mod = lowerer.builder_.get()
         return _add_expand_function(mod, lowerer.expanded) if lowerer.expanded else mod
 

@@ -350,12 +350,10 @@ class _Worker:
     """
 
     def __init__(self, start_timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
-        import bitq_tvm
-
         self.log_dir = Path(tempfile.mkdtemp(prefix="bitq-rpc-worker-"))
         self.log_path = self.log_dir / "worker.log"
         env = dict(os.environ)
-        package_root = str(Path(bitq_tvm.__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])  # the folder holding bitq_tvm/
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "bitq_tvm.runtime.rpc_worker"],

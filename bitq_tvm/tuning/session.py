@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import tvm
 import tvm_ffi
 
-from .. import __version__ as BITQ_VERSION
+from ..support.version import VERSION as BITQ_VERSION
 from ..errors import BitqError
 from ..support.atomic import write_bytes, write_json
 from ..support.progress import say_tune

@@ -7,7 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from bitq_tvm.api import check_weights, import_relax, resolve_plan
+from bitq_tvm.api import check_weights, resolve_plan
+from bitq_tvm.frontend.relax_import import import_relax
 from bitq_tvm.errors import BitqError
 from bitq_tvm.frontend.onnx_model import load_onnx, normalize, parse_input_shapes
 from bitq_tvm.models import zoo

@@ -1,5 +1,6 @@
 """AnnotateBFPLayers: Before/Expected modules, plus the names the structural check cannot see."""
 
+import numpy as np
 import tvm
 import tvm.testing
 from tvm.script import ir as I
@@ -85,3 +86,15 @@ def test_runs_inside_tvm_compile_pipeline():
     seq = tvm.transform.Sequential([AnnotateBFPLayers(WEIGHTS), tvm.relax.transform.LegalizeOps()])
     out = seq(Before)
     assert annotated_layers(out["main"]) == {"conv1": "conv1", "head/fc.0": "head_fc_0"}
+
+
+def test_names_without_a_hint():
+    # weight parameters after num_input name their layers; bound constants get the op's name
+    after = AnnotateBFPLayers()(Before)
+    assert annotated_layers(after["main"]) == {"conv1": "conv1", "fc": "fc"}
+    bound = tvm.relax.transform.BindParams("main", {
+        "conv1_weight": np.zeros((4, 3, 3, 3), "float32"), "fc_weight": np.zeros((10, 256), "float32")})(Before)
+    assert annotated_layers(AnnotateBFPLayers()(bound)["main"]) == {"conv2d0": "conv2d0", "matmul0": "matmul0"}
+    # a producer's hint is the whole truth: a constant it does not list is not a layer
+    hinted = tvm.IRModule({"main": bound["main"].with_attr("bitq.layer_names", {"conv1_weight": "conv1"})})
+    assert annotated_layers(AnnotateBFPLayers()(hinted)["main"]) == {}

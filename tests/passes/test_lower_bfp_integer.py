@@ -17,8 +17,11 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from bitq_tvm.api import compile_model, import_relax, resolve_plan
-from bitq_tvm.deploy import compile_deployed, deploy_passes, relax_constant_bytes
+from bitq_tvm.api import compile_model
+from bitq_tvm.frontend.relax_import import import_relax
+from bitq_tvm.deploy import compile_deployed
+from bitq_tvm.passes import module_report
+from bitq_tvm.pipeline import bfp_passes
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, fake_quantize_np, get_format, quantize_np
 from bitq_tvm.frontend.onnx_model import normalize
@@ -301,7 +304,7 @@ def test_hot_kernels_use_vpdpbusd_and_weights_stay_compact():
     assert deployed.report.artifact_constant_bytes == expected
     assert deployed.report.artifact_constant_bytes <= 0.21 * fp32
 
-    formats = resolve_plan(model, plan)
+    # the same count in the IR before TVM's lowering (what bitq_report() returns was read from it)
     mod, params = import_relax(model)
-    passes, _ = deploy_passes(model, formats, params, "vnni")
-    assert relax_constant_bytes(tvm.transform.Sequential(passes)(mod)) == expected
+    bitq = tvm.transform.Sequential(bfp_passes(plan, "avx512-vnni", deploy=True, params=params))
+    assert module_report(bitq(mod))["artifact_constant_bytes"] == expected
