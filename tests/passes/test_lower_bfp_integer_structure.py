@@ -18,9 +18,10 @@ from tvm.script import relax as R
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import get_format, quantize_np
 from bitq_tvm.kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from bitq_tvm.kernels.bfp_matmul import K_QUAD, bfp_matmul_name
-from bitq_tvm.kernels.bfp_matmul_targets import bfp_matmul_target_func
-from bitq_tvm.kernels.bfp_weights import bfp_weight_expand_func, pack_quantized
+from bitq_tvm.kernels.bfp_matmul import bfp_matmul_name
+from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func
+from bitq_tvm.kernels.contract import K_QUAD
+from bitq_tvm.kernels.packing import bfp_weight_expand_func, pack_quantized
 from bitq_tvm.passes import AnnotateBFPLayers, InsertBFPSimulation, LowerBFPInteger
 from bitq_tvm.passes.lower_bfp_integer import deployment_modes
 from bitq_tvm.plan import LayerFormats
@@ -74,7 +75,7 @@ def _expected():
                                                     relax.TensorType(e_shape, "int8")]))
             qa, ea = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
             mm_name = bfp_matmul_name(4, 16, 64, B8, B8, VARIANT)
-            mm_func = bfp_matmul_target_func(4, 16, 64, B8, B8, VARIANT).without_attr("global_symbol")
+            mm_func = bfp_matmul_func(4, 16, 64, B8, B8, VARIANT).without_attr("global_symbol")
             mm = bb.add_func(mm_func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE), mm_name)
             out = bb.emit(relax.call_tir(mm, [qa, ea, qw, sw, wcorr], relax.TensorType([4, 16], "float32")))
             gv = bb.emit_output(out)
@@ -131,7 +132,7 @@ def test_tuned_kernels_replace_the_default_schedule_and_are_recorded():
 
     def kernels(rows, n, k, fmt_a, fmt_w, variant):
         asked.append((rows, n, k, fmt_a, fmt_w, variant))
-        return bfp_matmul_target_func(rows, n, k, fmt_a, fmt_w, variant).with_attr("tuned", True)
+        return bfp_matmul_func(rows, n, k, fmt_a, fmt_w, variant).with_attr("tuned", True)
 
     after = tvm.transform.Sequential([
         AnnotateBFPLayers(), relax.transform.BindParams("main", {"fc_weight": W}),
