@@ -65,6 +65,13 @@ def layer_weight(mutator: PyExprMutator, expr: relax.Expr):
             return None, None
 
 
+def permute_axes(permute: relax.Call) -> list[int]:
+    """The axes of a ``permute_dims`` call (``None`` in the IR means reversed)."""
+    if permute.attrs.axes is not None:
+        return [int(a) for a in permute.attrs.axes]
+    return list(reversed(range(len(permute.args[0].ty.shape))))
+
+
 _Named = namedtuple("_Named", "name")
 
 

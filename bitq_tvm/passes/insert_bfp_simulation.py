@@ -20,22 +20,18 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
 from ..kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
-from .annotate_layers import annotated_layers, resolve_formats
+from ..kernels.contract import block_axes
+from .annotate_layers import annotated_layers, layer_weight, permute_axes, resolve_formats
 from .lower_bfp_integer import DEPLOYMENT_ATTR, deployment_modes
 
-_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
-
-
-def block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((activation axis, groups), (weight axis, groups)) of a layer op's reduction axis."""
+def _block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((activation axis, groups), (weight axis, groups)) of a layer op (the kernel contract's rule)."""
     if call.op.name == "relax.nn.conv2d":
         attrs = call.attrs
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
             raise BitqError(f"conv2d layout {attrs.data_layout}/{attrs.kernel_layout} is not supported (NCHW/OIHW)")
-        return (1, int(attrs.groups)), (1, 1)
-    act_ndim = len(call.args[0].ty.shape)
-    w_ndim = len(call.args[1].ty.shape)
-    return (act_ndim - 1, 1), (w_ndim - 2, 1)
+        return block_axes("conv2d", 4, 4, int(attrs.groups))
+    return block_axes("matmul", len(call.args[0].ty.shape), len(call.args[1].ty.shape))
 
 
 @expr_functor.mutator
@@ -60,12 +56,10 @@ class _Simulator(PyExprMutator):
         Stochastic rounding draws by element index, so the blocks must be formed on the stored
         tensor for the result to match the NumPy reference of the ONNX initializer.
         """
-        bound = self.lookup_binding(original) if isinstance(original, relax.Var) else None
-        if isinstance(bound, relax.Call) and bound.op.same_as(_PERMUTE_DIMS):
-            stored = self.visit_expr(bound.args[0])
-            axes = [int(a) for a in bound.attrs.axes] if bound.attrs.axes is not None else \
-                list(reversed(range(len(stored.ty.shape))))
-            quantized = self._fake_quant(stored, fmt, axes[axis], 1, name)
+        stored, permute = layer_weight(self, original)
+        if permute is not None:
+            axes = permute_axes(permute)
+            quantized = self._fake_quant(self.visit_expr(stored), fmt, axes[axis], 1, name)
             return self.builder_.emit(relax.op.permute_dims(quantized, axes), f"{name}_t")
         return self._fake_quant(weight, fmt, axis, 1, name)
 
@@ -78,7 +72,7 @@ class _Simulator(PyExprMutator):
             return
         call = self.visit_expr(value)
         try:
-            (a_axis, a_groups), (w_axis, w_groups) = block_axes(call)
+            (a_axis, a_groups), (w_axis, w_groups) = _block_axes(call)
         except BitqError as err:
             raise BitqError(f"layer '{layer}': {err}") from None
         args = list(call.args)

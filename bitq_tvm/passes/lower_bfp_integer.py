@@ -49,10 +49,10 @@ from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
-from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, K_QUAD, LANES, conv_problem, format_problem, padded_rows
-from ..kernels.packing import PackedWeights, bfp_weight_expand_func, pack_quantized
+from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, K_QUAD, LANES, conv_problem, format_problem, gemm_geometry
+from ..kernels.packing import PackedWeights, bfp_weight_expand_func, pack_quantized, pack_weights
 from ..frontend import LAYER_NAMES_ATTR
-from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, resolve_formats
+from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, permute_axes, resolve_formats
 
 __all__ = ["DEPLOYMENT_ATTR", "EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger",
            "deployment_layers", "deployment_modes"]
@@ -206,18 +206,15 @@ class _Lowerer(PyExprMutator):
         if const is None or not is_tensor_constant(const):
             return None, _NOT_CONSTANT
         stored = const.value.numpy()
-        k_axis = 0
-        if permute is not None:
-            axes = [int(a) for a in permute.attrs.axes] if permute.attrs.axes is not None else [1, 0]
-            k_axis = axes[0]
+        k_axis = permute_axes(permute)[0] if permute is not None else 0  # the stored tensor's K axis
         try:
-            packed = _pack(stored, lf.weight, k_axis, self.weight_name)
+            packed = pack_weights(stored, lf.weight, self.weight_name, k_axis)
         except BitqError as err:
             return None, str(err)
         k, n = w_shape
-        rows = int(np.prod(x_shape[:-1]))
+        geometry = gemm_geometry("matmul", x_shape, w_shape, x_shape[:-1] + [n], lf.weight.block_size)
+        rows, rows_p = geometry.rows, geometry.rows_padded
         flat = x if len(x_shape) == 2 else self._emit(relax.op.reshape(x, [rows, k]), f"{name}_rows")
-        rows_p = padded_rows(rows)
         if rows_p != rows:
             flat = self._emit(relax.op.nn.pad(flat, [0, rows_p - rows, 0, 0]), f"{name}_padded")
         qa, ea = self._quantize_activation(flat, lf.activation, 1, 1, name)
@@ -243,7 +240,8 @@ class _Lowerer(PyExprMutator):
         reason = conv_problem(cg, geom.groups, lf.weight, self.max_padding_ratio)
         if reason is not None:
             return None, reason
-        cg_p = geom.group_channels_padded(lf.weight)
+        geometry = geom.gemm(lf.weight.block_size)
+        cg_p = geometry.group_channels_padded
         stored = const.value.numpy()
         try:
             t = quantize_np(stored, lf.weight, axis=1, name=self.weight_name)
@@ -259,8 +257,8 @@ class _Lowerer(PyExprMutator):
             return None, str(err)
 
         qa, ea = self._quantize_activation(call.args[0], lf.activation, 1, geom.groups, name)
-        k = kh * kw * cg_p
-        rows = padded_rows(geom.rows)
+        k = geometry.k_padded
+        rows = geometry.rows_padded
         outs = []
         for g, packed in enumerate(packs):
             if geom.is_pointwise and rows == geom.rows:
@@ -322,13 +320,6 @@ def _opaque(func):
     """Mark a hand-scheduled kernel opaque: FuseOps would merge it with neighbouring ops into a new
     PrimFunc that loses the schedule (and breaks FuseTIR on the matmul's buffers)."""
     return func.with_attr("op_pattern", _OPAQUE)
-
-
-def _pack(stored: np.ndarray, fmt: BFPFormat, k_axis: int, name: str) -> PackedWeights:
-    """Quantize a 2-D weight along its stored K axis (as the simulation does) and pack it [N, Kp]."""
-    t = quantize_np(stored, fmt, axis=k_axis, name=name)
-    n = stored.shape[1 - k_axis]
-    return pack_quantized(t.mantissas.reshape(n, -1), t.exponents.reshape(n, -1), fmt, name)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerBFPInteger")
