@@ -13,8 +13,6 @@ relax_pipeline=bitq_tvm.pipeline(...))`` call, which works on any Relax module.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 
 import numpy as np
@@ -22,16 +20,13 @@ import tvm
 from tvm import relax
 
 from .errors import BitqError
-from .frontend.onnx_model import OnnxModel, cast_input, input_dtypes, load_onnx  # noqa: F401 - re-exported
+from .frontend.onnx_model import OnnxModel
 from .frontend.relax_import import import_relax
 from .pipeline import pipeline
 from .plan import LayerFormats, Plan
 from .runtime.runner import Runner
+from .support.progress import say
 from .targets.presets import TargetPreset, get_target
-
-
-def _progress(message: str) -> None:
-    print(f"[bitq-tvm] {message}", file=sys.stderr, flush=True)
 
 
 def check_weights(model: OnnxModel, formats: dict[str, LayerFormats], params: dict[str, np.ndarray]) -> None:
@@ -88,7 +83,7 @@ class CompiledModel(Runner):
 
 
 def compile_model(model: OnnxModel, plan: Plan | None = None, target: str | TargetPreset = "host",
-                  progress=_progress) -> CompiledModel:
+                  progress=say) -> CompiledModel:
     """Compile ``model`` under ``plan`` (``None``: FP32) for ``target``: :func:`bitq_tvm.pipeline` simulation."""
     preset = get_target(target) if isinstance(target, str) else target
     formats = resolve_plan(model, plan)

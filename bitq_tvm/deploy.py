@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import tvm
 from tvm import relax
 
-from .api import CompiledModel, _progress, check_weights, resolve_plan
+from .api import CompiledModel, check_weights, resolve_plan
 from .errors import BitqError
 from .frontend.onnx_model import OnnxModel
 from .frontend.relax_import import import_relax
@@ -35,6 +34,7 @@ from .passes.embed_bfp_report import REPORT_FUNCTION, embedded_report
 from .passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment, deployment_layers
 from .pipeline import pipeline
 from .plan import Plan
+from .support.progress import say
 from .targets.presets import TargetPreset, get_target
 
 __all__ = ["DeploymentReport", "DeployedModel", "compile_deployed"]
@@ -143,7 +143,7 @@ class _ReportReader:
 
 
 def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPreset = "host",
-                     max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, progress=_progress,
+                     max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, progress=say,
                      tuning_db: str | None = None) -> DeployedModel:
     """Compile ``model`` under ``plan`` to integer BFP kernels for ``target`` (fallbacks reported).
 

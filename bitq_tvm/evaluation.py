@@ -252,7 +252,8 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     ``reference`` (its label), ``*_seconds``, ``weight_bytes`` (FP32, bit-packed BFP) and with
     ``deploy`` ``stored_weight_bytes``.
     """
-    from .api import CompiledModel, _progress, compile_model
+    from .api import CompiledModel, compile_model
+    from .support.progress import say
     from .frontend.onnx_model import cast_input, input_dtypes
     from .support.paths import check_output_path
 
@@ -274,7 +275,7 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
                         f"{ {n: model.input_shapes[n][0] for n in names} }; eval runs one batch size")
     batch = batches.pop()
     labels = np.asarray(data["y"])[:limit] if "y" in data else None
-    report = _progress if progress else None
+    report = say if progress else None
 
     if report:
         report(f"FP32 reference: ONNX Runtime on {model.path}")

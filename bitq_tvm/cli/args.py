@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from ..errors import BitqError
 from ..formats import PRESETS
 
 #: Exit status of a user error (BitqError): one line ``bitq-tvm: error: ...`` on stderr.
 EXIT_USER_ERROR = 2
-
-
-def say(message: str, topic: str | None = None, file=None) -> None:
-    """Print ``[bitq-tvm] message`` (``[bitq-tvm TOPIC] message`` with a topic) to ``file`` (stdout)."""
-    prefix = f"[bitq-tvm {topic}]" if topic else "[bitq-tvm]"
-    print(f"{prefix} {message}", file=file or sys.stdout, flush=True)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

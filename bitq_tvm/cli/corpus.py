@@ -13,14 +13,14 @@ def add_command(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..api import _progress
+    from ..support.progress import say
     from ..models import corpus
 
     names = args.names or list(corpus.CORPUS)
     entries = [corpus.get(name) for name in names]
     if args.action == "fetch":
         for entry in entries:
-            print(corpus.fetch(entry.name, progress=_progress))
+            print(corpus.fetch(entry.name, progress=say))
         return 0
     rows = []
     for entry in entries:

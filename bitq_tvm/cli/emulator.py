@@ -7,10 +7,16 @@ server until Ctrl-C, optionally registered with a tracker.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from ..errors import BitqError
-from .args import say
+from ..support.progress import say
+
+
+def _say(message: str) -> None:
+    say(message, file=sys.stdout)  # the emulator's progress is the command's output
+
 
 DEFAULT_EMULATED_TARGET = "cortex-a76"
 # How `emulator serve` waits between checks of its server; tests replace it to simulate Ctrl-C.
@@ -59,7 +65,7 @@ def run_setup(args: argparse.Namespace) -> int:
 
     preset = _emulated_preset(args.target)
     start = time.perf_counter()
-    rootfs = ensure_aarch64_rootfs(args.cache_dir, progress=say)
+    rootfs = ensure_aarch64_rootfs(args.cache_dir, progress=_say)
     print(f"aarch64 rootfs for {preset.name}: {rootfs} ({rootfs_size_bytes(rootfs) / 2**20:.0f} MiB, "
           f"ready in {time.perf_counter() - start:.1f} s)")
     return 0
@@ -73,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
     preset = _emulated_preset(args.target)
     if args.key and not args.tracker:
         raise BitqError("--key needs --tracker HOST:PORT (the tracker the key is registered with)")
-    rootfs = ensure_aarch64_rootfs(args.cache_dir, progress=say)
+    rootfs = ensure_aarch64_rootfs(args.cache_dir, progress=_say)
     server = start_rpc_server(preset, host=args.host, port=args.port, tracker=args.tracker,
                               key=args.key or "", rootfs_dir=rootfs)
     with server:

@@ -7,7 +7,8 @@ import sys
 
 from ..errors import BitqError
 from ..support.tables import print_table
-from .args import add_model_args, add_target_arg, load_model, say
+from ..support.progress import say_tune
+from .args import add_model_args, add_target_arg, load_model
 
 
 def add_command(subparsers) -> None:
@@ -29,10 +30,6 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _say(message: str) -> None:
-    say(message, "tune", sys.stderr)
-
-
 def run(args) -> int:
     from ..targets.presets import get_target
     from ..tuning.session import open_work_dir, work_dir_lock
@@ -48,7 +45,7 @@ def run(args) -> int:
         raise BitqError(f"--target {preset.name}: its kernels cannot run on this host, so tuning needs a device: "
                         f"give --tracker HOST:PORT --key K ({how})")
     open_work_dir(args.work_dir, preset)  # a wrong work dir fails before the slow steps
-    with work_dir_lock(args.work_dir, _say):  # and so does a second tuner on it
+    with work_dir_lock(args.work_dir, say_tune):  # and so does a second tuner on it
         return _tune(args, preset)
 
 
@@ -61,7 +58,7 @@ def _tune(args, preset) -> int:
     from ..tuning.tasks import extract_tasks
 
     for message in repair_database(args.work_dir, drop_bad_lines=args.repair):  # a broken database fails now
-        _say(f"repaired {message}")
+        say_tune(f"repaired {message}")
     model = load_model(args)
     candidates = LayerCandidates.from_specs(args.candidates, args.pin).resolve([l.name for l in model.layers])
     tasks = extract_tasks(model, candidates, preset, include_fp32=not args.no_fp32)

@@ -10,10 +10,10 @@ import sys
 import time
 
 
-def say(message: str, topic: str | None = None) -> None:
-    """Print ``[bitq-tvm] message`` (``[bitq-tvm TOPIC] message`` with a topic) on stderr."""
+def say(message: str, topic: str | None = None, file=None) -> None:
+    """Print ``[bitq-tvm] message`` (``[bitq-tvm TOPIC] message`` with a topic) on ``file`` (stderr)."""
     prefix = f"[bitq-tvm {topic}]" if topic else "[bitq-tvm]"
-    print(f"{prefix} {message}", file=sys.stderr, flush=True)
+    print(f"{prefix} {message}", file=file or sys.stderr, flush=True)
 
 
 def say_tune(message: str) -> None:
