@@ -222,18 +222,6 @@ def _declared_output_shape(model):
     return tuple(d.dim_value for d in dims)
 
 
-def _save_npz(path: str, arrays: dict) -> None:
-    """``np.savez`` to ``path`` atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy=False, remote=None,
              save_outputs=None) -> dict:
     """BFP and TVM FP32 outputs of ``model`` on ``data`` vs ONNX Runtime FP32 running the model file.
@@ -255,6 +243,7 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     from .api import CompiledModel, compile_model
     from .support.progress import say
     from .frontend.onnx_model import cast_input, input_dtypes
+    from .support.atomic import write_npz
     from .support.paths import check_output_path
 
     if limit is not None and limit <= 0:
@@ -336,5 +325,5 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     if save_outputs:
         arrays = {f"{kind}/{name}": results[kind][i] for kind in ("reference", "fp32", "bfp")
                   for i, name in enumerate(output_names)}
-        _save_npz(save_outputs, arrays)
+        write_npz(save_outputs, arrays)
     return stats

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from ..support.atomic import atomic_path, write_npz
 from ..support.paths import check_output_path
 
 #: The zoo models the command offers (functions of :mod:`bitq_tvm.models.zoo`).
@@ -23,7 +22,6 @@ def add_command(subparsers) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
     import onnx
 
     from ..models import zoo
@@ -38,12 +36,11 @@ def run(args) -> int:
     check_output_path(out, "-o")
     if args.data:
         check_output_path(args.data, "--data")
-    tmp = f"{out}.tmp{os.getpid()}"
-    onnx.save(proto, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, tmp)
     print(f"wrote {out} ({args.name}, random He-initialised weights, seed {args.seed})")
     if args.data:
         feeds = zoo.synthetic_inputs(proto, args.samples, seed=args.seed + 1)
-        np.savez(args.data, **feeds)
+        write_npz(args.data, feeds)
         print(f"wrote {args.data} ({args.samples} synthetic samples of {', '.join(feeds)})")
     return 0
