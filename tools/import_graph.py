@@ -5,8 +5,6 @@ Every import counts, also the ones inside functions (a lazy import is still a de
 layering (:data:`LAYERS`) is the data-flow order: a unit imports only units of earlier rows.
 
     python tools/import_graph.py          # graph + violations; exit status 1 if there are any
-
-``cli_*.py`` modules count as the ``cli`` unit wherever they sit (the CLI package gathers them).
 """
 
 from __future__ import annotations
@@ -43,10 +41,8 @@ ONLY_IMPORTS = {"models": {"__init__", "errors", "support", "formats", "frontend
 
 
 def _unit(module: str) -> str:
-    """``bitq_tvm.targets.rpc`` -> ``targets``; ``bitq_tvm`` -> ``__init__``; CLI modules -> ``cli``."""
+    """``bitq_tvm.targets.rpc`` -> ``targets``; ``bitq_tvm`` -> ``__init__``."""
     parts = module.split(".")
-    if parts[-1] == "cli" or parts[-1].startswith("cli_"):
-        return "cli"
     return parts[1] if len(parts) > 1 else "__init__"
 
 
