@@ -172,14 +172,9 @@ def load_eval_data(path, model) -> dict[str, np.ndarray]:
     sample shapes and dtypes, sample counts, and the labels' count, shape and class range.
     """
     from .frontend.onnx_model import input_dtypes
+    from .support.npz import read_npz
 
-    if not os.path.isfile(path):
-        raise BitqError(f"{path}: no such data file")
-    try:
-        with np.load(path) as npz:
-            data = {key: npz[key] for key in npz.files}
-    except Exception as err:  # noqa: BLE001 - numpy raises several types for bad files
-        raise BitqError(f"{path}: not a readable .npz file ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    data = read_npz(path, "data")
     names = list(model.input_shapes)
     arrays = {}
     dtypes = input_dtypes(model)
@@ -243,7 +238,7 @@ def evaluate(model, plan, data, target="host", limit=None, progress=True, deploy
     from .api import CompiledModel, compile_model
     from .support.progress import say
     from .frontend.onnx_model import cast_input, input_dtypes
-    from .support.atomic import write_npz
+    from .support.npz import write_npz
     from .support.paths import check_output_path
 
     if limit is not None and limit <= 0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..support.atomic import atomic_path, write_npz
+from ..support.atomic import atomic_path
+from ..support.npz import write_npz
 from ..support.paths import check_output_path
 
 #: The zoo models the command offers (functions of :mod:`bitq_tvm.models.zoo`).

@@ -28,7 +28,6 @@ optimisation linear.
 from __future__ import annotations
 
 import dataclasses
-import os
 from types import MappingProxyType
 from typing import Mapping
 
@@ -42,6 +41,7 @@ from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
 from ..frontend.reference import layer_block_axes
 from ..plan import LayerFormats
+from ..support.npz import read_npz
 from ..support.progress import Countdown, say
 
 LOGIT_MSE_UNIT = "relative logit MSE"
@@ -141,13 +141,7 @@ def load_calibration(path, model: OnnxModel, key: str | None = None, labels_key:
     then ``calib``, then ``x``. ``labels_key`` names an integer label array of the same length.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise BitqError(f"{path}: no such calibration file")
-    try:
-        with np.load(path) as archive:
-            data = {k: archive[k] for k in archive.files}
-    except Exception as err:  # noqa: BLE001 - numpy raises several types for bad files
-        raise BitqError(f"{path}: not a readable .npz file ({type(err).__name__})") from None
+    data = read_npz(path, "calibration")
     names = list(model.input_shapes)
     if key is not None and key not in data:
         raise BitqError(f"{path}: no array named '{key}' (arrays: {sorted(data)})")

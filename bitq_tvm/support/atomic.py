@@ -37,14 +37,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def write_npz(path: str | os.PathLike, arrays: dict) -> None:
-    """``np.savez`` of ``arrays`` to ``path`` atomically (the name is kept: no ``.npz`` appended)."""
-    import numpy as np
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def write_bytes(path: str | os.PathLike, data: bytes | list[bytes]) -> None:
     """Write ``data`` (bytes, or a list of lines) to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
