@@ -96,8 +96,9 @@ def bfp_passes(plan, target, *, deploy: bool = False, tuning_db: str | None = No
         from .kernels.bfp_matmul_variants import kernel_variant
         from .kernels.contract import DEFAULT_MAX_PADDING_RATIO
 
-        if preset is None:
-            raise BitqError(f"deployment needs one of the target presets (bitq-tvm targets), not {tvm_target}")
+        if tuning_db and preset is None:
+            # a work dir belongs to one preset (its records were measured there)
+            raise BitqError(f"a tuning database needs one of the target presets (bitq-tvm targets), not {tvm_target}")
         kernels = _tuned_kernels(tuning_db, preset) if tuning_db else None
         ratio = DEFAULT_MAX_PADDING_RATIO if max_padding_ratio is None else max_padding_ratio
         passes.append(LowerBFPInteger(plan, kernel_variant(tvm_target), ratio, kernels))

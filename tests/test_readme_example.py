@@ -31,3 +31,30 @@ def test_readme_python_example_runs_on_the_bundled_model():
     assert y.shape == want.shape == (1, 10)
     # same passes, same plan; the targets differ only in the CPU name: float32 sums may reorder
     assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_readme_example_deploys_for_a_plain_target():
+    """``deploy=True`` needs only a ``tvm.target.Target``: the kernel variant follows its features."""
+    import tvm
+    from tvm import relax
+
+    import bitq_tvm
+    from bitq_tvm.deploy import DeploymentReport, compile_deployed
+    from bitq_tvm.frontend.relax_import import import_relax
+    from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
+    from bitq_tvm.passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
+
+    model = load_onnx(bundled_model_path(), {"input": (1, 1, 8, 8)})
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8), dtype=np.float32)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "native"})
+    mod, params = import_relax(model)
+    plan = Plan.uniform("bfp8_b32")
+    ex = tvm.compile(mod, target, relax_pipeline=bitq_tvm.pipeline(plan, target, deploy=True, params=params))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    report = DeploymentReport.from_module(vm, "native", [layer.name for layer in model.layers])
+    assert report.variant == kernel_variant(target)
+    assert report.integer_layers  # the digits CNN's 3x3 and dense layers are integer kernels
+    weights = list(vm[EXPAND_FUNCTION](*vm[PACKED_FUNCTION]()))
+    y = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    want = compile_deployed(model, plan, "host", progress=None).run({"input": x})[0]
+    assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()
