@@ -35,6 +35,7 @@ from .passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION, LayerDep
 from .pipeline import pipeline
 from .plan import Plan
 from .support.progress import say
+from .support.tables import format_table
 from .targets.presets import TargetPreset, get_target
 
 __all__ = ["DeploymentReport", "DeployedModel", "compile_deployed"]
@@ -86,18 +87,17 @@ class DeploymentReport:
 
     def table(self) -> str:
         """The report as a markdown table plus a totals line."""
-        rows = ["| layer | op | runs as | weight bytes (FP32 -> stored) | note |", "|---|---|---|---|---|"]
+        rows = []
         for d in self.layers:
             runs = {"integer": f"integer BFP ({d.variant})", "simulation": "float BFP simulation",
                     "fp32": "FP32"}[d.mode]
             stored = d.stored_bytes if d.mode == "integer" else d.fp32_bytes
-            rows.append(f"| {d.layer} | {d.kind} | {runs} | {d.fp32_bytes:,} -> {stored:,} | {d.reason} |")
+            rows.append((d.layer, d.kind, runs, f"{d.fp32_bytes:,} -> {stored:,}", d.reason))
         total = self.fp32_weight_bytes
-        rows.append("")
-        rows.append(f"{len(self.integer_layers)}/{len(self.layers)} layers integer on {self.target} "
-                    f"({self.variant}); all constants of the artifact {self.artifact_constant_bytes:,} B vs "
-                    f"{total:,} B FP32 layer weights = {self.artifact_constant_bytes / max(total, 1):.3f}x")
-        return "\n".join(rows)
+        return (format_table(["layer", "op", "runs as", "weight bytes (FP32 -> stored)", "note"], rows) + "\n\n"
+                f"{len(self.integer_layers)}/{len(self.layers)} layers integer on {self.target} "
+                f"({self.variant}); all constants of the artifact {self.artifact_constant_bytes:,} B vs "
+                f"{total:,} B FP32 layer weights = {self.artifact_constant_bytes / max(total, 1):.3f}x")
 
 
 class _ExpandedVM:

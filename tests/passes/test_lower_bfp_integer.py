@@ -279,7 +279,9 @@ def test_unsupported_formats_fall_back_with_reasons():
     simulated = compile_model(model, plan, progress=None)
     for g, w in zip(deployed.run(feeds), simulated.run(feeds)):
         np.testing.assert_array_equal(g, w)
-    assert "| layer0 | matmul | float BFP simulation |" in deployed.report.table()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in deployed.report.table().splitlines()
+            if line.startswith("| ")]
+    assert ["layer0", "matmul", "float BFP simulation"] in [r[:3] for r in rows]
 
 
 def test_layer_deployment_validation():
