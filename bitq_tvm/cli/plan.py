@@ -68,7 +68,7 @@ def run_planner(args, model):
         from ..targets.presets import get_target
         from ..tuning.latency import latency_table_from_work_dir
 
-        from .performance import performance_term
+        from ..solver.performance import performance_term
 
         table_candidates, preset = candidates.resolve([l.name for l in model.layers]), get_target(args.target)
         table = latency_table_from_work_dir(args.tuning_db, model, table_candidates, preset,

@@ -50,7 +50,7 @@ _TUNE_SCRIPT = textwrap.dedent("""
     from bitq_tvm.targets import host_preset
     from bitq_tvm.tuning.session import TuningOptions, tune
     from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
-from bitq_tvm.tuning.tasks import BfpTask
+    from bitq_tvm.tuning.tasks import BfpTask
     fmt = BFPFormat(8, 32)
     tune([BfpTask(16, 32, 64, fmt, fmt, kernel_variant(host_preset().tvm_target()))], host_preset(), sys.argv[1], {trials},
          TuningOptions(min_trials_per_task={trials}, population_size=16))
@@ -78,7 +78,10 @@ def tuned(tmp_path_factory):
             assert time.monotonic() < deadline, f"no tuning record within {KILL_DEADLINE_S} s: hung?"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group has exited already (the assertion above says why)
+            pass
         proc.wait()
     before_kill = _lines(records)
     assert 1 <= len(before_kill) < TRIALS
