@@ -117,8 +117,8 @@ def _bench_shape(M, N, K, fmt, repeat):
     w = rng.standard_normal((N, K)).astype(np.float32)
     dev = tvm.cpu()
     acts = quantize_activations_np(a, fmt)
-    packed = pack_weights(w, fmt).expanded()
-    arrays = (acts["qa"], acts["ea"], packed["qw"], packed["sw"], packed["wcorr"])
+    packed = pack_weights(w, fmt)
+    arrays = (acts["qa"], acts["ea"], packed.qw, packed.ew)
     bfp_args = [tvm.runtime.tensor(x, dev) for x in arrays]
     bfp_args.append(tvm.runtime.tensor(np.zeros((M, N), np.float32), dev))
     seconds = {}

@@ -71,8 +71,8 @@ def main() -> None:
     fmt = BFPFormat(mantissa_bits=8, block_size=args.block)
     rng = np.random.default_rng(0)
     acts = quantize_activations_np(rng.standard_normal((M, K)).astype(np.float32), fmt)
-    packed = pack_weights(rng.standard_normal((N, K)).astype(np.float32), fmt).expanded()
-    inputs = [acts["qa"], acts["ea"], packed["qw"], packed["sw"], packed["wcorr"]]
+    packed = pack_weights(rng.standard_normal((N, K)).astype(np.float32), fmt)
+    inputs = [acts["qa"], acts["ea"], packed.qw, packed.ew]
 
     print(f"BFP8 B={args.block}, M={M} N={N} K={K}; qemu time is NOT hardware time\n")
     print("| target | variant | inner loop instrs | MACs/instr | qemu wall s |")

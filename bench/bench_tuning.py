@@ -30,7 +30,7 @@ from bitq_tvm.support.tables import print_table
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.session import TuningOptions, tune
 from bitq_tvm.tuning.tasks import BfpTask
-from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record, verify_tasks
+from bitq_tvm.tuning.verify import KERNEL_INPUTS, random_bfp_inputs, schedule_from_record, verify_tasks
 
 REPEATS = 20
 
@@ -39,7 +39,7 @@ def _time(executable, symbol: str, task: BfpTask) -> float:
     """Median seconds of one call (time_evaluator, 20 repeats of >= 50 ms)."""
     data = random_bfp_inputs(task)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(data[n], dev) for n in ("qa", "ea", "qw", "sw", "wcorr")]
+    args = [tvm.runtime.tensor(data[n], dev) for n in KERNEL_INPUTS]
     args.append(tvm.runtime.tensor(np.zeros((task.m, task.n), np.float32), dev))
     timer = executable.mod.time_evaluator(symbol, dev, number=1, repeat=REPEATS, min_repeat_ms=50)
     return float(np.median(timer(*args).results))

@@ -7,12 +7,11 @@
     logits = deployed.run({"input": x})[0]   # equals api.compile_model(...).run(...) up to fp32 sums
 
 :func:`compile_deployed` imports the model and makes the one ``tvm.compile(mod, target,
-relax_pipeline=bitq_tvm.pipeline(..., deploy=True))`` call. The compiled module has four Relax
-functions: ``bitq_packed_weights()`` returns the compact stored weights (int8 or 4-bit-pair
-mantissas, int8 exponents), ``bitq_expand_weights(*packed)`` derives the matmul operands from
-them, ``main(inputs..., *expanded)``, and ``bitq_report()`` the deployment report as JSON
-(:meth:`DeploymentReport.from_module`). :class:`DeployedModel` runs the first two once, at load
-time, and appends their result to every ``main`` call; a user of the exported library does the same.
+relax_pipeline=bitq_tvm.pipeline(..., deploy=True))`` call. The compiled module has two Relax
+functions: ``main(inputs...)``, whose constants are the weights in their stored BFP format (int8
+or 4-bit-pair mantissas, int8 exponents, read as they are by the integer kernels), and
+``bitq_report()``, the deployment report as JSON (:meth:`DeploymentReport.from_module`). A user
+of the exported library calls ``main`` like any Relax VM function.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from .frontend.relax_import import import_relax
 from .kernels.bfp_matmul_variants import kernel_variant
 from .kernels.contract import DEFAULT_MAX_PADDING_RATIO
 from .passes.embed_bfp_report import REPORT_FUNCTION, embedded_report
-from .passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION, LayerDeployment, deployment_layers
+from .passes.lower_bfp_integer import LayerDeployment, deployment_layers
 from .pipeline import pipeline
 from .plan import Plan
 from .support.progress import say
@@ -100,34 +99,11 @@ class DeploymentReport:
                 f"{total:,} B FP32 layer weights = {self.artifact_constant_bytes / max(total, 1):.3f}x")
 
 
-class _ExpandedVM:
-    """A VirtualMachine whose ``main`` gets the expanded weights appended to its arguments."""
-
-    def __init__(self, vm, weights):
-        self._vm = vm
-        self._weights = list(weights)
-
-    def __getitem__(self, name):
-        if name != "main":
-            return self._vm[name]
-        main = self._vm["main"]
-        return lambda *args: main(*args, *self._weights)
-
-
 @dataclasses.dataclass
 class DeployedModel(CompiledModel):
     """A model compiled to integer BFP kernels; ``run`` works as for :class:`~bitq_tvm.api.CompiledModel`."""
 
     report: DeploymentReport | None = None
-
-    def _vm(self):
-        if not hasattr(self, "_vm_cache"):
-            vm = super()._vm()
-            expanded = []
-            if self.report is not None and self.report.integer_layers:
-                expanded = list(vm[EXPAND_FUNCTION](*vm[PACKED_FUNCTION]()))
-            self._vm_cache = _ExpandedVM(vm, expanded)
-        return self._vm_cache
 
 
 @tvm.instrument.pass_instrument

@@ -107,11 +107,10 @@ def test_cli_compile_deploy_writes_a_library_that_runs(tmp_path, capsys):
                                              for line in printed.splitlines() if line.startswith("| "))}
     assert rows["fc1"][:2] == ["matmul", f"integer BFP ({kernel_variant(get_target('host').tvm_target())})"]
     assert "fallback: layer 'conv1' runs as float BFP simulation" in printed
-    # the documented calling convention of the exported library
+    # the exported library runs like any Relax VM module: main(inputs), weights inside, as stored
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
-    weights = vm["bitq_expand_weights"](*vm["bitq_packed_weights"]())
     x = zoo.bundled_test_data()["x"][:1]
-    got = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
     model = load_onnx(zoo.bundled_model_path(), {"input": (1, 1, 8, 8)})
     deployed = compile_deployed(model, Plan.uniform("bfp8_b32"), progress=None)
     np.testing.assert_array_equal(got, deployed.run({"input": x})[0])

@@ -42,7 +42,6 @@ def test_readme_example_deploys_for_a_plain_target():
     from bitq_tvm.deploy import DeploymentReport, compile_deployed
     from bitq_tvm.frontend.relax_import import import_relax
     from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
-    from bitq_tvm.passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
 
     model = load_onnx(bundled_model_path(), {"input": (1, 1, 8, 8)})
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 8), dtype=np.float32)
@@ -54,7 +53,6 @@ def test_readme_example_deploys_for_a_plain_target():
     report = DeploymentReport.from_module(vm, "native", [layer.name for layer in model.layers])
     assert report.variant == kernel_variant(target)
     assert report.integer_layers  # the digits CNN's 3x3 and dense layers are integer kernels
-    weights = list(vm[EXPAND_FUNCTION](*vm[PACKED_FUNCTION]()))
-    y = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    y = vm["main"](tvm.runtime.tensor(x)).numpy()  # a deployed main takes only the model's inputs
     want = compile_deployed(model, plan, "host", progress=None).run({"input": x})[0]
     assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()

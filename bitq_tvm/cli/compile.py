@@ -53,7 +53,6 @@ def run(args) -> int:
 def _deploy(args, model, plan) -> int:
     """``compile --deploy [--report]``: write the integer BFP library (and print the report)."""
     from ..deploy import compile_deployed
-    from ..passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
 
     if plan is None:
         raise BitqError("compile --deploy needs --format, --plan or a budget (an FP32 model has nothing to deploy as BFP)")
@@ -69,6 +68,5 @@ def _deploy(args, model, plan) -> int:
         print(f"fp32: node '{node.name}' ({node.onnx_op}) is not a BFP layer: {node.reason}")
     print(f"wrote {out} (target {deployed.target.name}; integer BFP kernels ({report.variant}) for "
           f"{len(report.integer_layers)}/{len(report.layers)} layers; constants {report.artifact_constant_bytes:,} B "
-          f"vs {report.fp32_weight_bytes:,} B FP32 weights; after loading call "
-          f"w = {EXPAND_FUNCTION}(*{PACKED_FUNCTION}()) once, then main(inputs..., *w))")
+          f"vs {report.fp32_weight_bytes:,} B FP32 weights, resident as stored; run main(inputs...))")
     return 0

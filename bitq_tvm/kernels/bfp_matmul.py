@@ -10,17 +10,19 @@ A [M, K] is quantized per row along K, W [N, K] per row along K, both with the s
 
     C[i, j] = sum_b 2**(ea[i,b] + ew[j,b] - (ma-2) - (mw-2)) * sum_{k in block b} qa[i,k] * qw[j,k]
 
-Integer part. x86's ``vpdpbusd`` multiplies unsigned by signed bytes, so the x86 kernel offsets
-activations, ``qa + 128`` (uint8), and adds ``wcorr[j,b] = -128 * sum_{k in b} qw[j,k]``
-(derived from the packed weights, :mod:`.packing`) to each block's int32 sum, which removes the
-offset exactly; ARM's and RISC-V's dot products multiply signed by signed bytes (the ``signed``
-form of :func:`bfp_matmul_compute`), which leaves ``wcorr`` unread. Every
-partial sum is bounded by ``255 * 128 * B < 2**22``: the int32 block sums are exact, and the
-corrected sum ``s`` (|s| <= 128 * 128 * B <= 2**21) converts to float32 exactly.
+Integer part. ARM's and RISC-V's dot products, the AVX2 kernel (``vpmaddwd`` on sign-extended
+int16) and the plain loops multiply signed by signed bytes: mantissas enter as they are (the
+``signed`` form of :func:`bfp_matmul_compute`). x86's ``vpdpbusd`` multiplies unsigned by signed
+bytes: the VNNI kernel offsets the *weights*, ``qw + 128`` (uint8; one xor per 64 weights, in
+registers), keeps activations signed, and subtracts ``128 * asum[i,b]`` (the activation block's
+mantissa sum, ``M x nb`` values per call) from each block sum, which removes the offset exactly and
+needs nothing stored per weight. Every partial sum is bounded by ``255 * 128 * B < 2**22``: the
+int32 block sums are exact, and the corrected sum ``s`` (|s| <= 128 * 128 * B <= 2**21) converts to
+float32 exactly.
 
 Scaling. Each block term is ``(float32(s) * sw[j,b]) * sa[i,b]`` with the exact powers of two
-``sw = 2**(ew - (mw-2))`` (float32, from the packed weights) and ``sa = 2**(ea - (ma-2))``
-(float32, built in the kernel from the exponent bits, subnormal when below 2**-126). The combined
+``sw = 2**(ew - (mw-2))`` and ``sa = 2**(ea - (ma-2))``, both built in the kernel from the stored
+int8 exponents' bits (subnormal when below 2**-126). The combined
 exponent reaches down to -266 with 8-bit exponents, and all-zero blocks sit at ``emin = -127``, so
 the far low end occurs in practice. The first product is exact: |s| < 2**22 and any integer
 multiple of 2**k (k >= -149) below 2**128 with at most 24 significant bits is a float32. The
@@ -29,13 +31,14 @@ float32 of ``s * 2**E`` (zero, subnormal, normal or inf alike), exactly the NumP
 term, and only the float32 sum over the nb blocks rounds (:func:`.oracle.bfp_matmul_tolerance`).
 Exactness of the first product needs ``ew - (mw-2) <= 105``: the packer rejects weight
 blocks with max |w| >= 2**(106 + mw - 2) (about 1e32), far beyond any trained network.
-Two multiplies by precomputed scales keep the per-block epilogue at five vector instructions
-(add, convert, 2 x mul, add), which matters next to the B/4 ``vpdpbusd`` of a block.
+Two multiplies by scales built once per block and tile keep the per-block epilogue at five vector
+instructions (add, convert, 2 x mul, add), which matters next to the B/4 ``vpdpbusd`` of a block.
 
-Weight layout (:mod:`.packing`): ``qw [Np/16, Kp/4, 16, 4]`` int8 with N padded to ``Np``, a
-multiple of 16, so the 16 outputs x 4 K values of one ``vpdpbusd`` are 64 contiguous bytes;
-``sw [nb, Np]`` float32 and ``wcorr [nb, Np]`` int32, transposed so that 16 outputs of one block
-load as one vector in the scaling epilogue.
+Weights are read in their stored format (:mod:`.packing`): ``qw`` tiles of 16 outputs x 4 K
+values (64 int8, or 32 bytes of nibble pairs when m <= 4) and ``ew [nb, Np]`` int8 exponents,
+with N padded to ``Np``, a multiple of 16. The kernel unpacks one block of its column tile at a
+time into registers/L1 (``w_tile``: sign-extended nibbles, and the VNNI offset) and builds that
+block's 16-lane scales (``w_scale``) from ``ew``: no weight operand is expanded in memory.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from tvm.s_tir import Schedule
 
 from ..errors import BitqError
 from ..formats import BFPFormat
-from .contract import ACTIVATION_OFFSET, K_QUAD, LANES, check_block_size, padded
+from .contract import K_QUAD, LANES, NIBBLE_MAX_MANTISSA_BITS, WEIGHT_OFFSET, check_block_size, padded
 from .float_bits import power_of_two
 
 __all__ = [
@@ -53,9 +56,12 @@ __all__ = [
     "bfp_matmul_name",
     "check_formats",
     "bfp_matmul_operands",
+    "stored_mantissa",
+    "weight_scales",
     "activation_scales",
     "bfp_matmul_prim_func",
     "bfp_matmul_compute",
+    "has_block",
     "tile_bfp_matmul",
 ]
 
@@ -86,21 +92,43 @@ def check_formats(fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
     return fmt_a.block_size
 
 
-def bfp_matmul_operands(M: int, N: int, K: int, block: int) -> tuple[te.Tensor, ...]:
-    """Placeholders ``(qa, ea, qw, sw, wcorr)`` of every matmul variant (shapes in
+def bfp_matmul_operands(M: int, N: int, K: int, fmt_w: BFPFormat) -> tuple[te.Tensor, ...]:
+    """Placeholders ``(qa, ea, qw, ew)`` of every matmul variant (shapes in
     :func:`bfp_matmul_compute`); K pads to whole blocks, N to whole 16-lane tiles."""
     if min(M, N, K) <= 0:
         raise BitqError(f"bfp_matmul: shape M={M}, N={N}, K={K} must be positive")
+    block = fmt_w.block_size
     k_padded = padded(K, block)
     nb = k_padded // block
     n_padded = padded(N, LANES)
+    if fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS:
+        qw = te.placeholder((n_padded // LANES, k_padded // K_QUAD, LANES * K_QUAD // 2), "uint8", name="qw")
+    else:
+        qw = te.placeholder((n_padded // LANES, k_padded // K_QUAD, LANES, K_QUAD), "int8", name="qw")
     return (
         te.placeholder((M, k_padded), "int8", name="qa"),
         te.placeholder((M, nb), "int8", name="ea"),
-        te.placeholder((n_padded // LANES, k_padded // K_QUAD, LANES, K_QUAD), "int8", name="qw"),
-        te.placeholder((nb, n_padded), "float32", name="sw"),
-        te.placeholder((nb, n_padded), "int32", name="wcorr"),
+        qw,
+        te.placeholder((nb, n_padded), "int8", name="ew"),
     )
+
+
+def stored_mantissa(qw: te.Tensor, tile, quad, lane, k) -> tirx.PrimExpr:
+    """The int8 mantissa of output lane ``lane``, K value ``quad * 4 + k`` of column tile ``tile``,
+    read from the stored weights ``qw`` (sign-extending a nibble when they are nibble pairs)."""
+    if len(qw.shape) == 4:
+        return qw[tile, quad, lane, k]
+    half = LANES // 2  # lanes 0-7 in the low nibbles, 8-15 in the high ones
+    byte = qw[tile, quad, (lane % half) * K_QUAD + k].astype("int8")
+    four = tirx.const(4, "int8")
+    low = tirx.shift_right(tirx.shift_left(byte, four), four)
+    return tirx.Select(lane < half, low, tirx.shift_right(byte, four))
+
+
+def weight_scales(ew: te.Tensor, fmt_w: BFPFormat) -> te.Tensor:
+    """``w_scale`` [nb, Np]: the exact powers of two 2**(ew - (mw-2)) of the weight blocks."""
+    return te.compute(ew.shape, lambda b, j: power_of_two(ew[b, j].astype("int32") - fmt_w.scale_shift),
+                      name="w_scale")
 
 
 def activation_scales(ea: te.Tensor, fmt_a: BFPFormat) -> te.Tensor:
@@ -113,66 +141,87 @@ def activation_scales(ea: te.Tensor, fmt_a: BFPFormat) -> te.Tensor:
 
 
 def bfp_matmul_prim_func(tensors) -> tirx.PrimFunc:
-    """The PrimFunc of ``(qa, ea, qw, sw, wcorr, C)``, global symbol ``bfp_matmul``."""
+    """The PrimFunc of ``(qa, ea, qw, ew, C)``, global symbol ``bfp_matmul``."""
     return te.create_prim_func(list(tensors)).with_attr("global_symbol", "bfp_matmul")
 
 
 def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat,
-                       signed: bool = False) -> tirx.PrimFunc:
-    """Unscheduled PrimFunc ``(qa, ea, qw, sw, wcorr, C)`` of the integer BFP matmul.
+                       unsigned_weights: bool = False) -> tirx.PrimFunc:
+    """Unscheduled PrimFunc ``(qa, ea, qw, ew, C)`` of the integer BFP matmul.
 
-    Shapes: qa int8 [M, Kp], ea int8 [M, nb], qw int8 [Np/16, Kp/4, 16, 4], sw float32 [nb, Np],
-    wcorr int32 [nb, Np], C float32 [M, N]. Blocks: ``a_u8`` (offset activations; unsigned
-    form only), ``a_scale`` (activation block scales), ``block_sum`` (int32 per block), ``acc``
-    (scaled sum over blocks), ``C`` (unpadded copy). ``signed``: the s8 x s8 form of ARM and
-    RISC-V dot products, which multiplies ``qa`` directly and leaves ``wcorr`` unread.
+    Shapes: qa int8 [M, Kp], ea int8 [M, nb], qw int8 [Np/16, Kp/4, 16, 4] (uint8 [Np/16, Kp/4,
+    32] nibble pairs when mw <= 4, :mod:`.packing`), ew int8 [nb, Np], C float32 [M, N]. Blocks:
+    ``w_tile`` (unpacked int8 mantissas, or uint8 ``qw + 128`` with ``unsigned_weights``; absent
+    for 8-bit signed weights, read as stored), ``w_scale`` and ``a_scale`` (block scales),
+    ``a_sum`` (activation block sums; ``unsigned_weights`` only), ``block_sum`` (int32 per block),
+    ``acc`` (scaled sum over blocks), ``C`` (unpadded copy). ``unsigned_weights``: the u8 x s8
+    form of ``vpdpbusd`` (VNNI); otherwise s8 x s8.
     """
     block = check_formats(fmt_a, fmt_w)
-    qa, ea, qw, sw, wcorr = operands = bfp_matmul_operands(M, N, K, block)
-    nb, n_padded = (int(d) for d in sw.shape)
-    k_padded = int(qa.shape[1])
-    if signed:
-        a_in = qa
+    qa, ea, qw, ew = operands = bfp_matmul_operands(M, N, K, fmt_w)
+    nb, n_padded = (int(d) for d in ew.shape)
+    tile_shape = (n_padded // LANES, padded(K, block) // K_QUAD, LANES, K_QUAD)
+    if unsigned_weights:
+        w_tile = te.compute(
+            tile_shape,
+            lambda t, q, lane, k: (stored_mantissa(qw, t, q, lane, k) ^ tirx.const(-WEIGHT_OFFSET, "int8")).astype("uint8"),
+            name="w_tile")
+    elif len(qw.shape) == 3:
+        w_tile = te.compute(tile_shape, lambda t, q, lane, k: stored_mantissa(qw, t, q, lane, k), name="w_tile")
     else:
-        a_in = te.compute(
-            (M, k_padded),
-            lambda i, k: (qa[i, k].astype("int32") + ACTIVATION_OFFSET).astype("uint8"),
-            name="a_u8",
-        )
+        w_tile = qw
     a_scale = activation_scales(ea, fmt_a)
+    w_scale = weight_scales(ew, fmt_w)
     rq = te.reduce_axis((0, block // K_QUAD), name="rq")
     rl = te.reduce_axis((0, K_QUAD), name="rl")
     # j last: a tensor intrinsic only matches a region contiguous in the innermost dimension.
     block_sum = te.compute(
         (M, nb, n_padded),
         lambda i, b, j: te.sum(
-            a_in[i, b * block + rq * K_QUAD + rl].astype("int32")
-            * qw[j // LANES, b * (block // K_QUAD) + rq, j % LANES, rl].astype("int32"),
+            qa[i, b * block + rq * K_QUAD + rl].astype("int32")
+            * w_tile[j // LANES, b * (block // K_QUAD) + rq, j % LANES, rl].astype("int32"),
             axis=[rq, rl],
         ),
         name="block_sum",
     )
+    if unsigned_weights:
+        rs = te.reduce_axis((0, block), name="rs")
+        a_sum = te.compute((M, nb), lambda i, b: te.sum(qa[i, b * block + rs].astype("int32"), axis=rs),
+                           name="a_sum")
+
+        def corrected(i, b, j):
+            return block_sum[i, b, j] - a_sum[i, b] * WEIGHT_OFFSET
+    else:
+        def corrected(i, b, j):
+            return block_sum[i, b, j]
     rb = te.reduce_axis((0, nb), name="rb")
     acc = te.compute(
         (M, n_padded),
-        lambda i, j: te.sum(
-            (block_sum[i, rb, j] if signed else block_sum[i, rb, j] + wcorr[rb, j]).astype("float32")
-            * sw[rb, j] * a_scale[i, rb],
-            axis=rb,
-        ),
+        lambda i, j: te.sum(corrected(i, rb, j).astype("float32") * w_scale[rb, j] * a_scale[i, rb], axis=rb),
         name="acc",
     )
     c = te.compute((M, N), lambda i, j: acc[i, j], name="C")
     return bfp_matmul_prim_func([*operands, c])
 
 
-def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str):
+def has_block(sch: Schedule, name: str) -> bool:
+    """Whether the scheduled function has a block ``name`` (stages differ between forms)."""
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises its own error type for an unknown block
+        return False
+    return True
+
+
+def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize: bool = True):
     """The register tiling every BFP matmul schedule shares (x86, ARM, RISC-V).
 
     Parallel over tiles of ``rows`` x ``groups`` x 16 outputs, the block loop inside, the int32
-    block sums computed per block under it. Returns the ``acc`` and ``block_sum`` blocks,
-    ``acc``'s loops (tile, b, rows, groups, lanes) and ``block_sum``'s (rows (empty for a one-row
-    tile), columns, K quads, K within a quad).
+    block sums computed per block under it, and under it too the block's weight stages: the
+    unpacked mantissas of the tile's columns (``w_tile``, 64 bytes per 16 x 4, made with whole
+    vectors when ``vectorize``) and their scales (``w_scale``). Returns the ``acc`` and
+    ``block_sum`` blocks, ``acc``'s loops (tile, b, rows, groups, lanes) and ``block_sum``'s (rows
+    (empty for a one-row tile), columns, K quads, K within a quad).
     """
     acc = sch.get_sblock("acc")
     i, j, b = sch.get_loops(acc)
@@ -190,4 +239,21 @@ def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str):
     sch.compute_at(block_sum, b)
     # Loops compute_at creates below (tile, b); a one-row tile gets no row loop.
     *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
+
+    if has_block(sch, "w_tile"):
+        w_tile = sch.get_sblock("w_tile")
+        sch.compute_at(w_tile, b)
+        *_, lane, k = sch.get_loops(w_tile)
+        tile_elements = sch.fuse(lane, k)
+        if vectorize:
+            # two 32-byte halves: the low and the high nibbles of the same stored bytes
+            half, elements = sch.split(tile_elements, [None, LANES * K_QUAD // 2])
+            sch.unroll(half)
+            sch.vectorize(elements)
+    w_scale = sch.get_sblock("w_scale")
+    sch.compute_at(w_scale, b)
+    if vectorize:
+        sch.vectorize(sch.split(sch.get_loops(w_scale)[-1], [None, LANES])[-1])
+    if has_block(sch, "a_sum"):
+        sch.parallel(sch.get_loops(sch.get_sblock("a_sum"))[0])
     return acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k)

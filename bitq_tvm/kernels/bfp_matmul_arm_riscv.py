@@ -1,11 +1,11 @@
 """ARM and RISC-V schedules of the integer BFP matmul (:mod:`.bfp_matmul`), and a scalar one.
 
 Same math, operands and PrimFunc signature as every variant (read :mod:`.bfp_matmul` for the
-exactness argument): ``(qa, ea, qw, sw, wcorr, C)`` with qa int8 [M, Kp], ea int8 [M, nb], qw
-int8 [Np/16, Kp/4, 16, 4], sw float32 [nb, Np], wcorr int32 [nb, Np], C float32 [M, N], from the
-one packer (:mod:`.packing`), so the deployment packs weights one way for every target. ARM's dot
-products and RVV's ``vwmul`` multiply signed by signed bytes: mantissas enter as they are, and
-``wcorr`` (the x86 kernel's correction for its +128 activation offset) is accepted but not read.
+exactness argument): ``(qa, ea, qw, ew, C)`` with qa int8 [M, Kp], ea int8 [M, nb], qw the
+stored mantissa tiles (int8 [Np/16, Kp/4, 16, 4], or uint8 [Np/16, Kp/4, 32] nibble pairs when
+m <= 4), ew int8 [nb, Np], C float32 [M, N], from the one packer (:mod:`.packing`), so the
+deployment packs weights one way for every target. ARM's dot products and RVV's ``vwmul``
+multiply signed by signed bytes: mantissas enter as they are (nibbles sign-extended in registers).
 Block sums are exact int32 (|s| <= 128 * 128 * B <= 2**21), so each block term ``(float32(s) *
 sw) * sa`` is the correctly rounded float32 of its exact value, as on x86, and
 :func:`.oracle.bfp_matmul_tolerance` bounds the error of every variant.
@@ -32,7 +32,7 @@ from tvm.s_tir import Schedule
 from ..errors import BitqError
 from ..formats import BFPFormat
 from .bfp_matmul import (LOOP_ORDERS, activation_scales, bfp_matmul_compute, bfp_matmul_operands,
-                         bfp_matmul_prim_func, check_formats, tile_bfp_matmul)
+                         bfp_matmul_prim_func, check_formats, stored_mantissa, tile_bfp_matmul, weight_scales)
 from .contract import K_QUAD, LANES, padded
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
@@ -53,7 +53,7 @@ _MMLA_DEPTH = 8
 
 
 def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) -> tirx.PrimFunc:
-    """PrimFunc ``(qa, ea, qw, sw, wcorr, C)`` in the 2x2-interleaved order ``smmla`` works in.
+    """PrimFunc ``(qa, ea, qw, ew, C)`` in the 2x2-interleaved order ``smmla`` works in.
 
     ``a_tiles`` [Mp/2, Kp/8, 2, 8] and ``w_tiles`` [Np/2, Kp/8, 2, 8] are the 2x8 row-major
     operand tiles; ``block_sum`` and ``acc`` are [.., Mp/2, .., Np/2, 2, 2] so one ``smmla``
@@ -66,10 +66,11 @@ def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) ->
             f"bfp_matmul i8mm: block size {block} must be a multiple of {_MMLA_DEPTH}; "
             "use variant sdot"
         )
-    qa, ea, qw, sw, wcorr = operands = bfp_matmul_operands(M, N, K, block)
-    nb, n_padded = (int(d) for d in sw.shape)
+    qa, ea, qw, ew = operands = bfp_matmul_operands(M, N, K, fmt_w)
+    nb, n_padded = (int(d) for d in ew.shape)
     k_padded = int(qa.shape[1])
     a_scale = activation_scales(ea, fmt_a)
+    sw = weight_scales(ew, fmt_w)
     m_pairs = padded(M, _MMLA_ROWS) // _MMLA_ROWS
     depth_tiles = k_padded // _MMLA_DEPTH
     a_tiles = te.compute(
@@ -83,7 +84,7 @@ def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) ->
     )
 
     def packed_weight(j, k):
-        return qw[j // LANES, k // K_QUAD, j % LANES, k % K_QUAD]
+        return stored_mantissa(qw, j // LANES, k // K_QUAD, j % LANES, k % K_QUAD)
 
     w_tiles = te.compute(
         (n_padded // _MMLA_COLS, depth_tiles, _MMLA_COLS, _MMLA_DEPTH),
@@ -170,7 +171,7 @@ def schedule_bfp_matmul_arm_riscv(
     vectorize = variant != "scalar"
 
     acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
-        tile_bfp_matmul(sch, rows, groups, order)
+        tile_bfp_matmul(sch, rows, groups, order, vectorize)
     for loop in s_row:
         sch.unroll(loop)
     if intrinsic is None:
@@ -238,6 +239,7 @@ def _schedule_mmla(func: tirx.PrimFunc, M: int) -> tirx.PrimFunc:
     acc_init = sch.decompose_reduction(acc, b)
     sch.vectorize(sch.fuse(*sch.get_loops(acc_init)[-2:]))
 
+    sch.compute_inline(sch.get_sblock("w_scale"))
     for name in ("a_tiles", "w_tiles", "sa_tiles", "sw_tiles"):
         stage = sch.get_sblock(name)
         loops = sch.get_loops(stage)
@@ -261,6 +263,6 @@ def bfp_matmul_arm_riscv_func(
             raise BitqError("bfp_matmul i8mm: the smmla kernel takes no register tile")
         return _schedule_mmla(_mmla_compute(M, N, K, fmt_a, fmt_w), M)
     rows, groups = tile if tile is not None else (_row_tile(M), 1)
-    sch = Schedule(bfp_matmul_compute(M, N, K, fmt_a, fmt_w, signed=True))
+    sch = Schedule(bfp_matmul_compute(M, N, K, fmt_a, fmt_w))
     schedule_bfp_matmul_arm_riscv(sch, variant, rows, groups)
     return sch.mod["main"]

@@ -87,7 +87,7 @@ def kernel_variant(target: Target) -> str:
 
 def bfp_matmul_func(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, variant: str,
                     tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
-    """Hand-scheduled integer BFP matmul PrimFunc ``(qa, ea, qw, sw, wcorr, C)`` of any variant.
+    """Hand-scheduled integer BFP matmul PrimFunc ``(qa, ea, qw, ew, C)`` of any variant.
 
     ``K`` is the real reduction length (padded to whole blocks inside); ``tile`` = (rows, groups
     of 16 columns) overrides the default register tile. No target check: compile it for a target
@@ -114,7 +114,7 @@ def bfp_matmul_for_target(
     Parameters
     ----------
     M, N, K, fmt_a, fmt_w
-        As :func:`bfp_matmul_func`; the PrimFunc has the signature ``(qa, ea, qw, sw, wcorr, C)``
+        As :func:`bfp_matmul_func`; the PrimFunc has the signature ``(qa, ea, qw, ew, C)``
         and global symbol ``bfp_matmul``.
     target
         The ``tvm.target.Target`` to compile the PrimFunc for.

@@ -1,9 +1,9 @@
 """x86 schedules of the integer BFP matmul (:mod:`.bfp_matmul`): VNNI, AVX2 and generic.
 
-``vnni`` tensorizes the K-quad block sums with ``vpdpbusd`` (:mod:`.intrin_x86`), ``avx2`` with
-``vpmaddwd`` on sign-extended int16, ``generic`` leaves plain int32 TIR for LLVM to vectorise.
-All three run the unsigned form of :func:`.bfp_matmul.bfp_matmul_compute` (activations + 128,
-``wcorr`` correction).
+``vnni`` tensorizes the K-quad block sums with ``vpdpbusd`` (:mod:`.intrin_x86`) and runs the
+unsigned-weight form of :func:`.bfp_matmul.bfp_matmul_compute` (weights + 128 in registers,
+activation-sum correction); ``avx2`` tensorizes them with ``vpmaddwd`` on sign-extended int16 and
+``generic`` leaves plain int32 TIR for LLVM to vectorise, both in the signed form.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from .bfp_matmul import bfp_matmul_compute, tile_bfp_matmul
 from .contract import LANES, padded
 from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4
 
-__all__ = ["VARIANTS", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
+__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
 
 VARIANTS = ("vnni", "avx2", "generic")
+# Variants that run the u8 (weight) x s8 (activation) form of the compute.
+UNSIGNED_WEIGHT_VARIANTS = ("vnni",)
 
 
 def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
@@ -35,7 +37,7 @@ def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
     return rows, groups
 
 
-def schedule_bfp_matmul_x86(sch: Schedule, k_padded: int, rows: int, groups: int, variant: str,
+def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
                             order: str = "columns_outer", intrinsic: str | None = None) -> None:
     """Schedule the :func:`.bfp_matmul.bfp_matmul_compute` kernel in ``sch`` with one register tile.
 
@@ -81,12 +83,6 @@ def schedule_bfp_matmul_x86(sch: Schedule, k_padded: int, rows: int, groups: int
         sch.unroll(loop)
     sch.vectorize(sch.split(o_col, [None, LANES])[-1])
 
-    a_u8 = sch.get_sblock("a_u8")
-    a_row, a_col = sch.get_loops(a_u8)
-    sch.parallel(a_row)
-    a_vector = next(v for v in (64, 32, 16, 8, 4) if k_padded % v == 0)
-    sch.vectorize(sch.split(a_col, [None, a_vector])[-1])
-
 
 def bfp_matmul_x86_func(
     M: int,
@@ -107,7 +103,7 @@ def bfp_matmul_x86_func(
     """
     if variant not in VARIANTS:
         raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w)
+    func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w, unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS)
     n_tiles = padded(N, LANES) // LANES
     rows, groups = tile if tile is not None else _default_tile(M, n_tiles)
     if M % rows or n_tiles % groups:
@@ -116,5 +112,5 @@ def bfp_matmul_x86_func(
             f"and {n_tiles} column groups"
         )
     sch = Schedule(func)
-    schedule_bfp_matmul_x86(sch, padded(K, fmt_a.block_size), rows, groups, variant)
+    schedule_bfp_matmul_x86(sch, rows, groups, variant)
     return sch.mod["main"]

@@ -2,8 +2,9 @@
 
 - Tiles: 16 output lanes (``LANES``) x 4 K values (``K_QUAD``) per packed weight tile, one
   ``vpdpbusd``'s worth; N pads to whole lane groups.
-- Numbers: x86 offsets activations by ``ACTIVATION_OFFSET`` (+128, uint8 for ``vpdpbusd``) and
-  corrects the block sums with ``-128 * sum(qw)``; a weight block's scale exponent
+- Numbers: the VNNI kernel offsets weights by ``WEIGHT_OFFSET`` (+128, uint8 for ``vpdpbusd``,
+  in registers) and corrects the block sums with ``-128 * sum(qa)`` of the activation block;
+  every other kernel multiplies signed by signed; a weight block's scale exponent
   ``e - (m - 2)`` must stay <= ``MAX_WEIGHT_SCALE_EXPONENT`` (105) for the scaling to be exact
   (:mod:`.bfp_matmul` derives both bounds).
 - Block sizes: a multiple of ``K_QUAD`` in [``MIN_BLOCK``, ``MAX_BLOCK``], one shared by weight
@@ -29,7 +30,7 @@ from ..formats import BFPFormat
 __all__ = [
     "LANES",
     "K_QUAD",
-    "ACTIVATION_OFFSET",
+    "WEIGHT_OFFSET",
     "MAX_WEIGHT_SCALE_EXPONENT",
     "MIN_BLOCK",
     "MAX_BLOCK",
@@ -55,8 +56,8 @@ __all__ = [
 LANES = 16
 # K values per lane in one vpdpbusd / vpmaddwd pair.
 K_QUAD = 4
-# vpdpbusd multiplies unsigned by signed bytes: activations enter as qa + 128.
-ACTIVATION_OFFSET = 128
+# vpdpbusd multiplies unsigned by signed bytes: the VNNI kernel's weights enter as qw + 128.
+WEIGHT_OFFSET = 128
 # float32(s) * 2**k is exact for |s| < 2**22 only while 2**(22 + k) stays below 2**128
 MAX_WEIGHT_SCALE_EXPONENT = 105
 MIN_BLOCK, MAX_BLOCK = 8, 128

@@ -5,12 +5,13 @@ which LLVM 22 rejects (it now takes ``<16 x i32>, <64 x i8>, <64 x i8>``); its `
 sibling goes through ``vpmaddubsw`` and saturates int16 on full-range u8 x s8 data. These are
 corrected replacements, registered under our own names so nothing depends on overriding TVM's.
 
-Both intrinsics compute, for one activation quad ``A[0:4]`` (uint8, broadcast to every lane) and a
-packed weight tile ``B[lanes, 4]`` (int8, 4 consecutive K values per output lane)::
+Both intrinsics compute, for one activation quad ``A[0:4]`` (int8, broadcast to every lane) and a
+packed weight tile ``B[lanes, 4]`` (4 consecutive K values per output lane)::
 
     C[j] += sum_k int32(A[k]) * int32(B[j, k])
 
-exactly in int32. Bodies are single expressions on purpose: in TVM 0.27 TVMScript every ``x = ...``
+exactly in int32: VNNI with uint8 weights (``qw + 128``, the unsigned operand of ``vpdpbusd``),
+AVX2 with int8 weights (both operands sign-extended to int16). Bodies are single expressions on purpose: in TVM 0.27 TVMScript every ``x = ...``
 becomes a local buffer, a memory round trip that keeps accumulators out of registers.
 """
 
@@ -25,6 +26,47 @@ BITQ_VNNI_DOT_16x4 = "bitq_dot_16x4_vnni"
 BITQ_AVX2_DOT_8x4 = "bitq_dot_8x4_avx2"
 
 
+@T.prim_func(s_tir=True)
+def _dot_16x4_i8u8i32_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "uint8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_i8u8i32_vnni(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "uint8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        # vpdpbusd multiplies unsigned bytes of operand 2 (the weight tile) by signed bytes of
+        # operand 3 (the A quad, broadcast as one dword to all 16 lanes), sums each group of 4
+        # into the int32 lane.
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(B.vload([0, 0], dtype="uint8x64"), dtype="int8x64"),
+            T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 16),
+                dtype="int8x64",
+            ),
+            dtype="int32x16",
+        )
+
+
+# TVM's convention (uint8 data broadcast, int8 weights), for MetaSchedule's own x86 rules.
 @T.prim_func(s_tir=True)
 def _dot_16x4_u8i8i32_desc(
     A: T.Buffer((4,), "uint8", offset_factor=1),
@@ -65,8 +107,8 @@ def _dot_16x4_u8i8i32_vnni(
 
 
 @T.prim_func(s_tir=True)
-def _dot_8x4_u8i8i32_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
+def _dot_8x4_i8i8i32_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((8, 4), "int8", offset_factor=1),
     C: T.Buffer((8,), "int32", offset_factor=1),
 ) -> None:
@@ -81,8 +123,8 @@ def _dot_8x4_u8i8i32_desc(
 
 
 @T.prim_func(s_tir=True)
-def _dot_8x4_u8i8i32_avx2(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
+def _dot_8x4_i8i8i32_avx2(
+    A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((8, 4), "int8", offset_factor=1),
     C: T.Buffer((8,), "int32", offset_factor=1),
 ) -> None:
@@ -91,10 +133,10 @@ def _dot_8x4_u8i8i32_avx2(
         T.writes(C[0:8])
         # Each int32 lane of B holds the bytes (b0, b1, b2, b3) of one output. Seen as two int16
         # words (b0 | b1 << 8, b2 | b3 << 8), an arithmetic shift right by 8 sign-extends the odd
-        # bytes (b1, b3) and a shift left then right by 8 the even bytes (b0, b2). The matching A
-        # words are zero-extended (a0, a2) and (a1, a3). vpmaddwd then forms b0*a0 + b2*a2 and
-        # b1*a1 + b3*a3 per lane exactly (|products| < 2**15 * 2**8): no int16 saturation, unlike
-        # vpmaddubsw, and the lanes come out in output order.
+        # bytes (b1, b3) and a shift left then right by 8 the even bytes (b0, b2); the broadcast
+        # A dword is sign-extended the same way into (a0, a2) and (a1, a3). vpmaddwd then forms
+        # b0*a0 + b2*a2 and b1*a1 + b3*a3 per lane exactly (|products| <= 2**14): no int16
+        # saturation, unlike vpmaddubsw, and the lanes come out in output order.
         C[T.ramp(T.int32(0), 1, 8)] = (
             C.vload([0], dtype="int32x8")
             + T.call_llvm_pure_intrin(
@@ -106,15 +148,15 @@ def _dot_8x4_u8i8i32_avx2(
                     ),
                     T.int16x16(8),
                 ),
-                T.reinterpret(
-                    T.broadcast(
-                        T.bitwise_and(
-                            T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
-                            T.int32(0x00FF00FF),
+                T.shift_right(
+                    T.shift_left(
+                        T.reinterpret(
+                            T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8),
+                            dtype="int16x16",
                         ),
-                        8,
+                        T.int16x16(8),
                     ),
-                    dtype="int16x16",
+                    T.int16x16(8),
                 ),
                 dtype="int32x8",
             )
@@ -124,18 +166,12 @@ def _dot_8x4_u8i8i32_avx2(
                     T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
                     T.int16x16(8),
                 ),
-                T.reinterpret(
-                    T.broadcast(
-                        T.bitwise_and(
-                            T.shift_right(
-                                T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
-                                T.int32(8),
-                            ),
-                            T.int32(0x00FF00FF),
-                        ),
-                        8,
+                T.shift_right(
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8),
+                        dtype="int16x16",
                     ),
-                    dtype="int16x16",
+                    T.int16x16(8),
                 ),
                 dtype="int32x8",
             )
@@ -143,8 +179,8 @@ def _dot_8x4_u8i8i32_avx2(
 
 
 TensorIntrin.register(
-    BITQ_VNNI_DOT_16x4, _dot_16x4_u8i8i32_desc, _dot_16x4_u8i8i32_vnni, override=True
+    BITQ_VNNI_DOT_16x4, _dot_16x4_i8u8i32_desc, _dot_16x4_i8u8i32_vnni, override=True
 )
 TensorIntrin.register(
-    BITQ_AVX2_DOT_8x4, _dot_8x4_u8i8i32_desc, _dot_8x4_u8i8i32_avx2, override=True
+    BITQ_AVX2_DOT_8x4, _dot_8x4_i8i8i32_desc, _dot_8x4_i8i8i32_avx2, override=True
 )

@@ -1,19 +1,19 @@
-"""The one packer of BFP weights for the integer matmul, and the run-time kernel that expands them.
+"""The one packer of BFP weights for the integer matmul: the stored format is the format the kernels read.
 
-Stored artifact (relax constants, per layer): ``qw`` mantissas in the matmul's tile layout
-(``[Np/16, Kp/4, 16, 4]`` int8: the 16 outputs x 4 K values of one ``vpdpbusd`` are 64
-contiguous bytes) or, when
-m <= 4, two mantissas per byte (``[Np/16, Kp/4, 16, 2]`` uint8: low nibble = even K, high nibble
-= odd K, two's complement), plus one int8 exponent per block, ``ew [nb, Np]``. That is
-``B * m/8 + 1`` bytes per block: 33/128 = 0.258x FP32 at bfp8_b32, 17/128 = 0.133x at bfp4_b32
-(before N/K padding).
+Stored (relax constants of ``main``, per layer): ``qw`` mantissas in the matmul's tile layout and
+``ew`` one int8 exponent per block, ``[nb, Np]`` (16 outputs of one block load as one vector in
+the scaling epilogue). That is ``B * m/8 + 1`` bytes per block: 33/128 = 0.258x FP32 at
+bfp8_b32, 17/128 = 0.133x at bfp4_b32 (before N/K padding). Nothing else: the kernels build each
+block's scale from its exponent and unpack 4-bit mantissas in registers
+(:mod:`.bfp_matmul`), so the bytes resident at run time are the stored bytes.
 
-The matmul kernel wants ``sw [nb, Np]`` float32 scales and ``wcorr [nb, Np]`` int32 offset
-corrections (8 bytes per block: storing them would make bfp8_b32 0.32x FP32), and unpacked int8
-mantissas. :func:`bfp_weight_expand_func` derives them at run time, one pass over the stored bytes
-per inference: the price of the compact artifact, measured in ``bench/bench_end_to_end.py``.
-Its ``call_tir`` has a tuple output, which TVM 0.27's ``FoldConstant`` does not fold (it folds
-single-output calls only), so the expansion is not undone at compile time.
+``qw`` tiles: one tile is the 16 outputs x 4 K values (64 mantissas) of one ``vpdpbusd``,
+element ``e = lane * 4 + k``:
+
+- m > 4: int8 ``[Np/16, Kp/4, 16, 4]``, two's complement, 64 contiguous bytes per tile;
+- m <= 4: uint8 ``[Np/16, Kp/4, 32]``, two per byte: byte ``p`` holds element ``p`` in its low
+  nibble and element ``p + 32`` in its high nibble (4-bit two's complement). A tile unpacks with
+  one mask and one shift of the same 32 bytes (lanes 0-7 and lanes 8-15), no byte shuffles.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import tvm
-from tvm import te, tirx
 
 from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
-from .contract import (ACTIVATION_OFFSET, K_QUAD, LANES, MAX_WEIGHT_SCALE_EXPONENT, NIBBLE_MAX_MANTISSA_BITS,
-                       block_size_problem, check_block_size, padded)
-from .float_bits import power_of_two
+from .contract import (K_QUAD, LANES, MAX_WEIGHT_SCALE_EXPONENT, NIBBLE_MAX_MANTISSA_BITS, block_size_problem,
+                       check_block_size, padded)
 
-__all__ = ["PackedWeights", "pack_quantized", "pack_weights", "bfp_weight_expand_func"]
+__all__ = ["NIBBLE_TILE_BYTES", "PackedWeights", "pack_quantized", "pack_weights"]
+
+# Bytes of one nibble-packed 16 x 4 tile.
+NIBBLE_TILE_BYTES = LANES * K_QUAD // 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,7 +39,7 @@ class PackedWeights:
 
     Attributes
     ----------
-    qw : int8 [Np/16, Kp/4, 16, 4], or uint8 [Np/16, Kp/4, 16, 2] nibble pairs when m <= 4.
+    qw : int8 [Np/16, Kp/4, 16, 4], or uint8 [Np/16, Kp/4, 32] nibble pairs when m <= 4.
     ew : int8 [nb, Np] block exponents (padded outputs: emin, with zero mantissas).
     fmt : the weight format.
     n : unpadded output count N.
@@ -51,12 +51,13 @@ class PackedWeights:
     n: int
 
     def __post_init__(self):
-        tiles, quads, lanes, width = self.qw.shape
-        expected_width = 2 if self.nibbles else K_QUAD
-        if lanes != LANES or width != expected_width or self.ew.shape != (quads * K_QUAD // self.fmt.block_size,
-                                                                            tiles * LANES):
-            raise BitqError(f"PackedWeights: qw {self.qw.shape} and ew {self.ew.shape} do not fit "
-                            f"format {self.fmt.name}")
+        tiles, quads, *tile = self.qw.shape
+        expected = [NIBBLE_TILE_BYTES] if self.nibbles else [LANES, K_QUAD]
+        dtype = np.uint8 if self.nibbles else np.int8
+        if tile != expected or self.qw.dtype != dtype or self.ew.dtype != np.int8 or \
+                self.ew.shape != (quads * K_QUAD // self.fmt.block_size, tiles * LANES):
+            raise BitqError(f"PackedWeights: qw {self.qw.shape} {self.qw.dtype} and ew {self.ew.shape} "
+                            f"{self.ew.dtype} do not fit format {self.fmt.name}")
 
     @property
     def nibbles(self) -> bool:
@@ -75,25 +76,17 @@ class PackedWeights:
         """Bytes stored in the artifact for this weight (equals :func:`.contract.packed_nbytes`)."""
         return self.qw.nbytes + self.ew.nbytes
 
-    def mantissas(self) -> np.ndarray:
-        """Unpacked int8 mantissas [Np, Kp] (for tests and the NumPy reference)."""
+    def tiles(self) -> np.ndarray:
+        """Unpacked int8 mantissa tiles [Np/16, Kp/4, 16, 4] (what the kernel unpacks in registers)."""
         q = self.qw
         if self.nibbles:
-            q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(*q.shape[:-1], K_QUAD).astype(np.int16)
-            q = ((q ^ 8) - 8).astype(np.int8)
-        return q.transpose(0, 2, 1, 3).reshape(self.n_padded, self.k_padded)
+            nib = np.concatenate([q & 0xF, q >> 4], axis=-1).astype(np.int16)
+            q = ((nib ^ 8) - 8).astype(np.int8).reshape(*q.shape[:2], LANES, K_QUAD)
+        return q
 
-    def expanded(self) -> dict[str, np.ndarray]:
-        """NumPy twin of :func:`bfp_weight_expand_func`: the matmul's weight operands ``qw`` int8
-        [Np/16, Kp/4, 16, 4], ``sw`` float32 [nb, Np] (block scales 2**(e - (m-2))), ``wcorr``
-        int32 [nb, Np] (-128 x per-block mantissa sum: cancels the x86 activation offset)."""
-        q = self.mantissas()
-        block_sums = q.reshape(self.n_padded, -1, self.fmt.block_size).astype(np.int32).sum(-1)
-        return {
-            "qw": q.reshape(-1, LANES, self.k_padded // K_QUAD, K_QUAD).transpose(0, 2, 1, 3).copy(),
-            "sw": np.ldexp(np.float32(1), self.ew.astype(np.int32) - self.fmt.scale_shift).astype(np.float32),
-            "wcorr": (-ACTIVATION_OFFSET * block_sums.T).astype(np.int32),
-        }
+    def mantissas(self) -> np.ndarray:
+        """Unpacked int8 mantissas [Np, Kp] (for tests and the NumPy reference)."""
+        return self.tiles().transpose(0, 2, 1, 3).reshape(self.n_padded, self.k_padded)
 
 
 def pack_quantized(mantissas: np.ndarray, exponents: np.ndarray, fmt: BFPFormat, name: str) -> PackedWeights:
@@ -117,8 +110,8 @@ def pack_quantized(mantissas: np.ndarray, exponents: np.ndarray, fmt: BFPFormat,
     q[:n] = mantissas
     tiles = q.reshape(n_padded // LANES, LANES, k_padded // K_QUAD, K_QUAD).transpose(0, 2, 1, 3)
     if fmt.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS:
-        nib = tiles.astype(np.uint8) & 0xF
-        tiles = nib[..., 0::2] | (nib[..., 1::2] << 4)
+        nib = tiles.reshape(*tiles.shape[:2], 2, NIBBLE_TILE_BYTES).astype(np.uint8) & 0xF
+        tiles = nib[:, :, 0] | (nib[:, :, 1] << 4)
     ew = np.full((k_padded // fmt.block_size, n_padded), fmt.emin, np.int8)
     ew[:, :n] = exponents.T
     return PackedWeights(np.ascontiguousarray(tiles), ew, fmt, n)
@@ -135,52 +128,3 @@ def pack_weights(w: np.ndarray, fmt: BFPFormat, name: str = "weight", k_axis: in
     t = quantize_np(w.astype(np.float32), fmt, axis=k_axis, name=name)
     n = w.shape[1 - k_axis % 2]
     return pack_quantized(t.mantissas.reshape(n, -1), t.exponents.reshape(n, -1), fmt, name)
-
-
-def bfp_weight_expand_func(packed: PackedWeights) -> tirx.PrimFunc:
-    """Scheduled PrimFunc ``(qw_stored, ew, [qw], sw, wcorr)`` deriving the matmul's weight operands.
-
-    ``qw`` (int8 tiles) is an output only for nibble-packed weights; 8-bit mantissas are read
-    by the matmul from the stored constant directly.
-    """
-    fmt = packed.fmt
-    tiles, quads = packed.qw.shape[:2]
-    nb, n_padded = packed.ew.shape
-    stored = te.placeholder(packed.qw.shape, str(packed.qw.dtype), name="qw_stored")
-    ew = te.placeholder(packed.ew.shape, "int8", name="ew")
-
-    if packed.nibbles:
-        def unpack(t, kq, lane, i):
-            byte = stored[t, kq, lane, i // 2].astype("int32")
-            nibble = tirx.Select(i % 2 == 0, byte & 0xF, byte >> 4)
-            return ((nibble ^ 8) - 8).astype("int8")  # sign-extend 4-bit two's complement
-        qw = te.compute((tiles, quads, LANES, K_QUAD), unpack, name="qw")
-    else:
-        qw = stored
-    rq = te.reduce_axis((0, fmt.block_size // K_QUAD), name="rq")
-    rl = te.reduce_axis((0, K_QUAD), name="rl")
-    wcorr = te.compute(
-        (nb, n_padded),
-        lambda b, j: te.sum(qw[j // LANES, b * (fmt.block_size // K_QUAD) + rq, j % LANES, rl].astype("int32")
-                            * -ACTIVATION_OFFSET, axis=[rq, rl]),
-        name="wcorr")
-    sw = te.compute((nb, n_padded), lambda b, j: power_of_two(ew[b, j].astype("int32") - fmt.scale_shift),
-                    name="sw")
-    outputs = ([qw] if packed.nibbles else []) + [sw, wcorr]
-    sch = tvm.s_tir.Schedule(te.create_prim_func([stored, ew, *outputs]))
-
-    if packed.nibbles:
-        q_block = sch.get_sblock("qw")
-        t, kq, lane, i = sch.get_loops(q_block)
-        sch.parallel(sch.fuse(t, kq))
-        sch.vectorize(sch.fuse(lane, i))
-    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("sw"))))
-    sum_block = sch.get_sblock("wcorr")
-    b, j, rq_loop, rl_loop = sch.get_loops(sum_block)
-    j_tile, j_lane = sch.split(j, factors=[None, LANES])
-    sch.reorder(b, j_tile, rq_loop, rl_loop, j_lane)
-    task = sch.fuse(b, j_tile)
-    sch.parallel(task)
-    init = sch.decompose_reduction(sum_block, rq_loop)
-    sch.vectorize(sch.get_loops(init)[-1])
-    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)

@@ -19,12 +19,10 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
    layer's epilogue (bias add, ReLU, residual add): those are not part of the integer kernel,
    whose scaled float32 output they read once.
 
-Weight storage: mantissas (two per byte when m <= 4) and int8 exponents are the constants
-returned by the Relax function :data:`PACKED_FUNCTION`. :data:`EXPAND_FUNCTION` derives from
-them the matmul's operands (float scales, offset corrections, unpacked 4-bit mantissas; see
-:mod:`~bitq_tvm.kernels.packing`), which ``main`` takes as trailing parameters: after
-loading, call ``expand(*packed())`` once and pass its results to every ``main`` call
-(:class:`bitq_tvm.deploy.DeployedModel` does this). The expansion is not per inference.
+Weight storage: mantissas (two per byte when m <= 4) and int8 exponents
+(:mod:`~bitq_tvm.kernels.packing`) are Relax constants of ``main``, passed as they are to the
+matmul, which unpacks nibbles and builds block scales in registers: the artifact's weight bytes
+are the bytes resident at run time, and ``main`` takes only the model's inputs.
 
 Layers the kernel cannot run stay float with a reason (in ``bitq.deployment``), never
 silently: weights that are not bound constants, weight-only or activation-only plans, different weight/activation block sizes, block
@@ -49,18 +47,15 @@ from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
-from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, K_QUAD, LANES, conv_problem, format_problem, gemm_geometry
-from ..kernels.packing import PackedWeights, bfp_weight_expand_func, pack_quantized, pack_weights
+from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, conv_problem, format_problem, gemm_geometry
+from ..kernels.packing import PackedWeights, pack_quantized, pack_weights
 from ..frontend import LAYER_NAMES_ATTR
 from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, permute_axes, resolve_formats
 
-__all__ = ["DEPLOYMENT_ATTR", "EXPAND_FUNCTION", "PACKED_FUNCTION", "LayerDeployment", "LowerBFPInteger",
-           "deployment_layers", "deployment_modes"]
+__all__ = ["DEPLOYMENT_ATTR", "LayerDeployment", "LowerBFPInteger", "deployment_layers", "deployment_modes"]
 
 DEPLOYMENT_ATTR = "bitq.deployment"
 
-EXPAND_FUNCTION = "bitq_expand_weights"
-PACKED_FUNCTION = "bitq_packed_weights"
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
@@ -147,8 +142,6 @@ class _Lowerer(PyExprMutator):
         self.report: dict[str, LayerDeployment] = {}  # of the function being lowered
         self.weight_names: dict[str, str] = {}  # layer -> weight name for messages (producer's hint)
         self.weight_name = ""
-        # expanded-weight parameters of main, in order, with the packed weight each comes from
-        self.expanded: list[tuple[PackedWeights, list[relax.Var]]] = []
         self._act_cache: dict = {}
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -173,19 +166,7 @@ class _Lowerer(PyExprMutator):
                                     self._emit(relax.TupleGetItem(both, 1), f"{name}_ea"))
         return self._act_cache[key]
 
-    def _weight_operands(self, packed: PackedWeights, name: str):
-        """(qw, sw, wcorr) of one packed weight: new trailing parameters of main."""
-        nb, n_padded = packed.ew.shape
-        params = [
-            relax.Var(f"{name}_qw", relax.TensorType([n_padded // LANES, packed.k_padded // K_QUAD, LANES, K_QUAD], "int8")),
-            relax.Var(f"{name}_sw", relax.TensorType([nb, n_padded], "float32")),
-            relax.Var(f"{name}_wcorr", relax.TensorType([nb, n_padded], "int32")),
-        ]
-        self.expanded.append((packed, params))
-        return params
-
     def _matmul(self, qa, ea, packed: PackedWeights, rows: int, k: int, fmt_a, name: str):
-        qw, sw, wcorr = self._weight_operands(packed, name)
         tag = bfp_matmul_name(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         func = self.kernels(rows, packed.n, k, fmt_a, packed.fmt, self.variant) if callable(self.kernels) \
             else self.kernels.get(tag)
@@ -194,7 +175,8 @@ class _Lowerer(PyExprMutator):
         else:
             self.tuned_used.add(tag)
         func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-        return self._call_tir(func, tag, [qa, ea, qw, sw, wcorr], [((rows, packed.n), "float32")])
+        weights = [relax.const(packed.qw), relax.const(packed.ew)]  # the stored format, read as is
+        return self._call_tir(func, tag, [qa, ea, *weights], [((rows, packed.n), "float32")])
 
     # ---- layers ----------------------------------------------------------------------------
     def _lower_matmul(self, call: relax.Call, original: relax.Call, lf: LayerFormats, name: str):
@@ -369,10 +351,6 @@ class LowerBFPInteger:
             hint = func.attrs[LAYER_NAMES_ATTR] if LAYER_NAMES_ATTR in func.attrs else {}
             lowerer.weight_names = {str(layer): str(weight) for weight, layer in hint.items()}
             new_func = lowerer.visit_expr(func)
-            if lowerer.expanded:
-                extra = [v for _, params in lowerer.expanded for v in params]
-                new_func = relax.Function(list(new_func.params) + extra, new_func.body, new_func.ret_ty,
-                                          new_func.is_pure, new_func.attrs, new_func.span)
             record = {"variant": self.variant, "layers": [d.to_attr() for d in lowerer.report.values()],
                       "tuned_kernels": sorted(lowerer.tuned_used)}
             lowerer.builder_.update_func(gv, new_func.with_attr(DEPLOYMENT_ATTR, record))
@@ -383,33 +361,5 @@ class LowerBFPInteger:
         if missing:
             raise BitqError(f"LowerBFPInteger: planned layer(s) {missing} are not annotated in the module "
                             "(run AnnotateBFPLayers first)")
-        mod = lowerer.builder_.get()
-        return _add_expand_function(mod, lowerer.expanded) if lowerer.expanded else mod
+        return lowerer.builder_.get()
 
-
-def _add_expand_function(mod: IRModule, expanded) -> IRModule:
-    """Add :data:`PACKED_FUNCTION` (the stored constants) and :data:`EXPAND_FUNCTION` (them -> main's
-    trailing parameters, in order). The constants are only returned, never computed on, inside a
-    function of their own: no ``FoldConstant`` can turn the expansion into stored tensors."""
-    bb = relax.BlockBuilder(mod)
-    with bb.function(PACKED_FUNCTION, [], attrs={"global_symbol": PACKED_FUNCTION}):
-        stored = [relax.const(a) for packed, _ in expanded for a in (packed.qw, packed.ew)]
-        bb.emit_func_output(relax.Tuple(stored))
-    inputs = []
-    for i, (packed, _) in enumerate(expanded):
-        inputs += [relax.Var(f"stored{i}_qw", relax.TensorType(list(packed.qw.shape), str(packed.qw.dtype))),
-                   relax.Var(f"stored{i}_ew", relax.TensorType(list(packed.ew.shape), "int8"))]
-    with bb.function(EXPAND_FUNCTION, inputs, attrs={"global_symbol": EXPAND_FUNCTION}):
-        with bb.dataflow():
-            outputs = []
-            for i, (packed, params) in enumerate(expanded):
-                qw, ew = inputs[2 * i], inputs[2 * i + 1]
-                gv = bb.add_func(_opaque(bfp_weight_expand_func(packed)),
-                                 f"bfp_expand_{packed.fmt.name}_{packed.n_padded}x{packed.k_padded}")
-                derived = params if packed.nibbles else params[1:]
-                both = bb.emit(relax.call_tir(gv, [qw, ew], [p.ty for p in derived]), f"expanded{i}")
-                items = [bb.emit(relax.TupleGetItem(both, j), p.name) for j, p in enumerate(derived)]
-                outputs += items if packed.nibbles else [qw, *items]
-            result = bb.emit_output(relax.Tuple(outputs))
-        bb.emit_func_output(result)
-    return bb.get()

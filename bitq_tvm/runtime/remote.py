@@ -530,14 +530,6 @@ class RemoteModel(Runner):
                 self._step(what, "upload", ("upload", str(library), self.LIBRARY_NAME))
             self._step(what, "load_module", ("load_module", self.LIBRARY_NAME))
             self._step(what, "VM creation", ("create_vm",))
-            report = getattr(compiled, "report", None)
-            if report is not None and report.integer_layers:
-                # An integer-deployed model (bitq_tvm.deploy) stores packed weights and expands
-                # them once on the device: w = EXPAND(*PACKED()), then main(inputs..., *w).
-                from bitq_tvm.passes.lower_bfp_integer import EXPAND_FUNCTION, PACKED_FUNCTION
-
-                self._step(f"running '{EXPAND_FUNCTION}' on the remote device ({self.target.name})", "the run",
-                           ("prelude", PACKED_FUNCTION, EXPAND_FUNCTION))
         except BaseException:
             self.close()
             raise

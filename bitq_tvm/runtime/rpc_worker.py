@@ -79,7 +79,6 @@ def _flatten(value) -> list:
 class _Worker:
     def __init__(self) -> None:
         self.session = self.module = self.vm = self.device = None
-        self.trailing: list = []
 
     def connect(self, address, timeout_s):
         from bitq_tvm.runtime.remote import open_session
@@ -105,7 +104,6 @@ class _Worker:
         if self.vm is not None:
             self.vm.__dict__.clear()  # TVM's VirtualMachine sits in a reference cycle
         self.session = self.module = self.vm = self.device = None
-        self.trailing = []
         gc.collect()
 
     def _call(self, function, *args) -> list:
@@ -113,14 +111,11 @@ class _Worker:
         self.vm.invoke_stateful(function)
         return _flatten(self.vm.get_outputs(function))
 
-    def prelude(self, packed_function, expand_function):
-        self.trailing = self._call(expand_function, *self._call(packed_function))
-
     def run(self, arrays):
         import tvm
 
         inputs = [tvm.runtime.tensor(x, device=self.device) for x in arrays]
-        outputs = self._call("main", *inputs, *self.trailing)
+        outputs = self._call("main", *inputs)
         return [output.numpy() for output in outputs]
 
 

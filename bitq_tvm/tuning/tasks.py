@@ -7,17 +7,17 @@ matmul: ``M = rows``, ``N = out features``, ``K = pad(in features, B)``). Layers
 (M, N, K, formats, kernel variant) share one task. The variant is the one deployment runs on the
 target (:func:`~bitq_tvm.kernels.bfp_matmul_variants.kernel_variant`: ``vnni``/``avx2``/
 ``generic`` on x86, ``sdot``/``neon`` on ARM, ``rvv``/``scalar`` on RISC-V), so the kernel
-measured is the kernel deployed: x86 variants tune the unsigned-offset compute of
-:mod:`~bitq_tvm.kernels.bfp_matmul` (schedules in :mod:`~bitq_tvm.kernels.bfp_matmul_x86`), the
-others the signed one (schedules in :mod:`~bitq_tvm.kernels.bfp_matmul_arm_riscv`).
+measured is the kernel deployed: ``vnni`` tunes the unsigned-weight compute of
+:mod:`~bitq_tvm.kernels.bfp_matmul`, the others the signed one (schedules in
+:mod:`~bitq_tvm.kernels.bfp_matmul_x86` and :mod:`~bitq_tvm.kernels.bfp_matmul_arm_riscv`).
 
 Task names are deterministic and double as keys: the task's PrimFunc carries its name as
 ``global_symbol``, so every workload in a MetaSchedule database names its task, e.g.
 ``bfp_matmul_m64_n32_k288_a8b32_w8b32_vnni``.
 
 The search space (:func:`bfp_matmul_space`) is our kernel's layout and intrinsic with its
-register tile and loop order left open: MetaSchedule's generic x86 rules inline the activation
-offset into the reduction and then cannot tensorize it, so they never reach ``vpdpbusd`` here,
+register tile and loop order left open: MetaSchedule's generic x86 rules inline the weight
+unpacking into the reduction and then cannot tensorize it, so they never reach ``vpdpbusd`` here,
 and they know nothing of our sdot/rvv intrinsics.
 """
 
@@ -40,6 +40,7 @@ from ..plan import LayerFormats
 from ..kernels.bfp_matmul import bfp_matmul_compute, bfp_matmul_name
 from ..kernels.bfp_matmul_arm_riscv import LANE_MAJOR_VARIANTS, schedule_bfp_matmul_arm_riscv
 from ..kernels.bfp_matmul_variants import kernel_variant
+from ..kernels.bfp_matmul_x86 import UNSIGNED_WEIGHT_VARIANTS
 from ..kernels.bfp_matmul_x86 import VARIANTS as X86_VARIANTS
 from ..kernels.bfp_matmul_x86 import schedule_bfp_matmul_x86
 from ..kernels.contract import K_QUAD, LANES, MAX_BLOCK, MIN_BLOCK, block_size_problem, gemm_geometry, padded
@@ -122,7 +123,7 @@ class BfpTask:
     def prim_func(self) -> tirx.PrimFunc:
         """The unscheduled kernel of the task's variant, named after the task (its database key)."""
         func = bfp_matmul_compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w,
-                                  signed=self.variant not in X86_VARIANTS)
+                                  unsigned_weights=self.variant in UNSIGNED_WEIGHT_VARIANTS)
         return func.with_attr("global_symbol", self.name)
 
 
@@ -259,7 +260,7 @@ def schedule_bfp_matmul(sch: Schedule, task: BfpTask, rows: int, groups: int, or
     :func:`bitq_tvm.kernels.bfp_matmul_arm_riscv.schedule_bfp_matmul_arm_riscv` for the others).
     ``intrinsic`` replaces an x86 variant's tensor intrinsic (tests plant a wrong one)."""
     if task.variant in X86_VARIANTS:
-        schedule_bfp_matmul_x86(sch, task.k, rows, groups, task.variant, order, intrinsic)
+        schedule_bfp_matmul_x86(sch, rows, groups, task.variant, order, intrinsic)
     elif intrinsic is not None:
         raise BitqError(f"tuning task {task.name}: only x86 variants take an intrinsic override")
     else:

@@ -32,10 +32,12 @@ from ..targets.presets import TargetPreset
 from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, register_metaschedule_intrinsics
 
-__all__ = ["VERIFIED_FILE", "Verdict", "random_bfp_inputs", "check_kernel", "kernel_runner", "schedule_from_record",
+__all__ = ["VERIFIED_FILE", "KERNEL_INPUTS", "Verdict", "random_bfp_inputs", "check_kernel", "kernel_runner", "schedule_from_record",
            "verify_tasks", "trusted_records", "tuned_prim_funcs"]
 
 VERIFIED_FILE = "bitq_verified.json"
+# The matmul kernel's inputs, in order (its output C follows).
+KERNEL_INPUTS = ("qa", "ea", "qw", "ew")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Verdict:
 
 
 def random_bfp_inputs(task: BfpTask, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random kernel arguments for ``task`` and the reference's unpacked operands."""
+    """Random kernel arguments ``KERNEL_INPUTS`` for ``task`` and the reference's unpacked
+    operands (``qw_rows`` [N, Kp], ``ew_rows`` [N, nb])."""
     rng = np.random.default_rng(seed)
     m, n, k, block = task.m, task.n, task.k, task.fmt_a.block_size
     a = rng.standard_normal((m, k)).astype(np.float32) * np.exp2(rng.integers(-20, 20, (m, 1))).astype(np.float32)
@@ -59,14 +62,14 @@ def random_bfp_inputs(task: BfpTask, seed: int = 0) -> dict[str, np.ndarray]:
     w[rng.integers(0, n)] = 0.0
     acts = quantize_activations_np(a, task.fmt_a)
     packed = pack_weights(w, task.fmt_w)
-    return {"qa": acts["qa"], "ea": acts["ea"], **packed.expanded(),
-            "qw_rows": packed.mantissas()[:n], "ew": packed.ew[:, :n].T}
+    return {"qa": acts["qa"], "ea": acts["ea"], "qw": packed.qw, "ew": packed.ew,
+            "qw_rows": packed.mantissas()[:n], "ew_rows": packed.ew[:, :n].T}
 
 
 def check_kernel(task: BfpTask, run: Callable, seed: int = 0) -> float:
     """Run the kernel on random BFP data and compare with the integer reference.
 
-    ``run(qa, ea, qw, sw, wcorr)`` (NumPy arrays) returns the kernel's C (see :func:`kernel_runner`).
+    ``run(qa, ea, qw, ew)`` (NumPy arrays) returns the kernel's C (see :func:`kernel_runner`).
 
     Returns
     -------
@@ -75,8 +78,8 @@ def check_kernel(task: BfpTask, run: Callable, seed: int = 0) -> float:
         nonzero error where the tolerance is 0); the kernel is right when it is <= 1.
     """
     data = random_bfp_inputs(task, seed)
-    got = np.asarray(run(*(data[name] for name in ("qa", "ea", "qw", "sw", "wcorr")))).astype(np.float64)
-    ref_args = (data["qa"], data["ea"], data["qw_rows"], data["ew"], task.fmt_a.block_size,
+    got = np.asarray(run(*(data[name] for name in KERNEL_INPUTS))).astype(np.float64)
+    ref_args = (data["qa"], data["ea"], data["qw_rows"], data["ew_rows"], task.fmt_a.block_size,
                 task.fmt_a.mantissa_bits, task.fmt_w.mantissa_bits)
     error = np.abs(got - bfp_matmul_ref(*ref_args).astype(np.float64))
     bound = bfp_matmul_tolerance(*ref_args)

@@ -19,7 +19,7 @@ from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
 from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func
 from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
-from bitq_tvm.kernels.packing import pack_weights
+from bitq_tvm.kernels.packing import PackedWeights, pack_weights
 
 # vnni needs avx512vnni (Zen 4/5, Ice Lake and later): run only where the host has it; avx2 is
 # compiled for a CPU without AVX-512 to show it needs none; generic is compiled for the host.
@@ -42,7 +42,7 @@ def _compile(M, N, K, fmt_a, fmt_w, variant):
 
 def _run(executable, qa, ea, packed, M, N):
     dev = tvm.cpu()
-    arrays = (qa, ea, packed["qw"], packed["sw"], packed["wcorr"])
+    arrays = (qa, ea, packed.qw, packed.ew)
     inputs = [tvm.runtime.tensor(x, dev) for x in arrays]
     out = tvm.runtime.tensor(np.full((M, N), np.nan, np.float32), dev)
     executable.mod["bfp_matmul"](*inputs, out)
@@ -78,7 +78,7 @@ def test_matches_references_within_summation_bound(variant, block):
         fmt_w = BFPFormat(mantissa_bits=MANTISSA_BITS[-1 - index], block_size=block)
         a, w = _data(rng, M, N, K, block)
         acts = quantize_activations_np(a, fmt_a)
-        packed = pack_weights(w, fmt_w).expanded()
+        packed = pack_weights(w, fmt_w)
         qw, ew = _unpacked(w, fmt_w)
         args = (acts["qa"], acts["ea"], qw, ew, block, fmt_a.mantissa_bits, fmt_w.mantissa_bits)
 
@@ -116,15 +116,10 @@ def test_block_scale_exact_over_whole_exponent_range(variant):
     ew = rng.integers(-127, 112, (N, 1), dtype=np.int8)
     ew[::4] = rng.integers(-127, -117, (N // 4, 1))
     ew[1::4] = rng.integers(90, 112, (N // 4, 1))
-    wsum = qw.astype(np.int32).sum(-1, dtype=np.int32)
-    packed = {
-        "qw": np.ascontiguousarray(qw.reshape(N // 16, 16, block // 4, 4).transpose(0, 2, 1, 3)),
-        "sw": np.ldexp(np.float32(1), ew.T.astype(np.int32) - 6),
-        "wcorr": np.ascontiguousarray(-128 * wsum[None, :], dtype=np.int32),
-    }
-    repacked = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt).expanded()
-    assert np.array_equal(packed["qw"], repacked["qw"])
-    assert np.array_equal(packed["wcorr"], repacked["wcorr"])
+    packed = PackedWeights(np.ascontiguousarray(qw.reshape(N // 16, 16, block // 4, 4).transpose(0, 2, 1, 3)),
+                           np.ascontiguousarray(ew.T), fmt, N)
+    repacked = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt)
+    assert np.array_equal(packed.qw, repacked.qw)
 
     got = _run(_compile(M, N, block, fmt, fmt, variant), qa, ea, packed, M, N)
     want = bfp_matmul_ref(qa, ea, qw, ew, block, 8, 8)

@@ -11,6 +11,8 @@ single block per output there is no sum, and the result must equal the reference
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 
 import numpy as np
@@ -77,7 +79,7 @@ def _build(preset, variant, M, N, K, fmt_a, fmt_w, path):
 
 
 def _run(library, preset, qa, ea, packed, M, N, cache):
-    arrays = [qa, ea, packed["qw"], packed["sw"], packed["wcorr"]]
+    arrays = [qa, ea, packed.qw, packed.ew]
     (out,) = run_kernel_emulated(
         library, "bfp_matmul", arrays, [((M, N), "float32")], preset, cache_dir=cache
     )
@@ -109,7 +111,7 @@ def test_emulated_kernel_matches_references(name, variant, block, tmp_path, runn
         fmt_w = BFPFormat(mantissa_bits=MANTISSA_BITS[-1 - index], block_size=block)
         a, w = _data(rng, M, N, K, block)
         acts = quantize_activations_np(a, fmt_a)
-        packed = pack_weights(w, fmt_w).expanded()
+        packed = pack_weights(w, fmt_w)
         wt = quantize_np(w, fmt_w, axis=-1)
         qw, ew = wt.mantissas.reshape(N, -1), wt.exponents.reshape(N, -1)
         args = (acts["qa"], acts["ea"], qw, ew, block, fmt_a.mantissa_bits, fmt_w.mantissa_bits)
@@ -143,8 +145,8 @@ def test_block_scale_exact_over_whole_exponent_range(name, variant, tmp_path, ru
     ew = rng.integers(-127, 112, (N, 1), dtype=np.int8)
     ew[::4] = rng.integers(-127, -117, (N // 4, 1))
     ew[1::4] = rng.integers(90, 112, (N // 4, 1))
-    packed = pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt).expanded()
-    packed["sw"] = np.ldexp(np.float32(1), ew.T.astype(np.int32) - 6)
+    packed = dataclasses.replace(pack_weights(np.ldexp(qw.astype(np.float32), -6), fmt),
+                                 ew=np.ascontiguousarray(ew.T))
 
     _, library = _build(preset, variant, M, N, block, fmt, fmt, tmp_path / "exact.so")
     got = _run(library, preset, qa, ea, packed, M, N, runner_cache)

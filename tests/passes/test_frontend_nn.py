@@ -80,8 +80,7 @@ def _export(module, shape):
 def _run(mod, params, x, deploy):
     ex = tvm.compile(mod, HOST, relax_pipeline=bitq_tvm.pipeline(PLAN, "host", deploy=deploy, params=params))
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    extra = list(vm["bitq_expand_weights"](*vm["bitq_packed_weights"]())) if deploy else []
-    return vm["forward"](tvm.runtime.tensor(x), *extra).numpy(), vm
+    return vm["forward"](tvm.runtime.tensor(x)).numpy(), vm
 
 
 def _fq_act(x, axis):

@@ -31,7 +31,7 @@ from bitq_tvm.kernels.contract import padded_rows
 from bitq_tvm.targets.presets import get_target
 from bitq_tvm.plan import Plan
 from bitq_tvm.kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from bitq_tvm.kernels.packing import bfp_weight_expand_func, pack_quantized
+from bitq_tvm.kernels.packing import pack_quantized
 from bitq_tvm.targets.presets import get_target
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -76,27 +76,27 @@ def test_act_quant_bit_exact(shape, axis, groups, fmt):
 
 # ---- packed weights -------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["bfp8_b32", "bfp4_b16", "bfp2_b8", "bfp5_b12"])
-def test_packed_weights_match_matmul_packing_and_expand_kernel(fmt):
+def test_packed_weights_are_the_layout_the_kernel_reads(fmt):
     fmt = get_format(fmt)
     w = _spread(np.random.default_rng(1), (21, 50))
     t = quantize_np(w, fmt, axis=1)
     packed = pack_quantized(t.mantissas.reshape(21, -1), t.exponents.reshape(21, -1), fmt, "w")
     assert packed.nibbles == (fmt.mantissa_bits <= 4)
     assert packed.qw.dtype == (np.uint8 if packed.nibbles else np.int8)
-    expanded = packed.expanded()
     # the layout built by hand: 16 outputs x 4 K values per tile, N padded to 32 with zeros
     q = np.zeros((32, packed.k_padded), np.int8)
     q[:21] = t.mantissas.reshape(21, -1)
-    np.testing.assert_array_equal(expanded["qw"], q.reshape(2, 16, -1, 4).transpose(0, 2, 1, 3))
-    block_sums = q.reshape(32, -1, fmt.block_size).astype(np.int32).sum(-1)
-    np.testing.assert_array_equal(expanded["wcorr"], -128 * block_sums.T)
-    np.testing.assert_array_equal(expanded["sw"][:, :21],
-                                  np.ldexp(np.float32(1), t.exponents.reshape(21, -1).T.astype(np.int32)
-                                           - (fmt.mantissa_bits - 2)))
-    outs = ([expanded["qw"]] if packed.nibbles else []) + [expanded["sw"], expanded["wcorr"]]
-    got = _run_prim(bfp_weight_expand_func(packed), packed.qw, packed.ew, *[np.zeros_like(o) for o in outs])[2:]
-    for g, want in zip(got, outs):
-        np.testing.assert_array_equal(g, want)
+    tiles = q.reshape(2, 16, -1, 4).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(packed.tiles(), tiles)
+    np.testing.assert_array_equal(packed.mantissas(), q)
+    if packed.nibbles:  # byte p of a tile: element p in the low nibble, element p + 32 in the high
+        flat = tiles.reshape(*tiles.shape[:2], 64).astype(np.uint8) & 0xF
+        np.testing.assert_array_equal(packed.qw, flat[..., :32] | (flat[..., 32:] << 4))
+    else:
+        np.testing.assert_array_equal(packed.qw, tiles)
+    ew = np.full((packed.k_padded // fmt.block_size, 32), fmt.emin, np.int8)
+    ew[:, :21] = t.exponents.reshape(21, -1).T
+    np.testing.assert_array_equal(packed.ew, ew)
 
 
 @pytest.mark.parametrize("fmt, limit", [("bfp8_b32", 0.27), ("bfp4_b32", 0.15), ("bfp4_b16", 0.16)])

@@ -2,9 +2,8 @@
 
 The pass is checked in TVM's idiom: an annotated module with its weight bound goes in, and the
 module out must be structurally equal to one written out by hand: activation quantizer, integer
-matmul against new trailing weight parameters, ``bitq.deployment`` attribute, and the functions
-holding the packed weights (``bitq_packed_weights``) and deriving the operands from them
-(``bitq_expand_weights``). The kernels (PrimFuncs) are the library's; their numerics are
+matmul reading the packed weights as constants in their stored format (nothing expanded, no new
+parameters or functions), ``bitq.deployment`` attribute. The kernels (PrimFuncs) are the library's; their numerics are
 tests/passes/test_lower_bfp_integer.py.
 """
 
@@ -20,8 +19,7 @@ from bitq_tvm.formats import get_format, quantize_np
 from bitq_tvm.kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from bitq_tvm.kernels.bfp_matmul import bfp_matmul_name
 from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_func
-from bitq_tvm.kernels.contract import K_QUAD
-from bitq_tvm.kernels.packing import bfp_weight_expand_func, pack_quantized
+from bitq_tvm.kernels.packing import pack_quantized
 from bitq_tvm.passes import AnnotateBFPLayers, InsertBFPSimulation, LowerBFPInteger
 from bitq_tvm.passes.lower_bfp_integer import deployment_modes
 from bitq_tvm.plan import LayerFormats
@@ -55,18 +53,14 @@ def _lower(formats):
 def _expected():
     t = quantize_np(W, B8, axis=1)
     packed = pack_quantized(t.mantissas.reshape(16, -1), t.exponents.reshape(16, -1), B8, "fc_weight")
-    nb, n_padded = packed.ew.shape
     q_shape, e_shape = act_quant_shapes([4, 64], B8, 1, 1)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([4, 64], "float32"))
-    qw = relax.Var("fc_qw", relax.TensorType([n_padded // 16, packed.k_padded // K_QUAD, 16, K_QUAD], "int8"))
-    sw = relax.Var("fc_sw", relax.TensorType([nb, n_padded], "float32"))
-    wcorr = relax.Var("fc_wcorr", relax.TensorType([nb, n_padded], "int32"))
     deployment = {"variant": VARIANT, "tuned_kernels": [], "layers": [{
         "layer": "fc", "kind": "matmul", "mode": "integer", "variant": VARIANT, "reason": "",
         "fp32_bytes": W.nbytes, "stored_bytes": packed.nbytes}]}
     attrs = {"num_input": 1, "bitq.layers": {"fc": "fc"}, "bitq.deployment": deployment}
-    with bb.function("main", [x, qw, sw, wcorr], attrs=attrs, private=False):
+    with bb.function("main", [x], attrs=attrs, private=False):
         with bb.dataflow():
             bb.emit(relax.op.permute_dims(relax.const(W), [1, 0]))  # left for DeadCodeElimination
             aq_name = "bfp_aq_bfp8_b32_a1_g1_4x64"
@@ -77,22 +71,10 @@ def _expected():
             mm_name = bfp_matmul_name(4, 16, 64, B8, B8, VARIANT)
             mm_func = bfp_matmul_func(4, 16, 64, B8, B8, VARIANT).without_attr("global_symbol")
             mm = bb.add_func(mm_func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE), mm_name)
-            out = bb.emit(relax.call_tir(mm, [qa, ea, qw, sw, wcorr], relax.TensorType([4, 16], "float32")))
+            weights = [relax.const(packed.qw), relax.const(packed.ew)]
+            out = bb.emit(relax.call_tir(mm, [qa, ea, *weights], relax.TensorType([4, 16], "float32")))
             gv = bb.emit_output(out)
         bb.emit_func_output(gv)
-    with bb.function("bitq_packed_weights", [], attrs={"global_symbol": "bitq_packed_weights"}):
-        bb.emit_func_output(relax.Tuple([relax.const(packed.qw), relax.const(packed.ew)]))
-    stored_qw = relax.Var("stored0_qw", relax.TensorType(list(packed.qw.shape), "int8"))
-    stored_ew = relax.Var("stored0_ew", relax.TensorType(list(packed.ew.shape), "int8"))
-    with bb.function("bitq_expand_weights", [stored_qw, stored_ew], attrs={"global_symbol": "bitq_expand_weights"}):
-        with bb.dataflow():
-            expand = bb.add_func(bfp_weight_expand_func(packed).with_attr("op_pattern", OPAQUE),
-                                 f"bfp_expand_bfp8_b32_{n_padded}x{packed.k_padded}")
-            # 8-bit mantissas are their own matmul operand: only scales and corrections are derived
-            derived = bb.emit(relax.call_tir(expand, [stored_qw, stored_ew], [sw.ty, wcorr.ty]))
-            items = [bb.emit(relax.TupleGetItem(derived, j)) for j in range(2)]
-            result = bb.emit_output(relax.Tuple([stored_qw, *items]))
-        bb.emit_func_output(result)
     return bb.get()
 
 

@@ -374,9 +374,9 @@ def test_riscv_digits_matmul_layers_match_the_x86_simulation(name, variant, tmp_
         (M, K), N = a.shape, len(w)
         func, _ = bfp_matmul_for_target(M, N, K, fmt, fmt, preset.tvm_target(), variant)
         library = export(tvm.compile(func, preset.tvm_target()), tmp_path / f"{layer}.so", preset)
-        acts, packed = quantize_activations_np(a, fmt), pack_weights(w, fmt).expanded()
-        (got,) = run_kernel_emulated(library, "bfp_matmul", [acts["qa"], acts["ea"], packed["qw"], packed["sw"],
-                                                            packed["wcorr"]], [((M, N), "float32")], preset)
+        acts, packed = quantize_activations_np(a, fmt), pack_weights(w, fmt)
+        (got,) = run_kernel_emulated(library, "bfp_matmul", [acts["qa"], acts["ea"], packed.qw, packed.ew],
+                                     [((M, N), "float32")], preset)
         wt = quantize_np(w, fmt, axis=-1)
         args = (acts["qa"], acts["ea"], wt.mantissas.reshape(N, -1), wt.exponents.reshape(N, -1), 32, 8, 8)
         bound = bfp_matmul_tolerance(*args)

@@ -43,7 +43,8 @@ from bitq_tvm.targets.rootfs import ensure_aarch64_rootfs
 from bitq_tvm.tuning.remote import answering_session
 from bitq_tvm.tuning.session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
 from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, schedule_bfp_matmul, space_configs
-from bitq_tvm.tuning.verify import random_bfp_inputs, schedule_from_record, tuned_prim_funcs, verify_tasks
+from bitq_tvm.kernels.bfp_matmul_x86 import UNSIGNED_WEIGHT_VARIANTS
+from bitq_tvm.tuning.verify import KERNEL_INPUTS, random_bfp_inputs, schedule_from_record, tuned_prim_funcs, verify_tasks
 
 FMT = BFPFormat(8, 32)
 ROWS, IN_FEATURES, OUT_FEATURES = 16, 64, 32
@@ -79,8 +80,8 @@ def test_every_target_tunes_the_kernel_it_deploys(tmp_path):
         variant = kernel_variant(preset.tvm_target())
         (task,) = extract_bfp_tasks(model, candidates, preset)
         assert task.name == bfp_matmul_name(padded_rows(ROWS), OUT_FEATURES, IN_FEATURES, FMT, FMT, variant)
-        x86 = preset.triple.startswith("x86_64")
-        compute = bfp_matmul_compute(task.m, task.n, task.k, FMT, FMT, signed=not x86)
+        compute = bfp_matmul_compute(task.m, task.n, task.k, FMT, FMT,
+                                     unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS)
         assert tvm_ffi.structural_equal(task.prim_func().without_attr("global_symbol"),
                                         compute.without_attr("global_symbol")), preset.name
     assert kernel_variant(get_target(DEVICE).tvm_target()) == "sdot"  # DEPLOYED_NAME below
@@ -106,7 +107,7 @@ def test_every_search_space_point_computes_right_numbers_emulated(target, varian
         funcs[f"point{index}"] = sch.mod["main"].with_attr("global_symbol", f"point{index}")
     library = export(tvm.compile(tvm.IRModule(funcs), preset.tvm_target()), tmp_path / "space.so", preset)
     for name, point in zip(funcs, points):
-        (got,) = run_kernel_emulated(library, name, [data[k] for k in ("qa", "ea", "qw", "sw", "wcorr")],
+        (got,) = run_kernel_emulated(library, name, [data[k] for k in KERNEL_INPUTS],
                                      [((task.m, task.n), "float32")], preset, cache_dir=tmp_path)
         assert np.all(np.abs(got - ref) <= bound), (variant, point)
         assert np.count_nonzero(got) > got.size // 2  # a zero kernel would pass a zero reference
@@ -189,7 +190,7 @@ def test_tune_on_emulated_cortex_a76_through_a_tracker(emulated_device, tmp_path
     session = connect(tracker=tracker.address, key=KEY)
     session.upload(library, "best.so")
     device = session.cpu()
-    args = [tvm.runtime.tensor(data[k], device) for k in ("qa", "ea", "qw", "sw", "wcorr")]
+    args = [tvm.runtime.tensor(data[k], device) for k in KERNEL_INPUTS]
     out = tvm.runtime.tensor(np.full((task.m, task.n), np.nan, np.float32), device)
     session.load_module("best.so")[task.name](*args, out)
     got = out.numpy()
