@@ -119,10 +119,10 @@ def stored_mantissa(qw: te.Tensor, tile, quad, lane, k) -> tirx.PrimExpr:
     if len(qw.shape) == 4:
         return qw[tile, quad, lane, k]
     half = LANES // 2  # lanes 0-7 in the low nibbles, 8-15 in the high ones
-    byte = qw[tile, quad, (lane % half) * K_QUAD + k].astype("int8")
-    four = tirx.const(4, "int8")
-    low = tirx.shift_right(tirx.shift_left(byte, four), four)
-    return tirx.Select(lane < half, low, tirx.shift_right(byte, four))
+    byte = qw[tile, quad, (lane % half) * K_QUAD + k]
+    nibble = tirx.Select(lane < half, byte & tirx.const(0xF, "uint8"), byte >> tirx.const(4, "uint8"))
+    # 4-bit two's complement: (n ^ 8) - 8, in byte arithmetic (x86 has no byte shifts)
+    return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
 
 def weight_scales(ew: te.Tensor, fmt_w: BFPFormat) -> te.Tensor:
