@@ -91,9 +91,10 @@ class DeploymentReport:
             runs = {"integer": f"integer BFP ({d.variant})", "simulation": "float BFP simulation",
                     "fp32": "FP32"}[d.mode]
             stored = d.stored_bytes if d.mode == "integer" else d.fp32_bytes
-            rows.append((d.layer, d.kind, runs, f"{d.fp32_bytes:,} -> {stored:,}", d.reason))
+            rows.append((d.layer, d.kind, runs, f"{d.fp32_bytes:,} -> {stored:,}", d.reason or d.epilogue))
         total = self.fp32_weight_bytes
-        return (format_table(["layer", "op", "runs as", "weight bytes (FP32 -> stored)", "note"], rows) + "\n\n"
+        return (format_table(["layer", "op", "runs as", "weight bytes (FP32 -> resident)", "note / epilogue"], rows)
+                + "\n\n"
                 f"{len(self.integer_layers)}/{len(self.layers)} layers integer on {self.target} "
                 f"({self.variant}); all constants of the artifact {self.artifact_constant_bytes:,} B vs "
                 f"{total:,} B FP32 layer weights = {self.artifact_constant_bytes / max(total, 1):.3f}x")

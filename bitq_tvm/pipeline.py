@@ -36,7 +36,7 @@ def resolve_target(target):
 
 
 def pipeline(plan, target, *, deploy: bool = False, tuning_db: str | None = None, params=None,
-             max_padding_ratio: float | None = None):
+             max_padding_ratio: float | None = None, fuse_epilogues: bool = True):
     """A ``relax_pipeline`` for ``tvm.compile`` that compiles a Relax module under a BFP plan.
 
     Parameters
@@ -57,6 +57,9 @@ def pipeline(plan, target, *, deploy: bool = False, tuning_db: str | None = None
     max_padding_ratio : float, optional
         Largest padded/real in-group channel ratio of a conv lowered to integer kernels
         (default: the kernel contract's ``DEFAULT_MAX_PADDING_RATIO``).
+    fuse_epilogues : bool
+        Deploy: fuse bias, activation and the next layer's activation quantization into the
+        integer matmuls (:class:`~bitq_tvm.passes.FuseBFPEpilogue`; the numbers are the same).
 
     Returns
     -------
@@ -69,22 +72,22 @@ def pipeline(plan, target, *, deploy: bool = False, tuning_db: str | None = None
 
     _, tvm_target = resolve_target(target)
     passes = bfp_passes(plan, target, deploy=deploy, tuning_db=tuning_db, params=params,
-                        max_padding_ratio=max_padding_ratio)
+                        max_padding_ratio=max_padding_ratio, fuse_epilogues=fuse_epilogues)
     return tvm.transform.Sequential([*passes, cpu_pipeline(tvm_target)], name="bitq_pipeline")
 
 
 def bfp_passes(plan, target, *, deploy: bool = False, tuning_db: str | None = None, params=None,
-               max_padding_ratio: float | None = None) -> list:
+               max_padding_ratio: float | None = None, fuse_epilogues: bool = True) -> list:
     """The bitq part of :func:`pipeline` (same parameters), for reading the IR before TVM lowers it.
 
     Annotate layers (before binding: parameter names name layers), bind ``params``, lower to
-    integer kernels (deploy), simulate BFP (deploy: the fallbacks), fold constants, eliminate dead
+    integer kernels and fuse their epilogues with the next layer's quantizer (deploy), simulate BFP (deploy: the fallbacks), fold constants, eliminate dead
     code, embed the report (deploy).
     """
     from tvm import relax
 
     from .errors import BitqError
-    from .passes import AnnotateBFPLayers, EmbedBFPReport, InsertBFPSimulation, LowerBFPInteger
+    from .passes import AnnotateBFPLayers, EmbedBFPReport, FuseBFPEpilogue, InsertBFPSimulation, LowerBFPInteger
     from .plan import Plan
 
     plan = plan if plan is not None else Plan()
@@ -102,6 +105,8 @@ def bfp_passes(plan, target, *, deploy: bool = False, tuning_db: str | None = No
         kernels = _tuned_kernels(tuning_db, preset) if tuning_db else None
         ratio = DEFAULT_MAX_PADDING_RATIO if max_padding_ratio is None else max_padding_ratio
         passes.append(LowerBFPInteger(plan, kernel_variant(tvm_target), ratio, kernels))
+        if fuse_epilogues:
+            passes.append(FuseBFPEpilogue())
     elif tuning_db:
         raise BitqError("a tuning database holds integer kernels: it needs deploy=True")
     passes += [InsertBFPSimulation(plan), relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]

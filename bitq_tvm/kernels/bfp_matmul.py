@@ -43,16 +43,20 @@ block's 16-lane scales (``w_scale``) from ``ew``: no weight operand is expanded 
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from ..errors import BitqError
-from ..formats import BFPFormat
+from ..formats import BFPFormat, Rounding
 from .contract import K_QUAD, LANES, NIBBLE_MAX_MANTISSA_BITS, WEIGHT_OFFSET, check_block_size, padded
-from .float_bits import power_of_two
+from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = [
     "LOOP_ORDERS",
+    "Epilogue",
+    "schedule_outputs",
     "bfp_matmul_name",
     "check_formats",
     "bfp_matmul_operands",
@@ -145,9 +149,78 @@ def bfp_matmul_prim_func(tensors) -> tirx.PrimFunc:
     return te.create_prim_func(list(tensors)).with_attr("global_symbol", "bfp_matmul")
 
 
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """What a fused matmul does with its float32 outputs: ``y = clip(C + bias, low, high)``, then
+    BFP-quantized to ``out_fmt`` with blocks along the outputs (N), as the next layer's
+    activation quantizer would (:mod:`.bfp_act_quant`): the kernel returns that layer's int8
+    mantissas ``Q [M, pad(N, B')]`` and exponents ``E [M, pad(N, B') / B']`` instead of C.
+
+    Every step is the float32 operation the unfused graph performs (one add, max/min, then the
+    quantizer's exponent-field maximum, power-of-two scale and round to nearest even), so fusing
+    changes no number. Stochastic rounding (which hashes the NCHW flat index) is not fused.
+    """
+
+    out_fmt: BFPFormat
+    bias: bool = False
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self):
+        if self.out_fmt.rounding != Rounding.NEAREST:
+            raise BitqError(f"Epilogue: output format {self.out_fmt.name} rounds stochastically; "
+                            "only round-to-nearest is fused")
+
+    @property
+    def tag(self) -> str:
+        """Short name suffix, e.g. ``bias_relu_qa8b32``."""
+        ops = (["bias"] if self.bias else []) + [_clip_tag(self.low, self.high)]
+        return "_".join(o for o in ops if o) + f"_qa{_format_tag(self.out_fmt)}"
+
+
+def _clip_tag(low, high) -> str:
+    if low is None and high is None:
+        return ""
+    if low == 0 and high is None:
+        return "relu"
+    return f"clip{low if low is not None else ''}to{high if high is not None else ''}".replace(".", "p")
+
+
+def _quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
+    """Stages ``y``, ``exponent_field``, ``E``, ``Q`` of a fused epilogue; returns (bias or None, Q, E)."""
+    fmt = epilogue.out_fmt
+    block = fmt.block_size
+    width = padded(N, block)
+    bias = te.placeholder((N,), "float32", name="bias") if epilogue.bias else None
+
+    def value(i, j):
+        jj = tirx.min(j, N - 1) if width > N else j  # padding reads a real column, then is zeroed
+        v = acc[i, jj]
+        if bias is not None:
+            v = v + bias[jj]
+        if epilogue.low is not None:
+            v = tirx.max(v, tirx.const(epilogue.low, "float32"))
+        if epilogue.high is not None:
+            v = tirx.min(v, tirx.const(epilogue.high, "float32"))
+        return tirx.Select(j < N, v, tirx.const(0.0, "float32")) if width > N else v
+
+    y = te.compute((M, width), value, name="y")
+    r = te.reduce_axis((0, block), name="r")
+    field = te.compute((M, width // block), lambda i, b: te.max(exponent_field(y[i, b * block + r]), axis=r),
+                       name="exponent_field")
+    e_out = te.compute(field.shape, lambda i, b: shared_exponent(field[i, b], fmt).astype("int8"), name="E")
+    q_out = te.compute(
+        (M, width),
+        lambda i, c: tirx.Cast("int8", round_mantissa(
+            y[i, c] / power_of_two(e_out[i, c // block].astype("int32") - fmt.scale_shift), fmt, None)),
+        name="Q")
+    return bias, q_out, e_out
+
+
 def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat,
-                       unsigned_weights: bool = False) -> tirx.PrimFunc:
-    """Unscheduled PrimFunc ``(qa, ea, qw, ew, C)`` of the integer BFP matmul.
+                       unsigned_weights: bool = False, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
+    """Unscheduled PrimFunc ``(qa, ea, qw, ew, C)`` of the integer BFP matmul, or with an
+    ``epilogue`` ``(qa, ea, qw, ew, [bias,] Q, E)`` (:class:`Epilogue`).
 
     Shapes: qa int8 [M, Kp], ea int8 [M, nb], qw int8 [Np/16, Kp/4, 16, 4] (uint8 [Np/16, Kp/4,
     32] nibble pairs when mw <= 4, :mod:`.packing`), ew int8 [nb, Np], C float32 [M, N]. Blocks:
@@ -200,8 +273,47 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
         lambda i, j: te.sum(corrected(i, rb, j).astype("float32") * w_scale[rb, j] * a_scale[i, rb], axis=rb),
         name="acc",
     )
+    if epilogue is not None:
+        bias, q_out, e_out = _quantized_outputs(acc, M, N, epilogue)
+        return bfp_matmul_prim_func([*operands, *([bias] if bias is not None else []), q_out, e_out])
     c = te.compute((M, N), lambda i, j: acc[i, j], name="C")
     return bfp_matmul_prim_func([*operands, c])
+
+
+def schedule_outputs(sch: Schedule, tile_loop, groups: int, vectorize: bool = True) -> None:
+    """Schedule the output stages after ``acc``: the copy ``C``, or a fused epilogue's stages.
+
+    Per tile (reverse-computed under ``tile_loop``: the tile's outputs are still in cache) when
+    every quantization block lies inside one tile (no padded outputs, B' dividing the tile's
+    16 * ``groups`` columns); otherwise as parallel passes over the rows after the matmul.
+    """
+    if not has_block(sch, "Q"):
+        out = sch.get_sblock("C")
+        sch.reverse_compute_at(out, tile_loop)
+        *o_row, o_col = sch.get_loops(out)[1:]
+        for loop in o_row:
+            sch.unroll(loop)
+        if vectorize:
+            sch.vectorize(sch.split(o_col, [None, LANES])[-1])
+        return
+    width = int(sch.get(sch.get_sblock("Q")).iter_vars[1].dom.extent)
+    block = width // int(sch.get(sch.get_sblock("E")).iter_vars[1].dom.extent)
+    padded_outputs = isinstance(sch.get(sch.get_sblock("y")).body.value, tirx.Select)
+    in_tile = not padded_outputs and width % LANES == 0 and (LANES * groups) % block == 0
+    for name in ("y", "exponent_field", "E", "Q"):
+        stage = sch.get_sblock(name)
+        if in_tile:
+            sch.reverse_compute_at(stage, tile_loop)
+            loops = sch.get_loops(stage)[1:]
+        else:
+            loops = sch.get_loops(stage)
+            sch.parallel(loops[0])
+            loops = loops[1:]
+        if name in ("y", "Q") and vectorize:
+            *rows, col = loops
+            for loop in rows:
+                sch.unroll(loop)
+            sch.vectorize(sch.split(col, [None, LANES])[-1] if int(sch.get(col).extent) % LANES == 0 else col)
 
 
 def has_block(sch: Schedule, name: str) -> bool:

@@ -32,7 +32,8 @@ from tvm.s_tir import Schedule
 from ..errors import BitqError
 from ..formats import BFPFormat
 from .bfp_matmul import (LOOP_ORDERS, activation_scales, bfp_matmul_compute, bfp_matmul_operands,
-                         bfp_matmul_prim_func, check_formats, stored_mantissa, tile_bfp_matmul, weight_scales)
+                         bfp_matmul_prim_func, check_formats, schedule_outputs, stored_mantissa, tile_bfp_matmul,
+                         weight_scales, Epilogue)
 from .contract import K_QUAD, LANES, padded
 from .intrin_arm import BITQ_NEON_DOT_4x4, BITQ_SDOT_4x4, BITQ_SMMLA_2x2x8
 from .intrin_riscv import BITQ_RVV_DOT_16x4
@@ -195,13 +196,7 @@ def schedule_bfp_matmul_arm_riscv(
     if vectorize:
         sch.vectorize(sch.get_loops(acc_init)[-1])
 
-    out = sch.get_sblock("C")
-    sch.reverse_compute_at(out, tile_loop)
-    *o_row, o_col = sch.get_loops(out)[1:]
-    for loop in o_row:
-        sch.unroll(loop)
-    if vectorize:
-        sch.vectorize(sch.split(o_col, [None, LANES])[-1])
+    schedule_outputs(sch, tile_loop, groups, vectorize)
 
 
 def _schedule_mmla(func: tirx.PrimFunc, M: int) -> tirx.PrimFunc:
@@ -250,10 +245,11 @@ def _schedule_mmla(func: tirx.PrimFunc, M: int) -> tirx.PrimFunc:
 
 def bfp_matmul_arm_riscv_func(
     M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, variant: str,
-    tile: tuple[int, int] | None = None,
+    tile: tuple[int, int] | None = None, epilogue: Epilogue | None = None,
 ) -> tirx.PrimFunc:
     """Hand-scheduled PrimFunc of a variant in ``VARIANTS``. ``tile`` = (rows, groups of 16
-    columns) overrides the lane-major variants' default register tile (i8mm has its own). No
+    columns) overrides the lane-major variants' default register tile (i8mm has its own);
+    ``epilogue`` fuses bias, clip and the next layer's activation quantization (not i8mm). No
     target check: :func:`.bfp_matmul_variants.bfp_matmul_for_target` checks.
     """
     if variant not in VARIANTS:
@@ -261,8 +257,14 @@ def bfp_matmul_arm_riscv_func(
     if variant == "i8mm":
         if tile is not None:
             raise BitqError("bfp_matmul i8mm: the smmla kernel takes no register tile")
+        if epilogue is not None:
+            raise BitqError("bfp_matmul i8mm: the smmla kernel has no fused epilogue; use variant sdot")
         return _schedule_mmla(_mmla_compute(M, N, K, fmt_a, fmt_w), M)
-    rows, groups = tile if tile is not None else (_row_tile(M), 1)
-    sch = Schedule(bfp_matmul_compute(M, N, K, fmt_a, fmt_w))
+    n_tiles = padded(N, LANES) // LANES
+    groups = 1
+    if epilogue is not None and epilogue.out_fmt.block_size > LANES and n_tiles % (epilogue.out_fmt.block_size // LANES) == 0:
+        groups = epilogue.out_fmt.block_size // LANES  # a fused quantization block in one tile
+    rows, groups = tile if tile is not None else (_row_tile(M) if groups <= 2 else 1, groups)
+    sch = Schedule(bfp_matmul_compute(M, N, K, fmt_a, fmt_w, epilogue=epilogue))
     schedule_bfp_matmul_arm_riscv(sch, variant, rows, groups)
     return sch.mod["main"]

@@ -15,6 +15,7 @@ from tvm.target.codegen import llvm_get_system_triple, target_has_features
 
 from ..errors import BitqError
 from ..formats import BFPFormat
+from .bfp_matmul import Epilogue
 from .bfp_matmul_arm_riscv import VARIANTS as ARM_RISCV_VARIANTS
 from .bfp_matmul_arm_riscv import bfp_matmul_arm_riscv_func
 from .bfp_matmul_x86 import VARIANTS as X86_VARIANTS
@@ -86,18 +87,20 @@ def kernel_variant(target: Target) -> str:
 
 
 def bfp_matmul_func(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, variant: str,
-                    tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
+                    tile: tuple[int, int] | None = None, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
     """Hand-scheduled integer BFP matmul PrimFunc ``(qa, ea, qw, ew, C)`` of any variant.
 
     ``K`` is the real reduction length (padded to whole blocks inside); ``tile`` = (rows, groups
-    of 16 columns) overrides the default register tile. No target check: compile it for a target
-    that has the variant's instructions, or use :func:`bfp_matmul_for_target`, which checks.
+    of 16 columns) overrides the default register tile; ``epilogue`` fuses bias, clip and the next
+    layer's activation quantization (:class:`~bitq_tvm.kernels.bfp_matmul.Epilogue`; signature
+    ``(qa, ea, qw, ew, [bias,] Q, E)``). No target check: compile it for a target that has the
+    variant's instructions, or use :func:`bfp_matmul_for_target`, which checks.
     """
     if variant in X86_VARIANTS:
-        return bfp_matmul_x86_func(M, N, K, fmt_a, fmt_w, variant, tile)
+        return bfp_matmul_x86_func(M, N, K, fmt_a, fmt_w, variant, tile, epilogue)
     if variant not in VARIANTS:
         raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    return bfp_matmul_arm_riscv_func(M, N, K, fmt_a, fmt_w, variant, tile)
+    return bfp_matmul_arm_riscv_func(M, N, K, fmt_a, fmt_w, variant, tile, epilogue)
 
 
 def bfp_matmul_for_target(

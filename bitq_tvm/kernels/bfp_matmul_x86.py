@@ -13,7 +13,7 @@ from tvm.s_tir import Schedule
 
 from ..errors import BitqError
 from ..formats import BFPFormat
-from .bfp_matmul import bfp_matmul_compute, tile_bfp_matmul
+from .bfp_matmul import Epilogue, bfp_matmul_compute, schedule_outputs, tile_bfp_matmul
 from .contract import LANES, padded
 from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4
 
@@ -24,7 +24,7 @@ VARIANTS = ("vnni", "avx2", "generic")
 UNSIGNED_WEIGHT_VARIANTS = ("vnni",)
 
 
-def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
+def _default_tile(M: int, n_tiles: int, epilogue: Epilogue | None = None) -> tuple[int, int]:
     """(rows, 16-lane column groups) of one register tile; rows divide M, groups divide n_tiles.
 
     4 x 2: 8 int32 block accumulators + 8 float32 output accumulators + loads fit the 32 zmm
@@ -34,6 +34,10 @@ def _default_tile(M: int, n_tiles: int) -> tuple[int, int]:
     rows = next(r for r in (4, 3, 2, 1) if M % r == 0)
     max_groups = 4 if rows == 1 else 2
     groups = next(g for g in range(max_groups, 0, -1) if n_tiles % g == 0)
+    block_groups = epilogue.out_fmt.block_size // LANES if epilogue is not None else 0
+    if block_groups > groups and n_tiles % block_groups == 0:
+        # a fused quantization block must lie in one tile; fewer rows keep the registers in budget
+        groups, rows = block_groups, next(r for r in (2, 1) if M % r == 0 and r * block_groups <= 8)
     return rows, groups
 
 
@@ -76,12 +80,7 @@ def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
     acc_init = sch.decompose_reduction(acc, b)
     sch.vectorize(sch.get_loops(acc_init)[-1])
 
-    out = sch.get_sblock("C")
-    sch.reverse_compute_at(out, tile_loop)
-    *o_row, o_col = sch.get_loops(out)[1:]
-    for loop in o_row:
-        sch.unroll(loop)
-    sch.vectorize(sch.split(o_col, [None, LANES])[-1])
+    schedule_outputs(sch, tile_loop, groups)
 
 
 def bfp_matmul_x86_func(
@@ -92,6 +91,7 @@ def bfp_matmul_x86_func(
     fmt_w: BFPFormat,
     variant: str = "vnni",
     tile: tuple[int, int] | None = None,
+    epilogue: Epilogue | None = None,
 ) -> tirx.PrimFunc:
     """Hand-scheduled integer BFP matmul PrimFunc (signature of :func:`.bfp_matmul.bfp_matmul_compute`).
 
@@ -100,12 +100,15 @@ def bfp_matmul_x86_func(
     LLVM vectorises; any target). Parallel over (column tile, row tile); per tile the int32 block
     sums and the float32 outputs stay in registers across the K loop. ``tile`` = (rows, groups of
     16 columns) overrides the default register tile; rows must divide M, 16 * groups divide Np.
+    ``epilogue``: fuse bias, clip and the next layer's activation quantization
+    (:class:`.bfp_matmul.Epilogue`); the default tile then widens to whole quantization blocks.
     """
     if variant not in VARIANTS:
         raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w, unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS)
+    func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w, unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS,
+                              epilogue=epilogue)
     n_tiles = padded(N, LANES) // LANES
-    rows, groups = tile if tile is not None else _default_tile(M, n_tiles)
+    rows, groups = tile if tile is not None else _default_tile(M, n_tiles, epilogue)
     if M % rows or n_tiles % groups:
         raise BitqError(
             f"bfp_matmul: tile {(rows, groups)} does not divide M={M} rows "

@@ -52,9 +52,12 @@ from ..kernels.packing import PackedWeights, pack_quantized, pack_weights
 from ..frontend import LAYER_NAMES_ATTR
 from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, permute_axes, resolve_formats
 
-__all__ = ["DEPLOYMENT_ATTR", "LayerDeployment", "LowerBFPInteger", "deployment_layers", "deployment_modes"]
+__all__ = ["DEPLOYMENT_ATTR", "KERNEL_ATTR", "LayerDeployment", "LowerBFPInteger", "deployment_layers",
+           "deployment_modes", "opaque", "plain_attr"]
 
 DEPLOYMENT_ATTR = "bitq.deployment"
+# On the kernels this pass emits: what each one computes (read by FuseBFPEpilogue).
+KERNEL_ATTR = "bitq.kernel"
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
@@ -65,7 +68,8 @@ class LayerDeployment:
 
     ``mode`` is ``"integer"`` (BFP kernel ``variant``), ``"simulation"`` (float fake-quant
     fallback, ``reason`` says why) or ``"fp32"`` (not planned). Byte counts are the layer weight's
-    storage: FP32 and, for integer layers, the packed constants.
+    storage: FP32 and, for integer layers, the packed constants. ``epilogue`` (integer layers,
+    set by :class:`~bitq_tvm.passes.FuseBFPEpilogue`): what the kernel's epilogue fuses, or why not.
     """
 
     layer: str
@@ -75,6 +79,7 @@ class LayerDeployment:
     reason: str = ""
     fp32_bytes: int = 0
     stored_bytes: int = 0
+    epilogue: str = ""
 
     def __post_init__(self):
         if self.mode not in ("integer", "simulation", "fp32"):
@@ -90,11 +95,11 @@ class LayerDeployment:
 
     @classmethod
     def from_attr(cls, record) -> "LayerDeployment":
-        record = _plain(record)
+        record = plain_attr(record)
         return cls(**{**record, "variant": record["variant"] or None})
 
 
-def _plain(value):
+def plain_attr(value):
     """An IR attribute value (Map, Array, String, IntImm) as plain Python."""
     if isinstance(value, str):
         return str(value)
@@ -103,15 +108,15 @@ def _plain(value):
     if isinstance(value, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
         return value.value
     if hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return [_plain(v) for v in value]
+        return {str(k): plain_attr(v) for k, v in value.items()}
+    return [plain_attr(v) for v in value]
 
 
 def deployment_attr(func: relax.Function) -> dict | None:
     """The ``bitq.deployment`` attribute of ``func`` as plain Python (None if absent)."""
     if func.attrs is None or DEPLOYMENT_ATTR not in func.attrs:
         return None
-    return _plain(func.attrs[DEPLOYMENT_ATTR])
+    return plain_attr(func.attrs[DEPLOYMENT_ATTR])
 
 
 def deployment_layers(record: dict) -> list[LayerDeployment]:
@@ -149,7 +154,7 @@ class _Lowerer(PyExprMutator):
         return self.builder_.emit(value, name)
 
     def _call_tir(self, func, name: str, args, out_shapes_dtypes):
-        gv = self.builder_.add_func(_opaque(func), name)
+        gv = self.builder_.add_func(opaque(func), name)
         out = [relax.TensorType(list(s), d) for s, d in out_shapes_dtypes]
         return self._emit(relax.call_tir(gv, args, out if len(out) > 1 else out[0]), name)
 
@@ -160,7 +165,10 @@ class _Lowerer(PyExprMutator):
             shape = _shape(x)
             q_shape, e_shape = act_quant_shapes(shape, fmt, axis, groups)
             tag = f"bfp_aq_{fmt.name}_a{axis % len(shape)}_g{groups}_{'x'.join(map(str, shape))}"
-            both = self._call_tir(bfp_act_quant_func(shape, fmt, axis, groups), tag, [x],
+            func = bfp_act_quant_func(shape, fmt, axis, groups).with_attr(
+                KERNEL_ATTR, {"kind": "act_quant", "shape": shape, "fmt": fmt.name, "axis": axis % len(shape),
+                              "groups": groups})
+            both = self._call_tir(func, tag, [x],
                                   [(q_shape, "int8"), (e_shape, "int8")])
             self._act_cache[key] = (self._emit(relax.TupleGetItem(both, 0), f"{name}_qa"),
                                     self._emit(relax.TupleGetItem(both, 1), f"{name}_ea"))
@@ -170,11 +178,14 @@ class _Lowerer(PyExprMutator):
         tag = bfp_matmul_name(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         func = self.kernels(rows, packed.n, k, fmt_a, packed.fmt, self.variant) if callable(self.kernels) \
             else self.kernels.get(tag)
+        tuned = func is not None
         if func is None:
             func = bfp_matmul_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         else:
             self.tuned_used.add(tag)
-        func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+        func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr(
+            KERNEL_ATTR, {"kind": "matmul", "name": tag, "rows": rows, "n": packed.n, "k": k, "fmt_a": fmt_a.name,
+                          "fmt_w": packed.fmt.name, "variant": self.variant, "tuned": int(tuned)})
         weights = [relax.const(packed.qw), relax.const(packed.ew)]  # the stored format, read as is
         return self._call_tir(func, tag, [qa, ea, *weights], [((rows, packed.n), "float32")])
 
@@ -298,7 +309,7 @@ class _Lowerer(PyExprMutator):
 _NOT_CONSTANT = "weight is not a bound constant (bind the weight parameters before this pass)"
 
 
-def _opaque(func):
+def opaque(func):
     """Mark a hand-scheduled kernel opaque: FuseOps would merge it with neighbouring ops into a new
     PrimFunc that loses the schedule (and breaks FuseTIR on the matmul's buffers)."""
     return func.with_attr("op_pattern", _OPAQUE)

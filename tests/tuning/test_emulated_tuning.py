@@ -68,7 +68,7 @@ def _matmul_model(path) -> str:
 
 
 def _reference(task: BfpTask, data: dict):
-    args = (data["qa"], data["ea"], data["qw_rows"], data["ew"], task.fmt_a.block_size,
+    args = (data["qa"], data["ea"], data["qw_rows"], data["ew_rows"], task.fmt_a.block_size,
             task.fmt_a.mantissa_bits, task.fmt_w.mantissa_bits)
     return bfp_matmul_ref(*args), bfp_matmul_tolerance(*args)
 
