@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat, fake_quantize_np, quantize_np
+from bitq_tvm.kernels.bfp_matmul import Epilogue
 from bitq_tvm.kernels.bfp_matmul_variants import bfp_matmul_for_target, bfp_matmul_func, kernel_variant
 from bitq_tvm.kernels.bfp_matmul_x86 import bfp_matmul_x86_func
 from bitq_tvm.kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_activations_np
@@ -256,3 +257,40 @@ def test_tvm_shipped_rvv_intrinsic_is_what_fails_under_qemu(tmp_path, runner_cac
         )
     np.testing.assert_array_equal(results["plain"], want)
     assert not np.array_equal(results["tvm_rvv"], want)
+
+
+# qemu-riscv64 7.2 (Debian 12) aborts ("decode_save_opc: Assertion `ctx->insn_start != NULL'")
+# on the vector code LLVM emits for the quantizer's round-to-nearest (the unfused activation
+# quantizer kernel aborts the same way): RVV quantizer numerics need a newer qemu or a board.
+_QEMU_RVV_QUANTIZER = pytest.mark.xfail(strict=True, reason="qemu 7.2 aborts on RVV round-to-nearest code")
+FUSED_CASES = [pytest.param(name, variant, id=f"{name}-{variant}",
+                            marks=[_QEMU_RVV_QUANTIZER] if variant == "rvv" else [])
+               for name, variant in CASES if variant != "i8mm"]
+
+
+@pytest.mark.parametrize(("name", "variant"), FUSED_CASES)
+def test_emulated_fused_epilogue_equals_quantized_output(name, variant, tmp_path, runner_cache):
+    """bias + ReLU + quantization to the next layer's format in the epilogue, bit for bit against
+    quantize_np of the unfused kernel's output (a tile-aligned N and a ragged one)."""
+    preset = get_target(name)
+    rng = np.random.default_rng(3)
+    for index, (M, N, K, fmt_w, fmt_q) in enumerate([(8, 64, 96, BFPFormat(4, 32), BFPFormat(8, 32)),
+                                                     (5, 40, 64, BFPFormat(8, 16), BFPFormat(6, 16))]):
+        fmt_a = BFPFormat(8, fmt_w.block_size)
+        a, w = _data(rng, M, N, K, fmt_w.block_size)
+        bias = rng.standard_normal(N).astype(np.float32)
+        acts, packed = quantize_activations_np(a, fmt_a), pack_weights(w, fmt_w)
+        epilogue = Epilogue(fmt_q, bias=True, low=0.0)
+        plain, _ = bfp_matmul_for_target(M, N, K, fmt_a, fmt_w, preset.tvm_target(), variant)
+        fused = bfp_matmul_func(M, N, K, fmt_a, fmt_w, variant, epilogue=epilogue).with_attr("global_symbol", "fused")
+        library = export(tvm.compile(tvm.IRModule({"bfp_matmul": plain, "fused": fused}), preset.tvm_target()),
+                         tmp_path / f"fused{index}.so", preset)
+        (c,) = run_kernel_emulated(library, "bfp_matmul", [acts["qa"], acts["ea"], packed.qw, packed.ew],
+                                   [((M, N), "float32")], preset, cache_dir=runner_cache)
+        width = -(-N // fmt_q.block_size) * fmt_q.block_size
+        q, e = run_kernel_emulated(library, "fused", [acts["qa"], acts["ea"], packed.qw, packed.ew, bias],
+                                   [((M, width), "int8"), ((M, width // fmt_q.block_size), "int8")], preset,
+                                   cache_dir=runner_cache)
+        want = quantize_np(np.maximum(c + bias, np.float32(0)), fmt_q, axis=-1)
+        np.testing.assert_array_equal(q, want.mantissas.reshape(M, -1))
+        np.testing.assert_array_equal(e, want.exponents.reshape(M, -1))
