@@ -339,22 +339,31 @@ def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize
     i, j, b = sch.get_loops(acc)
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
+    unpacked = has_block(sch, "w_tile")
+    row_tiles = int(sch.get(i_outer).extent)
+    # Weights that need unpacking (nibbles, the VNNI offset) are unpacked once per task for a
+    # chunk of row tiles (about 64 rows) instead of once per row tile: the unpack would
+    # otherwise cost as much as the dot products it feeds when M is large.
+    chunk = max(c for c in range(1, max(1, 64 // rows) + 1) if row_tiles % c == 0) \
+        if unpacked and order == "columns_outer" else 1
+    if chunk > 1:
+        i_outer, i_tile = sch.split(i_outer, [None, chunk])
     # Column tiles outermost: one task re-reads a [rows, K] activation panel per column tile
     # (1/(16 * groups) of A per output row), instead of a [16 * groups, K] weight panel per row
     # tile, which is rows / (16 * groups) less traffic when M and N are both large.
     outer = (j_outer, i_outer) if order == "columns_outer" else (i_outer, j_outer)
-    sch.reorder(*outer, b, i_inner, j_group, j_lane)
+    sch.reorder(*outer, *([i_tile] if chunk > 1 else []), b, i_inner, j_group, j_lane)
     tile_loop = sch.fuse(*outer)
     sch.parallel(tile_loop)
 
     block_sum = sch.get_sblock("block_sum")
     sch.compute_at(block_sum, b)
-    # Loops compute_at creates below (tile, b); a one-row tile gets no row loop.
-    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[2:]
+    # Loops compute_at creates below (tile, [row tile of the chunk,] b); a one-row tile gets no row loop.
+    *s_row, s_col, s_quad, s_lane_k = sch.get_loops(block_sum)[3 if chunk > 1 else 2:]
 
-    if has_block(sch, "w_tile"):
+    if unpacked:
         w_tile = sch.get_sblock("w_tile")
-        sch.compute_at(w_tile, b)
+        sch.compute_at(w_tile, tile_loop if chunk > 1 else b)
         *_, lane, k = sch.get_loops(w_tile)
         tile_elements = sch.fuse(lane, k)
         if vectorize:

@@ -64,8 +64,9 @@ def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
         sch.vectorize(s_lane)
     else:
         sch.reorder(s_quad, *s_row, s_group, s_lane, s_lane_k)
+    above = len(sch.get_loops(block_sum)) - len(s_row) - 4  # loops down to and including b
     s_init = sch.decompose_reduction(block_sum, s_quad)
-    *init_outer, init_lane = sch.get_loops(s_init)[2:]
+    *init_outer, init_lane = sch.get_loops(s_init)[above:]
     for loop in init_outer:
         sch.unroll(loop)
     sch.vectorize(init_lane)

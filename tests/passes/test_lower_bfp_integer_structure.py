@@ -58,19 +58,24 @@ def _expected():
     x = relax.Var("x", relax.TensorType([4, 64], "float32"))
     deployment = {"variant": VARIANT, "tuned_kernels": [], "layers": [{
         "layer": "fc", "kind": "matmul", "mode": "integer", "variant": VARIANT, "reason": "",
-        "fp32_bytes": W.nbytes, "stored_bytes": packed.nbytes}]}
+        "fp32_bytes": W.nbytes, "stored_bytes": packed.nbytes, "epilogue": ""}]}
     attrs = {"num_input": 1, "bitq.layers": {"fc": "fc"}, "bitq.deployment": deployment}
     with bb.function("main", [x], attrs=attrs, private=False):
         with bb.dataflow():
             bb.emit(relax.op.permute_dims(relax.const(W), [1, 0]))  # left for DeadCodeElimination
             aq_name = "bfp_aq_bfp8_b32_a1_g1_4x64"
-            aq = bb.add_func(bfp_act_quant_func([4, 64], B8, 1, 1).with_attr("op_pattern", OPAQUE), aq_name)
+            aq_kernel = {"kind": "act_quant", "shape": [4, 64], "fmt": "bfp8_b32", "axis": 1, "groups": 1}
+            aq = bb.add_func(bfp_act_quant_func([4, 64], B8, 1, 1).with_attr("bitq.kernel", aq_kernel)
+                             .with_attr("op_pattern", OPAQUE), aq_name)
             both = bb.emit(relax.call_tir(aq, [x], [relax.TensorType(q_shape, "int8"),
                                                     relax.TensorType(e_shape, "int8")]))
             qa, ea = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
             mm_name = bfp_matmul_name(4, 16, 64, B8, B8, VARIANT)
             mm_func = bfp_matmul_func(4, 16, 64, B8, B8, VARIANT).without_attr("global_symbol")
-            mm = bb.add_func(mm_func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE), mm_name)
+            mm_kernel = {"kind": "matmul", "name": mm_name, "rows": 4, "n": 16, "k": 64, "fmt_a": "bfp8_b32",
+                         "fmt_w": "bfp8_b32", "variant": VARIANT, "tuned": 0}
+            mm = bb.add_func(mm_func.with_attr("tirx.is_scheduled", True).with_attr("bitq.kernel", mm_kernel)
+                             .with_attr("op_pattern", OPAQUE), mm_name)
             weights = [relax.const(packed.qw), relax.const(packed.ew)]
             out = bb.emit(relax.call_tir(mm, [qa, ea, *weights], relax.TensorType([4, 16], "float32")))
             gv = bb.emit_output(out)
