@@ -1,11 +1,42 @@
-"""Analytical performance term: BitQ's data-movement (DM) expression, generalised.
+"""Analytical performance term: BitQ's data-movement (DM) expression, as the deployed kernels run it.
+
+Two models share one :class:`MemoryHierarchy` and one :class:`LayerCost`:
+
+**The kernel model** (:func:`kernel_layer_costs`) prices a layer that deployment lowers to integer
+kernels (:func:`bitq_tvm.kernels.contract.integer_support` returns None). Every byte it counts is a
+byte the kernels move, taken from the contract (:func:`~bitq_tvm.kernels.contract.gemm_geometry`,
+:func:`~bitq_tvm.kernels.contract.packed_nbytes`, :func:`~bitq_tvm.kernels.contract.padded_rows`),
+never re-derived here. The layer is a chain of stages (:class:`StageCost`):
+
+* ``act_quant``: reads the float32 input once, writes int8 mantissas (1 byte each whatever the
+  activation's m; NHWC for a conv, each group's channels padded to whole blocks) + one int8
+  exponent per block (a matmul whose rows :func:`padded_rows` pads first copies its float32 rows);
+* ``im2col`` (convs that are not pointwise, or whose rows are padded): reads the quantized input,
+  writes ``rows_padded x k_padded`` int8 + ``rows_padded x blocks`` exponents per group;
+* ``matmul`` per group: the packed weight (``packed_nbytes``: N padded to 16 lanes, K to whole
+  blocks, one byte per mantissa for m > 4, two per byte for m <= 4, one int8 exponent per block),
+  the quantized A, the float32 output ``[rows_padded, N]`` written once;
+* ``epilogue`` (convs): the transpose/bias/ReLU pass back to NCHW, float32 read + write.
+
+Cache-level tiling (BitQ's per-level structure, specialised to the kernel's loop order,
+:func:`bitq_tvm.kernels.bfp_matmul.tile_bfp_matmul`, columns outer): the register tile is
+``r`` rows x ``16 g`` outputs (the x86 default tile). For one column tile, every row tile reads
+the same ``[16 g, k_padded]`` weight panel and its own ``[r, k_padded]`` rows of A, so per level:
+weights enter once if the panel (+ one row tile of A) fits, else once per row tile; A enters once
+if all of A (+ one panel) fits, else once per column tile. Tensors produced by the stage before
+(the layer input, A) are read from the smallest level that holds them (no traffic into levels
+they fit); written tensors cross every level they do not fit; weights are cold (they come from
+DRAM through every level, once per inference).
+
+**The generic loop-nest model** (:func:`layer_costs`) prices layers that run in float32 (FP32
+candidates, and candidates deployment runs as float simulation) and BitQ's nominal
+bits-per-element ablation:
 
 A conv layer is the loop nest <B, M, N, Ky, Kx, Oh, Ow> (a dense/matmul layer is a 1x1 conv whose
 rows are the output pixels). For every cache level we pick the tile sizes (and the loop order of
 the tiles) whose footprint fits the level and whose traffic into the level is smallest; footprints
 and traffic scale with the bits per element of each operand, so lower bitwidths fit bigger tiles
-and move fewer bytes. Weights and inputs are stored at their BFP bits per element
-(mantissa + shared exponent / block size); outputs are fp32 accumulators.
+and move fewer bytes. Outputs are fp32 accumulators.
 
 Traffic model (one resident tile per operand, reloaded whenever its tile indices change):
 
@@ -21,10 +52,16 @@ Traffic model (one resident tile per operand, reloaded whenever its tile indices
 * Each level is tiled independently against the level (or DRAM) outside it, as in BitQ's
   per-level solve. Padding rows are counted as input traffic.
 
-Cost units follow BitQ (DRAM 640 vs on-chip 5 per access) but are expressed **per byte**: every byte
-filled into or written back from a level pays that level's ``cost_per_byte``, and bytes crossing
-between DRAM and the outermost level additionally pay ``dram_cost_per_byte``. Only ratios matter to
-the optimiser, which normalises the performance term.
+Costs. Every byte filled into or written back from a level pays that level's ``cost_per_byte``,
+and bytes crossing between DRAM and the outermost level additionally pay ``dram_cost_per_byte``
+(``energy``); compute adds ``cycle_cost`` per cycle. With BitQ's constants (DRAM 640 vs on-chip 5
+per byte) this is BitQ's energy-like DM cost; :func:`bitq_tvm.solver.performance.memory_hierarchy`
+instead gives cycles per byte (the performance term is a time estimate: the constants rank
+candidates as their latency does, see ``docs/design.md``). Compute cycles of the kernel model
+are the padded MACs at the target's int8 rate plus the kernels' vector work counted per stage
+(per-block scaling epilogue, weight-scale build, nibble unpack, activation sums, quantizer,
+copies) at :attr:`KernelRates.vector_ops_per_cycle`. Only ratios matter to the optimiser, which
+normalises the performance term.
 """
 
 from __future__ import annotations
@@ -149,7 +186,9 @@ class LayerCost:
     """Predicted cost of one layer under one (weight bits, activation bits, block size) choice.
 
     ``level_bytes[i]`` is the traffic into ``hierarchy.levels[i]``; ``dram_bytes`` is the traffic
-    into the outermost level and ``onchip_bytes`` the traffic into all the others.
+    into the outermost level and ``onchip_bytes`` the traffic into all the others. The kernel
+    model also gives its ``stages`` and ``operand_bytes`` (tensor -> bytes of one pass over it:
+    ``weights`` is what deployment stores, ``qa``, ``im2col``, ``output``, ...).
     """
 
     dram_bytes: float
@@ -159,6 +198,8 @@ class LayerCost:
     scale_ops: float
     total: float
     level_bytes: tuple[float, ...] = ()
+    stages: tuple["StageCost", ...] = ()
+    operand_bytes: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -451,3 +492,221 @@ def layer_cost_for_formats(shape: ConvShape, weight_format, activation_format,
     blocks = [f.block_size for f in (weight_format, activation_format) if f is not None]
     return layer_cost(shape, bits_per_element(weight_format), bits_per_element(activation_format),
                       min(blocks) if blocks else None, hierarchy, **options)
+
+
+# ---- the kernel model: what the deployed integer kernels move --------------------------------
+
+# Vector instructions per vector of the stage's lanes (counted from the kernels' schedules):
+# per-block epilogue of the matmul per fp32 vector of outputs and row (add, convert, 2 mul, add:
+# :mod:`bitq_tvm.kernels.bfp_matmul`); block scales built per fp32 vector (load, shift, add, cast);
+# nibble unpack per vector of unpacked bytes (load, and/shift select, xor, sub, store); the VNNI
+# offset alone (load, xor, store); activation block sums per int8 vector (load, widen, add); the
+# activation quantizer per fp32 vector (two passes: max|x|, then exponent, scale, round, clamp,
+# narrow, store); byte/float copies (load, store) and the conv epilogue (load, bias, max, store).
+EPILOGUE_OPS = 5.0
+W_SCALE_OPS = 4.0
+UNPACK_OPS = 5.0
+OFFSET_OPS = 3.0
+A_SUM_OPS = 3.0
+QUANT_OPS = 10.0
+COPY_OPS = 2.0
+CONV_EPILOGUE_OPS = 4.0
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class KernelRates:
+    """Throughputs of one core: int8 MACs of the kernel's dot intrinsic, vector width, vector
+    instructions issued per cycle, whether the matmul offsets weights to uint8 (VNNI), and whose
+    default register tile it runs (``"x86"``: :mod:`~bitq_tvm.kernels.bfp_matmul_x86`,
+    ``"lane_major"``: :mod:`~bitq_tvm.kernels.bfp_matmul_arm_riscv`)."""
+
+    int8_macs_per_cycle: float
+    vector_bytes: int
+    vector_ops_per_cycle: float = 2.0
+    unsigned_weights: bool = False
+    register_tile: str = "x86"
+
+    def __post_init__(self):
+        for field in ("int8_macs_per_cycle", "vector_bytes", "vector_ops_per_cycle"):
+            value = getattr(self, field)
+            if not math.isfinite(value) or value <= 0:
+                raise BitqError(f"KernelRates.{field} must be finite and positive, got {value}")
+        if self.register_tile not in ("x86", "lane_major"):
+            raise BitqError(f"KernelRates.register_tile must be 'x86' or 'lane_major', got {self.register_tile!r}")
+
+    def tile(self, rows: int, column_groups: int) -> tuple[int, int]:
+        """(rows, 16-lane column groups) of the kernel's default register tile."""
+        if self.register_tile == "x86":
+            from ..kernels.bfp_matmul_x86 import _default_tile
+
+            return _default_tile(rows, column_groups)
+        from ..kernels.bfp_matmul_arm_riscv import _row_tile
+
+        return _row_tile(rows), 1
+
+    @property
+    def fp32_lanes(self) -> int:
+        return max(1, self.vector_bytes // FP32_BYTES)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One kernel of a lowered layer: traffic into each level (bytes), compute cycles, total."""
+
+    name: str
+    level_bytes: tuple[float, ...]
+    compute_cycles: float
+    total: float
+
+
+class _Traffic:
+    """Per-level traffic of one stage under the locality rules of the module docstring."""
+
+    def __init__(self, capacities):
+        self.capacities = np.asarray(capacities, dtype=np.float64)
+        self.bytes = np.zeros(len(capacities))
+
+    def cold(self, nbytes: float, passes: float = 1.0):
+        """Read from DRAM through every level (weights)."""
+        self.bytes += nbytes * passes
+
+    def produced(self, nbytes: float, passes: float = 1.0, resident: float | None = None):
+        """Read a tensor made by the stage before (or written: it leaves the levels it does not
+        fit); ``resident`` bytes (default ``nbytes``) must fit a level for it to stay there."""
+        need = nbytes if resident is None else resident
+        self.bytes += np.where(need > self.capacities, nbytes * passes, 0.0)
+
+
+def _stage(name, traffic, compute_cycles, hierarchy, cycle_cost):
+    costs = np.array([level.cost_per_byte for level in hierarchy.levels])
+    memory = float(costs @ traffic.bytes + traffic.bytes[-1] * hierarchy.dram_cost_per_byte)
+    return StageCost(name, tuple(float(v) for v in traffic.bytes), float(compute_cycles),
+                     memory + cycle_cost * float(compute_cycles))
+
+
+def matmul_stage(geometry, fmt_w, hierarchy: MemoryHierarchy, rates: KernelRates,
+                 cycle_cost: float = 1.0) -> StageCost:
+    """One call of the integer matmul of ``geometry`` (one group) in weight format ``fmt_w``.
+
+    Bytes: the packed weight (:func:`~bitq_tvm.kernels.contract.packed_nbytes`), qa
+    ``[rows_padded, k_padded]`` + ea ``[rows_padded, blocks]`` int8, the float32 output
+    ``[rows_padded, n]``; re-reads per level by the columns-outer register tiling (module
+    docstring). Compute: padded MACs at the int8 rate, the per-block epilogue, the block scales
+    and the unpacked weights built per row tile (nibbles when m <= 4; the +128 offset with VNNI),
+    VNNI's activation block sums.
+    """
+    from ..kernels.contract import LANES, NIBBLE_MAX_MANTISSA_BITS, packed_nbytes, padded
+
+    rows, kp, nb = geometry.rows_padded, geometry.k_padded, geometry.blocks
+    n_padded = padded(geometry.n, LANES)
+    tile_rows, tile_groups = rates.tile(rows, n_padded // LANES)
+    row_tiles, col_tiles = rows // tile_rows, n_padded // (LANES * tile_groups)
+    weights = float(packed_nbytes(geometry.n, kp, fmt_w))
+    panel = weights / col_tiles
+    a_bytes = float(rows * (kp + nb))
+    a_rows = a_bytes / row_tiles
+    traffic = _Traffic([level.size_bytes for level in hierarchy.levels])
+    traffic.cold(weights)
+    traffic.produced(weights, row_tiles - 1, resident=panel + a_rows)
+    traffic.produced(a_bytes)
+    traffic.produced(a_bytes, col_tiles - 1, resident=a_bytes + panel)
+    traffic.produced(float(rows * geometry.n * FP32_BYTES))
+
+    lanes = rates.fp32_lanes
+    ops = EPILOGUE_OPS * rows * nb * n_padded / lanes
+    ops += W_SCALE_OPS * row_tiles * nb * n_padded / lanes
+    if fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS:
+        ops += UNPACK_OPS * row_tiles * n_padded * kp / rates.vector_bytes
+    elif rates.unsigned_weights:
+        ops += OFFSET_OPS * row_tiles * n_padded * kp / rates.vector_bytes
+    if rates.unsigned_weights:
+        ops += A_SUM_OPS * rows * kp / rates.vector_bytes
+    cycles = rows * n_padded * kp / rates.int8_macs_per_cycle + ops / rates.vector_ops_per_cycle
+    return _stage("matmul", traffic, cycles, hierarchy, cycle_cost)
+
+
+def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, groups: int, formats,
+                       hierarchy: MemoryHierarchy, rates: KernelRates,
+                       cycle_cost: float = 1.0) -> list[LayerCost]:
+    """:class:`LayerCost` of a layer lowered to integer kernels, per (weight, activation) format pair.
+
+    ``kind`` is ``"conv2d"`` (NCHW input, OIHW weight) or ``"matmul"``; every pair in
+    ``formats`` must be one deployment runs as integer kernels (the caller asks
+    :func:`~bitq_tvm.kernels.contract.integer_support`). ``total`` is the sum of the stages'
+    totals (module docstring); ``scale_ops`` counts the matmul's per-block scalings.
+    """
+    from ..kernels.contract import gemm_geometry, integer_weight_bytes
+
+    capacities = [level.size_bytes for level in hierarchy.levels]
+    in_elems = float(math.prod(int(d) for d in input_shape))
+    out_elems = float(math.prod(int(d) for d in output_shape))
+    lanes = rates.fp32_lanes
+    costs = []
+    for fmt_w, fmt_a in formats:
+        if fmt_w is None or fmt_a is None or fmt_w.block_size != fmt_a.block_size:
+            raise BitqError(f"kernel_layer_costs: formats {fmt_w}, {fmt_a} do not run as integer kernels")
+        g = gemm_geometry(kind, input_shape, weight_shape, output_shape, fmt_a.block_size, groups)
+        stages, operands = [], {}
+        # activation quantizer (+ the float32 row padding of a matmul)
+        t = _Traffic(capacities)
+        t.produced(in_elems * FP32_BYTES)
+        quant_in = in_elems
+        if kind == "matmul" and g.rows_padded != g.rows:
+            quant_in = in_elems * g.rows_padded / g.rows
+            t.produced(2 * quant_in * FP32_BYTES, resident=quant_in * FP32_BYTES)
+        if kind == "conv2d":
+            pixels = float(input_shape[0]) * float(input_shape[2]) * float(input_shape[3])
+            q_elems = pixels * g.groups * g.group_channels_padded
+            q_exps = pixels * g.groups * (g.group_channels_padded // g.block_size)
+        else:
+            q_elems = float(g.rows_padded * g.k_padded)
+            q_exps = float(g.rows_padded * g.blocks)
+        q_bytes = q_elems + q_exps
+        t.produced(q_bytes)
+        operands["activation_fp32"] = in_elems * FP32_BYTES
+        operands["qa"] = q_bytes
+        stages.append(_stage("act_quant", t, QUANT_OPS * quant_in / lanes / rates.vector_ops_per_cycle,
+                             hierarchy, cycle_cost))
+        pointwise = (kind == "matmul" or (tuple(weight_shape[2:]) == (1, 1) and g.groups == 1
+                                          and tuple(input_shape[2:]) == tuple(output_shape[2:])
+                                          and g.rows_padded == g.rows))
+        a_bytes = float(g.rows_padded * (g.k_padded + g.blocks))
+        if not pointwise:
+            t = _Traffic(capacities)
+            t.produced(q_bytes)
+            t.produced(a_bytes * g.groups, resident=a_bytes)
+            operands["im2col"] = a_bytes * g.groups
+            stages.append(_stage("im2col", t, COPY_OPS * g.groups * a_bytes / rates.vector_bytes
+                                 / rates.vector_ops_per_cycle, hierarchy, cycle_cost))
+        mm = matmul_stage(g, fmt_w, hierarchy, rates, cycle_cost)
+        stages.append(StageCost("matmul", tuple(v * g.groups for v in mm.level_bytes),
+                                mm.compute_cycles * g.groups, mm.total * g.groups))
+        operands["weights"] = float(integer_weight_bytes(g, fmt_w))
+        operands["output"] = float(g.groups * g.rows_padded * g.n * FP32_BYTES)
+        if kind == "conv2d":
+            t = _Traffic(capacities)
+            t.produced(operands["output"])
+            t.produced(out_elems * FP32_BYTES)
+            stages.append(_stage("epilogue", t, CONV_EPILOGUE_OPS * out_elems / lanes
+                                 / rates.vector_ops_per_cycle, hierarchy, cycle_cost))
+        level = np.sum([s.level_bytes for s in stages], axis=0)
+        compute = sum(s.compute_cycles for s in stages)
+        total = sum(s.total for s in stages)
+        energy = total - cycle_cost * compute
+        costs.append(LayerCost(dram_bytes=float(level[-1]), onchip_bytes=float(level[:-1].sum()),
+                               energy=float(energy), compute_cycles=float(compute),
+                               scale_ops=float(g.groups * g.rows_padded * g.n * g.blocks), total=float(total),
+                               level_bytes=tuple(float(v) for v in level), stages=tuple(stages),
+                               operand_bytes=tuple(operands.items())))
+    return costs
+
+
+def fake_quant_stage(input_elements: int, hierarchy: MemoryHierarchy, rates: KernelRates,
+                     cycle_cost: float = 1.0) -> StageCost:
+    """The float simulation's run-time fake-quant of a layer's input (weights fold at compile
+    time): float32 read + write, the quantizer's and dequantizer's vector work."""
+    t = _Traffic([level.size_bytes for level in hierarchy.levels])
+    t.produced(2.0 * input_elements * FP32_BYTES, resident=input_elements * FP32_BYTES)
+    cycles = (QUANT_OPS + COPY_OPS) * input_elements / rates.fp32_lanes / rates.vector_ops_per_cycle
+    return _stage("fake_quant", t, cycles, hierarchy, cycle_cost)

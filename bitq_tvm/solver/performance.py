@@ -1,17 +1,30 @@
 """The performance term: per layer and candidate, the DM model's cost, or a measured latency.
 
-Cost mapping from a :class:`~bitq_tvm.targets.presets.TargetPreset` to the DM model's
-:class:`~bitq_tvm.solver.dm_model.MemoryHierarchy`:
+How each candidate is priced (:func:`performance_term`, ``deployed=True``): as deployment runs it,
+by the rule deployment applies (:func:`bitq_tvm.kernels.contract.integer_support`):
+
+* integer kernels: :func:`~bitq_tvm.solver.dm_model.kernel_layer_costs`, the bytes the kernels
+  move (activation quantizer, im2col, the matmul on the stored weights, the conv epilogue) and
+  their compute;
+* float simulation (depthwise, padding ratio, block sizes the kernel cannot take, ...): the FP32
+  layer (:func:`~bitq_tvm.solver.dm_model.layer_costs` at 32 bits, float32 MACs) plus the
+  run-time fake-quant of its input (:func:`~bitq_tvm.solver.dm_model.fake_quant_stage`);
+* FP32 candidates: the FP32 layer.
+
+``deployed=False`` is BitQ's nominal model: the generic loop nest at ``m + E / B`` bits.
+
+Cost mapping from a :class:`~bitq_tvm.targets.presets.TargetPreset` (:func:`memory_hierarchy`,
+:func:`kernel_rates`), in cycles of one core:
 
 * levels: the preset's caches, L1 first, at their full size (one core runs a layer; a shared L3 is
   all its own); a level no larger than the one inside it adds no capacity and is dropped;
-* cost per byte: ``5 * relative_cost`` (L1 = BitQ's on-chip 5 per access) and DRAM
-  ``5 * dram_cost`` (128 -> BitQ's 640);
-* compute: ``int8_macs_per_cycle`` of the preset, each cycle costing one L1 byte (5), plus the
-  per-block fp32 scaling (one multiply-add per block per output, 4 per cycle): smaller blocks
-  cost more.
+* cost per byte filled into a level: the preset's ``relative_cost`` of the level it comes from,
+  read as cycles per 64-byte line (L1 1 : L2 3 : L3 10); the outermost level is filled from DRAM
+  at ``dram_bandwidth_gbps`` and a nominal 3 GHz clock;
+* compute: ``int8_macs_per_cycle`` for the integer MACs, two vector instructions per cycle for the
+  kernels' other vector work, ``vector_bits / 16`` float32 MACs per cycle (two FMA pipes).
 
-``total`` (energy-like units) is the performance cost the optimiser trades. Measured latencies
+``total`` (estimated cycles) is the performance cost the optimiser trades. Measured latencies
 (seconds, e.g. from tuning) override it where given: the model's costs are then converted to
 seconds by the least-squares factor fitted on the measured points, so measured and modelled
 candidates share one unit.
@@ -30,22 +43,73 @@ from ..errors import BitqError
 from ..frontend.onnx_model import Layer, OnnxModel
 from ..plan import LayerFormats
 from ..targets.presets import TargetPreset
-from .dm_model import (BITQ_ONCHIP_COST_PER_BYTE, CacheLevel, ConvShape, LayerCost, MemoryHierarchy,
-                       bits_per_element, layer_costs)
+from .dm_model import (CacheLevel, ConvShape, KernelRates, LayerCost, MemoryHierarchy, StageCost,
+                       bits_per_element, fake_quant_stage, kernel_layer_costs, layer_costs)
 
-MODEL_UNIT = "DM cost units"
+MODEL_UNIT = "DM cycles"
+LINE_BYTES = 64
+NOMINAL_CLOCK_GHZ = 3.0
+VECTOR_OPS_PER_CYCLE = 2.0
 SECONDS_UNIT = "seconds"
 Measured = Mapping[tuple[str, str], float] | Callable[[str, str], float | None]
 
 
 def memory_hierarchy(preset: TargetPreset) -> MemoryHierarchy:
     """The DM model's hierarchy for ``preset`` (see the module docstring for the mapping)."""
-    levels = []
+    caches = []
     for cache in preset.caches:
-        if levels and cache.size_bytes <= levels[-1].size_bytes:
-            continue
-        levels.append(CacheLevel(cache.name, cache.size_bytes, BITQ_ONCHIP_COST_PER_BYTE * cache.relative_cost))
-    return MemoryHierarchy(tuple(levels), dram_cost_per_byte=BITQ_ONCHIP_COST_PER_BYTE * preset.dram_cost)
+        if not caches or cache.size_bytes > caches[-1].size_bytes:
+            caches.append(cache)
+    levels = [CacheLevel(inner.name, inner.size_bytes, outer.relative_cost / LINE_BYTES)
+              for inner, outer in zip(caches, caches[1:])]
+    levels.append(CacheLevel(caches[-1].name, caches[-1].size_bytes, 0.0))  # filled from DRAM
+    return MemoryHierarchy(tuple(levels), dram_cost_per_byte=NOMINAL_CLOCK_GHZ / preset.dram_bandwidth_gbps)
+
+
+def kernel_rates(preset: TargetPreset) -> KernelRates:
+    """The kernel model's throughputs for ``preset`` (module docstring)."""
+    return KernelRates(float(preset.int8_macs_per_cycle), preset.vector_bits // 8, VECTOR_OPS_PER_CYCLE,
+                       unsigned_weights=preset.has_intrinsic("vnni"),
+                       register_tile="x86" if preset.triple.startswith("x86_64") else "lane_major")
+
+
+def fp32_macs_per_cycle(preset: TargetPreset) -> float:
+    """Float32 MACs per cycle: two FMA pipes of ``vector_bits / 32`` lanes."""
+    return preset.vector_bits / 16
+
+
+def deployed_layer_costs(layer: Layer, shape: ConvShape, candidates, preset: TargetPreset,
+                         hierarchy: MemoryHierarchy | None = None) -> list[LayerCost]:
+    """Per candidate of ``layer``, its cost as deployed (module docstring)."""
+    from .deployment import deployed_cost
+
+    hierarchy = memory_hierarchy(preset) if hierarchy is None else hierarchy
+    rates = kernel_rates(preset)
+    modes = [deployed_cost(layer, c).mode for c in candidates]
+    out: list[LayerCost | None] = [None] * len(candidates)
+    integer = [i for i, mode in enumerate(modes) if mode == "integer"]
+    if integer:
+        pairs = [(candidates[i].weight, candidates[i].activation) for i in integer]
+        for i, cost in zip(integer, kernel_layer_costs(layer.kind, layer.input_shape, layer.weight_shape,
+                                                       layer.output_shape, layer.groups, pairs, hierarchy, rates)):
+            out[i] = cost
+    if len(integer) < len(candidates):
+        fp32 = layer_costs(shape, [32.0], [32.0], [None], hierarchy, macs_per_cycle=fp32_macs_per_cycle(preset),
+                           cycle_cost=1.0)[0]
+        fp32_stage = StageCost("fp32", fp32.level_bytes, fp32.compute_cycles, fp32.total)
+        fake = fake_quant_stage(int(np.prod(layer.input_shape)), hierarchy, rates)
+        simulated = dataclasses.replace(
+            fp32, dram_bytes=fp32.dram_bytes + fake.level_bytes[-1],
+            onchip_bytes=fp32.onchip_bytes + sum(fake.level_bytes[:-1]),
+            energy=fp32.energy + fake.total - fake.compute_cycles,
+            compute_cycles=fp32.compute_cycles + fake.compute_cycles, total=fp32.total + fake.total,
+            level_bytes=tuple(a + b for a, b in zip(fp32.level_bytes, fake.level_bytes)),
+            stages=(fp32_stage, fake))
+        fp32 = dataclasses.replace(fp32, stages=(fp32_stage,))
+        for i, mode in enumerate(modes):
+            if mode != "integer":
+                out[i] = simulated if mode == "simulation" else fp32
+    return out
 
 
 def conv_shape(model: OnnxModel, layer: Layer) -> ConvShape:
@@ -66,7 +130,7 @@ def conv_shape(model: OnnxModel, layer: Layer) -> ConvShape:
 class PerformanceTerm:
     """Per (layer, candidate label): the DM model's :class:`LayerCost` and the cost the optimiser uses.
 
-    ``cost[layer][label]`` is in ``unit``: DM cost units, or seconds when measured latencies were
+    ``cost[layer][label]`` is in ``unit``: DM cycles, or seconds when measured latencies were
     given (measured values verbatim, the rest the model scaled by ``seconds_per_unit``).
     """
 
@@ -90,24 +154,20 @@ def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping
     measured : mapping or callable, optional
         ``{(layer, label): seconds}`` or ``f(layer, label) -> seconds or None``.
     deployed : bool
-        Bits per element as deployed (:mod:`.deployment`: packed storage, padding, exponents,
-        float fallbacks at FP32), else BitQ's nominal ``m + E / B``.
+        Price candidates as deployment runs them (module docstring: the kernels' bytes, float
+        fallbacks at FP32 + fake-quant), else BitQ's nominal ``m + E / B`` loop nest.
     """
-    from .deployment import deployed_cost
-
     hierarchy = memory_hierarchy(preset)
     model_costs = {}
     for layer in model.layers:
-        cands = candidates[layer.name]
+        cands = tuple(candidates[layer.name])
         if deployed:
-            deploys = [deployed_cost(layer, c) for c in cands]
-            w_bits, a_bits = [d.weight_bits for d in deploys], [d.activation_bits for d in deploys]
-            blocks = [c.block_size if d.integer else None for c, d in zip(cands, deploys)]
+            costs = deployed_layer_costs(layer, conv_shape(model, layer), cands, preset, hierarchy)
         else:
             w_bits, a_bits = [bits_per_element(c.weight) for c in cands], [bits_per_element(c.activation) for c in cands]
             blocks = [c.block_size for c in cands]
-        costs = layer_costs(conv_shape(model, layer), w_bits, a_bits, blocks,
-                            hierarchy, macs_per_cycle=float(preset.int8_macs_per_cycle))
+            costs = layer_costs(conv_shape(model, layer), w_bits, a_bits, blocks, hierarchy,
+                                macs_per_cycle=float(preset.int8_macs_per_cycle), cycle_cost=1.0)
         model_costs[layer.name] = MappingProxyType({c.label: cost for c, cost in zip(cands, costs)})
     found = {}
     for layer in model.layers:

@@ -265,3 +265,136 @@ def test_user_errors_name_the_culprit():
         MemoryHierarchy((CacheLevel("L1", 4096), CacheLevel("L2", 1024)))
     with pytest.raises(BitqError, match="w_bits must be finite and positive"):
         layer_cost(NET_SHAPES[1], 0.0, 8.0, 32, HIERARCHY)
+
+
+# ---- the kernel model (issue 12): the bytes the deployed kernels move -------------------------
+
+from bitq_tvm.formats import BFPFormat  # noqa: E402
+from bitq_tvm.frontend.onnx_model import Layer  # noqa: E402
+from bitq_tvm.kernels.bfp_matmul_x86 import _default_tile  # noqa: E402
+from bitq_tvm.kernels.contract import (  # noqa: E402
+    gemm_geometry, integer_support, integer_weight_bytes, packed_nbytes, padded)
+from bitq_tvm.plan import FP32, LayerFormats  # noqa: E402
+from bitq_tvm.solver.dm_model import (  # noqa: E402
+    KernelRates, fake_quant_stage, kernel_layer_costs, matmul_stage)
+
+RATES = KernelRates(int8_macs_per_cycle=32.0, vector_bytes=32)
+KERNEL_HIERARCHY = MemoryHierarchy((CacheLevel("L1", 32 * 1024, 3 / 64), CacheLevel("L2", 512 * 1024, 10 / 64),
+                                    CacheLevel("L3", 32 * 1024 * 1024, 0.0)), dram_cost_per_byte=0.15)
+HUGE = MemoryHierarchy((CacheLevel("L1", 2**40, 1.0),), dram_cost_per_byte=1.0)
+CONV3X3 = Layer("conv", "Conv", "w", (128, 64, 3, 3), (1, 64, 28, 28), (1, 128, 28, 28))
+CONV16 = Layer("conv16", "Conv", "w", (32, 16, 3, 3), (1, 16, 14, 14), (1, 32, 14, 14))
+DENSE = Layer("fc", "MatMul", "w", (768, 3072), (1, 49, 768), (1, 49, 3072))  # 49 rows run as 52
+
+
+def _costs(layer, fmt_w, fmt_a=None, hierarchy=KERNEL_HIERARCHY):
+    return kernel_layer_costs(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, layer.groups,
+                              [(fmt_w, fmt_a or fmt_w)], hierarchy, RATES)[0]
+
+
+def _geometry(layer, block):
+    return gemm_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, block, layer.groups)
+
+
+@pytest.mark.parametrize("layer, m, block", [
+    *((layer, m, block) for layer in (CONV3X3, DENSE) for m, block in ((8, 32), (4, 16), (6, 64), (2, 32))),
+    (CONV16, 8, 16), (CONV16, 4, 32), (CONV16, 2, 16)])  # 16 channels: block 64 is not an integer kernel
+def test_weight_bytes_are_what_deployment_stores(layer, m, block):
+    fmt = BFPFormat(m, block)
+    assert integer_support(layer.kind, layer.weight_shape, layer.groups, fmt, fmt) is None
+    cost = _costs(layer, fmt)
+    geometry = _geometry(layer, block)
+    assert dict(cost.operand_bytes)["weights"] == integer_weight_bytes(geometry, fmt)
+    # with a cache that holds everything, the matmul's only DRAM traffic is the stored weight
+    stage = matmul_stage(geometry, fmt, HUGE, RATES)
+    assert stage.level_bytes == (packed_nbytes(geometry.n, geometry.k_padded, fmt),)
+
+
+def test_matmul_traffic_follows_the_columns_outer_tiling():
+    fmt = BFPFormat(8, 32)
+    g = _geometry(DENSE, 32)  # 49 rows (padded to 52), N 3072, K 768
+    assert g.rows_padded == 52
+    tiny = MemoryHierarchy((CacheLevel("L1", 1024, 1.0), CacheLevel("L2", 2**40, 1.0)))
+    rows, groups = _default_tile(g.rows_padded, padded(g.n, 16) // 16)
+    row_tiles, col_tiles = g.rows_padded // rows, padded(g.n, 16) // (16 * groups)
+    weights = packed_nbytes(g.n, g.k_padded, fmt)
+    a = g.rows_padded * (g.k_padded + g.blocks)  # int8 mantissas + int8 exponents
+    out = g.rows_padded * g.n * 4  # float32 output written once
+    stage = matmul_stage(g, fmt, tiny, RATES)
+    # L1 holds neither a weight panel nor A: weights once per row tile, A once per column tile
+    assert stage.level_bytes == (row_tiles * weights + col_tiles * a + out, weights)
+
+
+def test_fewer_mantissa_bits_move_fewer_weight_bytes():
+    for layer in (CONV3X3, DENSE):
+        b4, b8 = _costs(layer, BFPFormat(4, 32)), _costs(layer, BFPFormat(8, 32))
+        assert dict(b4.operand_bytes)["weights"] < dict(b8.operand_bytes)["weights"]
+        assert b4.dram_bytes < b8.dram_bytes
+        # m=6 stores one byte per mantissa like m=8
+        b6 = _costs(layer, BFPFormat(6, 32))
+        assert dict(b6.operand_bytes)["weights"] == dict(b8.operand_bytes)["weights"]
+
+
+def test_activations_move_as_int8_whatever_their_mantissa_bits():
+    fmt_w = BFPFormat(8, 32)
+    assert _costs(CONV3X3, fmt_w, BFPFormat(4, 32)) == _costs(CONV3X3, fmt_w, BFPFormat(8, 32))
+    g = _geometry(CONV3X3, 32)
+    operands = dict(_costs(CONV3X3, fmt_w).operand_bytes)
+    assert operands["qa"] == 28 * 28 * (64 + 2)  # NHWC int8 + one exponent per block
+    assert operands["im2col"] == g.rows_padded * (g.k_padded + g.blocks)
+    assert operands["output"] == g.rows_padded * 128 * 4
+
+
+def test_padding_is_charged():
+    # 16 input channels: block 32 pads every kernel offset to 32 channels (allowed: ratio 2)
+    b16, b32 = (_costs(CONV16, BFPFormat(8, b)) for b in (16, 32))
+    useful = 32 * 16 * 3 * 3
+    assert dict(b32.operand_bytes)["weights"] / useful > dict(b16.operand_bytes)["weights"] / useful
+    assert dict(b32.operand_bytes)["im2col"] > dict(b16.operand_bytes)["im2col"]
+    assert b32.total > b16.total
+    # padded rows are computed and written: 49 rows run as 52
+    assert dict(_costs(DENSE, BFPFormat(8, 32)).operand_bytes)["output"] == 52 * 3072 * 4
+
+
+def test_stages_of_each_layer_kind():
+    fmt = BFPFormat(8, 32)
+    names = lambda layer: [s.name for s in _costs(layer, fmt).stages]  # noqa: E731
+    assert names(CONV3X3) == ["act_quant", "im2col", "matmul", "epilogue"]
+    pointwise = Layer("pw", "Conv", "w", (64, 32, 1, 1), (1, 32, 14, 14), (1, 64, 14, 14))
+    assert names(pointwise) == ["act_quant", "matmul", "epilogue"]
+    assert names(DENSE) == ["act_quant", "matmul"]
+    cost = _costs(CONV3X3, fmt)
+    assert cost.total == pytest.approx(sum(s.total for s in cost.stages), rel=1e-12)
+    assert cost.level_bytes == pytest.approx(tuple(np.sum([s.level_bytes for s in cost.stages], axis=0)))
+    assert cost.dram_bytes == cost.level_bytes[-1]
+
+
+def test_smaller_blocks_cost_more_scaling():
+    costs = [_costs(CONV3X3, BFPFormat(8, b)) for b in (16, 32, 64)]
+    assert costs[0].total > costs[1].total > costs[2].total
+    assert [c.scale_ops for c in costs] == [784 * 128 * 9 * 64 // b for b in (16, 32, 64)]
+
+
+def test_fallback_layers_cost_fp32_plus_simulation():
+    from bitq_tvm.solver.performance import deployed_layer_costs, kernel_rates, memory_hierarchy
+    from bitq_tvm.targets import get_target
+
+    preset = get_target("avx2")
+    depthwise = Layer("dw", "Conv", "w", (96, 1, 3, 3), (1, 96, 28, 28), (1, 96, 28, 28), groups=96)
+    shape = ConvShape(1, 96, 1, 3, 3, 28, 28, groups=96)
+    bfp = LayerFormats.bfp(8, 8, 16)
+    assert integer_support("conv2d", depthwise.weight_shape, 96, bfp.weight, bfp.activation) is not None
+    fp32, simulated = deployed_layer_costs(depthwise, shape, (FP32, bfp), preset)
+    hierarchy = memory_hierarchy(preset)
+    fake = fake_quant_stage(96 * 28 * 28, hierarchy, kernel_rates(preset))
+    assert simulated.total == pytest.approx(fp32.total + fake.total, rel=1e-12)
+    assert simulated.dram_bytes == pytest.approx(fp32.dram_bytes + fake.level_bytes[-1])
+    assert [s.name for s in simulated.stages] == ["fp32", "fake_quant"]
+    # FP32: the generic nest at 32 bits and float32 MACs, no per-block scaling
+    expected = layer_cost(shape, 32.0, 32.0, None, hierarchy, macs_per_cycle=preset.vector_bits / 16, cycle_cost=1.0)
+    assert fp32.total == expected.total and fp32.level_bytes == expected.level_bytes
+    # a layer the kernel runs is priced by the kernel model
+    (int_conv,) = deployed_layer_costs(CONV3X3, ConvShape(1, 128, 64, 3, 3, 28, 28), (bfp,), preset)
+    assert int_conv == kernel_layer_costs("conv2d", CONV3X3.input_shape, CONV3X3.weight_shape,
+                                          CONV3X3.output_shape, 1, [(bfp.weight, bfp.activation)], hierarchy,
+                                          kernel_rates(preset))[0]

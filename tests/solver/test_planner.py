@@ -77,8 +77,11 @@ def test_measured_latencies_override_the_model(digits):
     assert term.unit == "seconds" and term.cost["fc1"][label] == 1e-3
     other = table["conv2"][0].label
     assert term.cost["conv2"][other] == pytest.approx(modelled.cost["conv2"][other] * term.seconds_per_unit)
-    hierarchy = memory_hierarchy(get_target("host"))
-    assert hierarchy.dram_cost_per_byte / hierarchy.levels[0].cost_per_byte == pytest.approx(128)
+    # cycles per byte: L1 filled from L2 at L2's relative cost per 64-byte line, DRAM at its bandwidth (3 GHz)
+    preset = get_target("host")
+    hierarchy = memory_hierarchy(preset)
+    assert hierarchy.levels[0].cost_per_byte == pytest.approx(preset.caches[1].relative_cost / 64)
+    assert hierarchy.dram_cost_per_byte == pytest.approx(3.0 / preset.dram_bandwidth_gbps)
 
 
 def test_predicted_within_2x_of_measured(digits):
