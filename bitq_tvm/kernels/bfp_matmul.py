@@ -66,6 +66,7 @@ __all__ = [
     "bfp_matmul_prim_func",
     "bfp_matmul_compute",
     "has_block",
+    "row_tiles_per_task",
     "tile_bfp_matmul",
 ]
 
@@ -325,6 +326,13 @@ def has_block(sch: Schedule, name: str) -> bool:
     return True
 
 
+def row_tiles_per_task(row_tiles: int, rows: int) -> int:
+    """Row tiles one parallel task computes for a column tile whose weights need unpacking
+    (nibbles, the VNNI offset): the panel is unpacked once per task, for about 64 rows, instead
+    of once per row tile, where it would cost as much as the dot products it feeds."""
+    return max(c for c in range(1, max(1, 64 // rows) + 1) if row_tiles % c == 0)
+
+
 def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize: bool = True):
     """The register tiling every BFP matmul schedule shares (x86, ARM, RISC-V).
 
@@ -340,12 +348,7 @@ def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
     unpacked = has_block(sch, "w_tile")
-    row_tiles = int(sch.get(i_outer).extent)
-    # Weights that need unpacking (nibbles, the VNNI offset) are unpacked once per task for a
-    # chunk of row tiles (about 64 rows) instead of once per row tile: the unpack would
-    # otherwise cost as much as the dot products it feeds when M is large.
-    chunk = max(c for c in range(1, max(1, 64 // rows) + 1) if row_tiles % c == 0) \
-        if unpacked and order == "columns_outer" else 1
+    chunk = row_tiles_per_task(int(sch.get(i_outer).extent), rows) if unpacked and order == "columns_outer" else 1
     if chunk > 1:
         i_outer, i_tile = sch.split(i_outer, [None, chunk])
     # Column tiles outermost: one task re-reads a [rows, K] activation panel per column tile

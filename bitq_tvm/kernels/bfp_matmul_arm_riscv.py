@@ -41,6 +41,7 @@ from .intrin_riscv import BITQ_RVV_DOT_16x4
 __all__ = [
     "VARIANTS",
     "LANE_MAJOR_VARIANTS",
+    "row_tile",
     "schedule_bfp_matmul_arm_riscv",
     "bfp_matmul_arm_riscv_func",
 ]
@@ -132,7 +133,7 @@ def _mmla_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat) ->
     return bfp_matmul_prim_func([*operands, c])
 
 
-def _row_tile(M: int) -> int:
+def row_tile(M: int) -> int:
     """Rows per register tile: 2 x 16 outputs keep 8 int32 + 8 float32 vectors of 128 bits
     live, well inside 32 registers (4 rows would need all 32 before operands)."""
     return 2 if M % 2 == 0 else 1
@@ -159,7 +160,7 @@ def schedule_bfp_matmul_arm_riscv(
     tensorized per 4 lanes (sdot, neon) or 16 lanes (rvv). ``rows`` must divide M and ``groups``
     the number of 16-column tiles. Tuning searches rows, groups and order
     (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_arm_riscv_func` uses ``rows`` =
-    :func:`_row_tile`, one group, columns outermost.
+    :func:`row_tile`, one group, columns outermost.
     """
     if variant not in _LANE_INTRINSICS:
         raise BitqError(
@@ -264,7 +265,7 @@ def bfp_matmul_arm_riscv_func(
     groups = 1
     if epilogue is not None and epilogue.out_fmt.block_size > LANES and n_tiles % (epilogue.out_fmt.block_size // LANES) == 0:
         groups = epilogue.out_fmt.block_size // LANES  # a fused quantization block in one tile
-    rows, groups = tile if tile is not None else (_row_tile(M) if groups <= 2 else 1, groups)
+    rows, groups = tile if tile is not None else (row_tile(M) if groups <= 2 else 1, groups)
     sch = Schedule(bfp_matmul_compute(M, N, K, fmt_a, fmt_w, epilogue=epilogue))
     schedule_bfp_matmul_arm_riscv(sch, variant, rows, groups)
     return sch.mod["main"]

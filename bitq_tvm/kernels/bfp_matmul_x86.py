@@ -17,14 +17,14 @@ from .bfp_matmul import Epilogue, bfp_matmul_compute, schedule_outputs, tile_bfp
 from .contract import LANES, padded
 from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4
 
-__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
+__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "default_tile", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
 
 VARIANTS = ("vnni", "avx2", "generic")
 # Variants that run the u8 (weight) x s8 (activation) form of the compute.
 UNSIGNED_WEIGHT_VARIANTS = ("vnni",)
 
 
-def _default_tile(M: int, n_tiles: int, epilogue: Epilogue | None = None) -> tuple[int, int]:
+def default_tile(M: int, n_tiles: int, epilogue: Epilogue | None = None) -> tuple[int, int]:
     """(rows, 16-lane column groups) of one register tile; rows divide M, groups divide n_tiles.
 
     4 x 2: 8 int32 block accumulators + 8 float32 output accumulators + loads fit the 32 zmm
@@ -109,7 +109,7 @@ def bfp_matmul_x86_func(
     func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w, unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS,
                               epilogue=epilogue)
     n_tiles = padded(N, LANES) // LANES
-    rows, groups = tile if tile is not None else _default_tile(M, n_tiles, epilogue)
+    rows, groups = tile if tile is not None else default_tile(M, n_tiles, epilogue)
     if M % rows or n_tiles % groups:
         raise BitqError(
             f"bfp_matmul: tile {(rows, groups)} does not divide M={M} rows "

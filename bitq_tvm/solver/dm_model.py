@@ -538,12 +538,12 @@ class KernelRates:
     def tile(self, rows: int, column_groups: int) -> tuple[int, int]:
         """(rows, 16-lane column groups) of the kernel's default register tile."""
         if self.register_tile == "x86":
-            from ..kernels.bfp_matmul_x86 import _default_tile
+            from ..kernels.bfp_matmul_x86 import default_tile
 
-            return _default_tile(rows, column_groups)
-        from ..kernels.bfp_matmul_arm_riscv import _row_tile
+            return default_tile(rows, column_groups)
+        from ..kernels.bfp_matmul_arm_riscv import row_tile
 
-        return _row_tile(rows), 1
+        return row_tile(rows), 1
 
     @property
     def fp32_lanes(self) -> int:
@@ -593,9 +593,11 @@ def matmul_stage(geometry, fmt_w, hierarchy: MemoryHierarchy, rates: KernelRates
     ``[rows_padded, k_padded]`` + ea ``[rows_padded, blocks]`` int8, the float32 output
     ``[rows_padded, n]``; re-reads per level by the columns-outer register tiling (module
     docstring). Compute: padded MACs at the int8 rate, the per-block epilogue, the block scales
-    and the unpacked weights built per row tile (nibbles when m <= 4; the +128 offset with VNNI),
+    and the unpacked weights built per task of row tiles (nibbles when m <= 4; the +128 offset
+    with VNNI, :func:`~bitq_tvm.kernels.bfp_matmul.row_tiles_per_task`),
     VNNI's activation block sums.
     """
+    from ..kernels.bfp_matmul import row_tiles_per_task
     from ..kernels.contract import LANES, NIBBLE_MAX_MANTISSA_BITS, packed_nbytes, padded
 
     rows, kp, nb = geometry.rows_padded, geometry.k_padded, geometry.blocks
@@ -616,10 +618,12 @@ def matmul_stage(geometry, fmt_w, hierarchy: MemoryHierarchy, rates: KernelRates
     lanes = rates.fp32_lanes
     ops = EPILOGUE_OPS * rows * nb * n_padded / lanes
     ops += W_SCALE_OPS * row_tiles * nb * n_padded / lanes
+    # unpacked weight panels are built once per task (a chunk of row tiles), not per row tile
+    tasks_per_column = row_tiles // row_tiles_per_task(row_tiles, tile_rows)
     if fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS:
-        ops += UNPACK_OPS * row_tiles * n_padded * kp / rates.vector_bytes
+        ops += UNPACK_OPS * tasks_per_column * n_padded * kp / rates.vector_bytes
     elif rates.unsigned_weights:
-        ops += OFFSET_OPS * row_tiles * n_padded * kp / rates.vector_bytes
+        ops += OFFSET_OPS * tasks_per_column * n_padded * kp / rates.vector_bytes
     if rates.unsigned_weights:
         ops += A_SUM_OPS * rows * kp / rates.vector_bytes
     cycles = rows * n_padded * kp / rates.int8_macs_per_cycle + ops / rates.vector_ops_per_cycle

@@ -271,7 +271,7 @@ def test_user_errors_name_the_culprit():
 
 from bitq_tvm.formats import BFPFormat  # noqa: E402
 from bitq_tvm.frontend.onnx_model import Layer  # noqa: E402
-from bitq_tvm.kernels.bfp_matmul_x86 import _default_tile  # noqa: E402
+from bitq_tvm.kernels.bfp_matmul_x86 import default_tile  # noqa: E402
 from bitq_tvm.kernels.contract import (  # noqa: E402
     gemm_geometry, integer_support, integer_weight_bytes, packed_nbytes, padded)
 from bitq_tvm.plan import FP32, LayerFormats  # noqa: E402
@@ -315,7 +315,7 @@ def test_matmul_traffic_follows_the_columns_outer_tiling():
     g = _geometry(DENSE, 32)  # 49 rows (padded to 52), N 3072, K 768
     assert g.rows_padded == 52
     tiny = MemoryHierarchy((CacheLevel("L1", 1024, 1.0), CacheLevel("L2", 2**40, 1.0)))
-    rows, groups = _default_tile(g.rows_padded, padded(g.n, 16) // 16)
+    rows, groups = default_tile(g.rows_padded, padded(g.n, 16) // 16)
     row_tiles, col_tiles = g.rows_padded // rows, padded(g.n, 16) // (16 * groups)
     weights = packed_nbytes(g.n, g.k_padded, fmt)
     a = g.rows_padded * (g.k_padded + g.blocks)  # int8 mantissas + int8 exponents
