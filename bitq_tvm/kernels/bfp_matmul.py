@@ -44,7 +44,10 @@ block's 16-lane scales (``w_scale``) from ``ew``: no weight operand is expanded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 
+import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
@@ -55,6 +58,7 @@ from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exp
 
 __all__ = [
     "LOOP_ORDERS",
+    "EPILOGUE_OPS",
     "Epilogue",
     "schedule_outputs",
     "bfp_matmul_name",
@@ -150,59 +154,162 @@ def bfp_matmul_prim_func(tensors) -> tirx.PrimFunc:
     return te.create_prim_func(list(tensors)).with_attr("global_symbol", "bfp_matmul")
 
 
+# Elementwise ops an epilogue can apply, with their arity; each is the float32 operation TVM's
+# legalization of the Relax op computes (topi), so the fused kernel computes the same numbers.
+EPILOGUE_OPS = {"add": 2, "subtract": 2, "multiply": 2, "divide": 2, "maximum": 2, "minimum": 2,
+                "relu": 1, "clip": 1, "sigmoid": 1, "tanh": 1, "erf": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class Epilogue:
-    """What a fused matmul does with its float32 outputs: ``y = clip(C + bias, low, high)``, then
-    BFP-quantized to ``out_fmt`` with blocks along the outputs (N), as the next layer's
-    activation quantizer would (:mod:`.bfp_act_quant`): the kernel returns that layer's int8
-    mantissas ``Q [M, pad(N, B')]`` and exponents ``E [M, pad(N, B') / B']`` instead of C.
+    """What a fused matmul does with its float32 outputs before quantizing them for the next layer.
 
-    Every step is the float32 operation the unfused graph performs (one add, max/min, then the
-    quantizer's exponent-field maximum, power-of-two scale and round to nearest even), so fusing
-    changes no number. Stochastic rounding (which hashes the NCHW flat index) is not fused.
+    ``expr`` is an expression tree over the matmul output: leaves ``("x",)`` (the output),
+    ``("const", value)``, ``("bias", i)`` (a per-output-channel vector, kernel input) and
+    ``("tensor", i)`` (another float32 tensor of the model, e.g. a residual, in the layout
+    ``tensor_layouts[i]`` = (shape, channel axis), whose rows unravel the matmul rows in C
+    order); nodes ``(op, *children)`` with ``op`` in :data:`EPILOGUE_OPS` (``("clip", child,
+    low, high)``). The result is BFP-quantized to ``out_fmt`` with blocks along the outputs (N),
+    as the next layer's activation quantizer would (:mod:`.bfp_act_quant`): the kernel returns
+    that layer's int8 mantissas ``Q [M, pad(N, B')]`` and exponents ``E [M, pad(N, B') / B']``.
+
+    Every step is the float32 operation the unfused graph performs (TVM's legalization of each
+    op, then the quantizer's exponent-field maximum, power-of-two scale and round to nearest
+    even), so fusing changes no number. Stochastic rounding (which hashes the NCHW flat index)
+    is not fused.
     """
 
     out_fmt: BFPFormat
-    bias: bool = False
-    low: float | None = None
-    high: float | None = None
+    expr: tuple = ("x",)
+    tensor_layouts: tuple = ()
 
     def __post_init__(self):
         if self.out_fmt.rounding != Rounding.NEAREST:
             raise BitqError(f"Epilogue: output format {self.out_fmt.name} rounds stochastically; "
                             "only round-to-nearest is fused")
+        _check_expr(self.expr, len(self.tensor_layouts))
+
+    @classmethod
+    def clipped(cls, out_fmt: BFPFormat, bias: bool = False, low: float | None = None,
+                high: float | None = None) -> "Epilogue":
+        """``clip(x + bias, low, high)`` (ReLU: ``low=0``), the common case."""
+        expr = ("add", ("x",), ("bias", 0)) if bias else ("x",)
+        if low == 0 and high is None:
+            expr = ("relu", expr)
+        elif low is not None or high is not None:
+            expr = ("clip", expr, -np.inf if low is None else float(low), np.inf if high is None else float(high))
+        return cls(out_fmt, expr)
+
+    @property
+    def biases(self) -> int:
+        """Number of per-channel vectors the kernel takes (``("bias", i)`` leaves)."""
+        return _count_leaves(self.expr, "bias")
+
+    @property
+    def ops(self) -> list[str]:
+        """The ops in evaluation order (post-order), e.g. ``["add", "relu"]``."""
+        return _post_order(self.expr)
 
     @property
     def tag(self) -> str:
-        """Short name suffix, e.g. ``bias_relu_qa8b32``."""
-        ops = (["bias"] if self.bias else []) + [_clip_tag(self.low, self.high)]
-        return "_".join(o for o in ops if o) + f"_qa{_format_tag(self.out_fmt)}"
+        """Short name suffix, e.g. ``add_relu_qa8b32``."""
+        ops = "_".join(self.ops) or "q"
+        if len(ops) > 40:
+            ops = "ep" + hashlib.sha1(repr((self.expr, self.tensor_layouts)).encode()).hexdigest()[:10]
+        return f"{ops}_qa{_format_tag(self.out_fmt)}"
 
 
-def _clip_tag(low, high) -> str:
-    if low is None and high is None:
-        return ""
-    if low == 0 and high is None:
-        return "relu"
-    return f"clip{low if low is not None else ''}to{high if high is not None else ''}".replace(".", "p")
+def _check_expr(expr, tensors: int) -> None:
+    if not isinstance(expr, tuple) or not expr:
+        raise BitqError(f"Epilogue: {expr!r} is not an expression node")
+    head = expr[0]
+    if head == "x":
+        return
+    if head == "const":
+        return
+    if head in ("bias", "tensor"):
+        if head == "tensor" and not 0 <= expr[1] < tensors:
+            raise BitqError(f"Epilogue: tensor {expr[1]} has no layout")
+        return
+    if head not in EPILOGUE_OPS:
+        raise BitqError(f"Epilogue: op {head!r} is not one of {', '.join(EPILOGUE_OPS)}")
+    for child in expr[1:1 + EPILOGUE_OPS[head]]:
+        _check_expr(child, tensors)
+
+
+def _count_leaves(expr, kind: str) -> int:
+    if expr[0] == kind:
+        return expr[1] + 1
+    if expr[0] in EPILOGUE_OPS:
+        return max([0] + [_count_leaves(c, kind) for c in expr[1:1 + EPILOGUE_OPS[expr[0]]]])
+    return 0
+
+
+def _post_order(expr) -> list[str]:
+    if expr[0] not in EPILOGUE_OPS:
+        return []
+    return [op for c in expr[1:1 + EPILOGUE_OPS[expr[0]]] for op in _post_order(c)] + [expr[0]]
+
+
+def _unravel(row, shape, channel_axis, channel):
+    """Index of the element (matmul row ``row``, channel) in a tensor of ``shape`` whose other
+    dims, in order, are the rows in C order."""
+    outer = [d for a, d in enumerate(shape) if a != channel_axis]
+    index, rest = [], row
+    for d in reversed(outer):
+        index.append(rest % d)
+        rest = rest // d
+    index = index[::-1]
+    index.insert(channel_axis, channel)
+    return index
 
 
 def _quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
-    """Stages ``y``, ``exponent_field``, ``E``, ``Q`` of a fused epilogue; returns (bias or None, Q, E)."""
+    """Stages ``y``, ``exponent_field``, ``E``, ``Q`` of a fused epilogue; returns
+    (extra inputs: biases then tensors, Q, E)."""
     fmt = epilogue.out_fmt
     block = fmt.block_size
     width = padded(N, block)
-    bias = te.placeholder((N,), "float32", name="bias") if epilogue.bias else None
+    biases = [te.placeholder((N,), "float32", name=f"bias{i}") for i in range(epilogue.biases)]
+    tensors = [te.placeholder(tuple(shape), "float32", name=f"tensor{i}")
+               for i, (shape, _) in enumerate(epilogue.tensor_layouts)]
+
+    def evaluate(expr, i, j):
+        head = expr[0]
+        if head == "x":
+            return acc[i, j]
+        if head == "const":
+            return tirx.const(float(expr[1]), "float32")
+        if head == "bias":
+            return biases[expr[1]][j]
+        if head == "tensor":
+            shape, axis = epilogue.tensor_layouts[expr[1]]
+            rows = math.prod(d for a, d in enumerate(shape) if a != axis)
+            row = tirx.min(i, rows - 1) if M > rows else i  # padded matmul rows read a real one
+            return tensors[expr[1]][tuple(_unravel(row, shape, axis, j))]
+        args = [evaluate(c, i, j) for c in expr[1:1 + EPILOGUE_OPS[head]]]
+        if head == "add":
+            return args[0] + args[1]
+        if head == "subtract":
+            return args[0] - args[1]
+        if head == "multiply":
+            return args[0] * args[1]
+        if head == "divide":
+            return args[0] / args[1]
+        if head == "maximum":
+            return tirx.max(args[0], args[1])
+        if head == "minimum":
+            return tirx.min(args[0], args[1])
+        if head == "relu":  # topi.nn.relu
+            return tirx.max(args[0], tirx.const(0.0, "float32"))
+        if head == "clip":  # topi.clip: max(min(x, high), low)
+            return tirx.max(tirx.min(args[0], tirx.const(float(expr[3]), "float32")),
+                            tirx.const(float(expr[2]), "float32"))
+        return {"sigmoid": tirx.sigmoid, "tanh": tirx.tanh, "erf": tirx.erf}[head](args[0])
 
     def value(i, j):
         jj = tirx.min(j, N - 1) if width > N else j  # padding reads a real column, then is zeroed
-        v = acc[i, jj]
-        if bias is not None:
-            v = v + bias[jj]
-        if epilogue.low is not None:
-            v = tirx.max(v, tirx.const(epilogue.low, "float32"))
-        if epilogue.high is not None:
-            v = tirx.min(v, tirx.const(epilogue.high, "float32"))
+        v = evaluate(epilogue.expr, i, jj)
         return tirx.Select(j < N, v, tirx.const(0.0, "float32")) if width > N else v
 
     y = te.compute((M, width), value, name="y")
@@ -215,13 +322,13 @@ def _quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
         lambda i, c: tirx.Cast("int8", round_mantissa(
             y[i, c] / power_of_two(e_out[i, c // block].astype("int32") - fmt.scale_shift), fmt, None)),
         name="Q")
-    return bias, q_out, e_out
+    return [*biases, *tensors], q_out, e_out
 
 
 def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat,
                        unsigned_weights: bool = False, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
     """Unscheduled PrimFunc ``(qa, ea, qw, ew, C)`` of the integer BFP matmul, or with an
-    ``epilogue`` ``(qa, ea, qw, ew, [bias,] Q, E)`` (:class:`Epilogue`).
+    ``epilogue`` ``(qa, ea, qw, ew, biases..., tensors..., Q, E)`` (:class:`Epilogue`).
 
     Shapes: qa int8 [M, Kp], ea int8 [M, nb], qw int8 [Np/16, Kp/4, 16, 4] (uint8 [Np/16, Kp/4,
     32] nibble pairs when mw <= 4, :mod:`.packing`), ew int8 [nb, Np], C float32 [M, N]. Blocks:
@@ -275,8 +382,8 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
         name="acc",
     )
     if epilogue is not None:
-        bias, q_out, e_out = _quantized_outputs(acc, M, N, epilogue)
-        return bfp_matmul_prim_func([*operands, *([bias] if bias is not None else []), q_out, e_out])
+        extra, q_out, e_out = _quantized_outputs(acc, M, N, epilogue)
+        return bfp_matmul_prim_func([*operands, *extra, q_out, e_out])
     c = te.compute((M, N), lambda i, j: acc[i, j], name="C")
     return bfp_matmul_prim_func([*operands, c])
 

@@ -15,13 +15,16 @@ The numbers do not change: the fused epilogue performs the same float32 operatio
 order (``C + bias``, max/min, the quantizer's steps), so the tests compare fused and unfused
 deployments bit for bit.
 
-Matched chain, from the next layer's activation quantizer back to an integer matmul (every
-intermediate used once): ``call_tir(matmul) -> [strided_slice of padded rows] -> [reshape to
-NHWC -> permute_dims to NCHW | reshape keeping channels last] -> [add(bias constant)] ->
-[relu | clip] * -> [reshape keeping channels last] -> call_tir(act_quant, channel axis, 1 group)``.
-Anything else (a pooling, a residual add, a layer with several users, grouped convs, stochastic
-rounding, tuned kernels) stays unfused, and the layer's ``bitq.deployment`` record says why in
-its ``epilogue`` field.
+Matched: the elementwise expression between the next layer's activation quantizer and the
+latest integer matmul it depends on, through layout ops that keep rows x channels (dropping
+padded rows, reshape keeping channels last, NHWC -> NCHW transpose) and elementwise ops
+(:data:`~bitq_tvm.kernels.bfp_matmul.EPILOGUE_OPS`: add/subtract/multiply/divide/maximum/minimum,
+relu, clip, sigmoid, tanh, erf) whose other operands are scalars, per-channel constants (a
+bias) or whole tensors of the same shape (a residual, read in its own layout); every value of
+the expression derived from the matmul must be used only inside it. HardSwish, SiLU, GELU and
+residual adds are such expressions. Anything else (a pooling, a value with users outside, grouped
+convs, stochastic rounding, tuned kernels) stays unfused, and the layer's ``bitq.deployment``
+record says why in its ``epilogue`` field.
 """
 
 from __future__ import annotations
@@ -71,106 +74,175 @@ def _constant(expr, bindings) -> np.ndarray | None:
     return None
 
 
-class _Chain:
-    """The ops between an integer matmul and the next layer's activation quantizer."""
+class _Fusion:
+    """The epilogue expression between an integer matmul and the next layer's quantizer."""
 
-    def __init__(self, matmul_call, kernel: dict, vars_: list):
+    def __init__(self, matmul_call, kernel: dict):
         self.matmul_call = matmul_call
         self.kernel = kernel
-        self.vars = vars_  # every var of the chain, matmul output first
-        self.bias: np.ndarray | None = None
-        self.low: float | None = None
-        self.high: float | None = None
-        self.ops: list[str] = []
+        self.vars: list = []  # vars of the expression derived from the matmul
+        self.biases: list[np.ndarray] = []
+        self.tensors: list = []  # (relax var, (shape, channel axis))
+        self.expr = None
+        self.layout = None  # (shape, channel axis) at the quantizer's input
 
 
-def _walk_back(mod, start, bindings, uses):
-    """(chain, None) from the activation quantizer's input back to an integer matmul, or
-    (None, reason). ``start`` is the quantizer's input var."""
-    cur, trail = start, []
-    while True:
-        if not isinstance(cur, relax.Var) or cur not in bindings:
-            return None, "the next layer's input is not computed in this function"
-        if uses.get(cur, 0) != 1:
-            return None, f"its output has {uses.get(cur, 0)} users (e.g. a residual branch)"
-        trail.append(cur)
-        value = bindings[cur]
+class _NotFusible(Exception):
+    pass
+
+
+def _op_name(value) -> str | None:
+    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
+
+
+_UNARY = ("relu", "clip", "sigmoid", "tanh", "erf")
+_SUPPORTED = _LAYOUT_OPS + tuple(f"relax.{op}" for op in ("add", "subtract", "multiply", "divide", "maximum",
+                                                           "minimum", "clip", "sigmoid", "tanh", "erf")) \
+    + ("relax.nn.relu",)
+
+
+def _matmul_dependencies(mod, bindings):
+    """``deps(var)``: the integer matmul outputs ``var`` is computed from through supported ops only."""
+    memo: dict = {}
+
+    def deps(v) -> frozenset:
+        if not isinstance(v, relax.Var) or v not in bindings:
+            return frozenset()
+        if v in memo:
+            return memo[v]
+        value = bindings[v]
         if isinstance(value, relax.Var):
-            cur = value
-            continue
-        if not isinstance(value, relax.Call):
-            return None, "its output goes through a tuple"
-        kernel = _kernel(mod, value)
-        if kernel is not None:
-            if kernel["kind"] != "matmul":
-                return None, f"its output comes from a {kernel['kind']} kernel"
-            return _Chain(value, kernel, trail[::-1]), None
-        name = value.op.name if isinstance(value.op, tvm.ir.Op) else str(value.op)
-        if name not in _LAYOUT_OPS + _ELEMENTWISE_OPS:
-            return None, f"its output feeds {name.removeprefix('relax.')}"
-        cur = value.args[0]
+            result = deps(value)
+        elif (kernel := _kernel(mod, value)) is not None:
+            result = frozenset([v]) if kernel["kind"] == "matmul" else frozenset()
+        elif _op_name(value) in _SUPPORTED:
+            result = frozenset().union(*(deps(a) for a in value.args if isinstance(a, relax.Var)))
+        else:
+            result = frozenset()
+        memo[v] = result
+        return result
+
+    return deps
 
 
-def _check_chain(chain: _Chain, bindings, aq: dict):
-    """Fill in the chain's bias and clip bounds; None if the chain is the fusible form, else why."""
-    rows_padded, n = int(chain.kernel["rows"]), int(chain.kernel["n"])
-    shape, channel_axis, stage = [rows_padded, n], 1, "layout"
-    for var in chain.vars[1:]:
-        value = bindings[var]
-        if isinstance(value, relax.Var):
-            continue
-        name = value.op.name
-        new_shape = _shape(var)
-        if name == "relax.strided_slice":
-            if stage != "layout" or new_shape[1:] != shape[1:] or len(shape) != 2 or new_shape[0] > shape[0]:
-                return "its output is sliced other than dropping padded rows"
-        elif name == "relax.reshape":
-            if new_shape[-1] != shape[channel_axis] or channel_axis != len(shape) - 1 \
-                    or int(np.prod(new_shape)) != int(np.prod(shape)):
-                return "a reshape between the layers moves the channels"
-            channel_axis = len(new_shape) - 1
-        elif name == "relax.permute_dims":
-            axes = [int(a) for a in value.attrs.axes]
-            if len(shape) != 4 or axes != [0, 3, 1, 2] or channel_axis != 3:
-                return f"a transpose {axes} between the layers"
-            channel_axis = 1
-        elif name == "relax.add":
-            if stage != "layout" or chain.bias is not None:
-                return "an add after the activation (e.g. a residual add)"
-            previous = chain.vars[chain.vars.index(var) - 1]
-            other = value.args[1] if value.args[0].same_as(previous) else value.args[0]
-            bias = _constant(other, bindings)
-            if bias is None:
-                return "its output is added to another tensor (a residual add)"
-            full = np.broadcast_to(bias, new_shape) if bias.ndim <= len(new_shape) else None
-            expected = [1] * len(new_shape)
+def _build_fusion(mod, start, bindings, uses, deps, order) -> _Fusion:
+    """The :class:`_Fusion` ending at the quantizer input ``start``; raises _NotFusible(reason)."""
+    sources = deps(start)
+    if not sources:
+        raise _NotFusible("its input does not come from an integer matmul")
+    matmul_var = max(sources, key=order.get)  # the latest producer; others are external tensors
+    fusion = _Fusion(bindings[matmul_var], _kernel(mod, bindings[matmul_var]))
+    refs: dict = {}
+    memo: dict = {}
+    n = int(fusion.kernel["n"])
+
+    def leaf(arg, shape, channel_axis):
+        """An operand not derived from the matmul: a scalar, a per-channel constant or a tensor."""
+        value = _constant(arg, bindings)
+        if value is not None:
+            if value.size == 1:
+                return ("const", float(value.reshape(-1)[0]))
+            expected = [1] * len(shape)
             expected[channel_axis] = n
-            vector = bias.reshape(-1) if list(np.broadcast_shapes(bias.shape, tuple(expected))) == expected \
-                and bias.size == n else None
-            if full is None or vector is None:
-                return "its bias is not one value per output channel"
-            chain.bias, stage = vector.astype(np.float32), "bias"
-            chain.ops.append("bias")
-        elif name == "relax.nn.relu":
-            chain.low = 0.0 if chain.low is None else max(chain.low, 0.0)
-            stage = "clip"
-            chain.ops.append("relu")
-        elif name == "relax.clip":
-            low, high = (float(a.value) for a in value.args[1:3])
-            chain.low = low if chain.low is None else max(chain.low, low)
-            chain.high = high if chain.high is None else min(chain.high, high)
-            stage = "clip"
-            chain.ops.append(f"clip({low:g}, {high:g})")
-        if name in ("relax.add", "relax.nn.relu", "relax.clip") and new_shape != shape:
-            return "an elementwise op broadcasts the tensor"
-        shape = new_shape
+            aligned = [1] * (len(shape) - value.ndim) + list(value.shape)
+            if value.size == n and aligned == expected:
+                fusion.biases.append(value.reshape(-1).astype(np.float32))
+                return ("bias", len(fusion.biases) - 1)
+            raise _NotFusible("a constant operand that is not one value per output channel")
+        if isinstance(arg, relax.Var) and _shape(arg) == shape and arg.ty.dtype == "float32":
+            fusion.tensors.append((arg, (tuple(shape), channel_axis)))
+            return ("tensor", len(fusion.tensors) - 1)
+        raise _NotFusible("an operand that broadcasts or is not float32")
+
+    def visit(v):
+        """(expression, (shape, channel axis)) of var ``v``, derived from the matmul."""
+        refs[v] = refs.get(v, 0) + 1
+        if v in memo:
+            return memo[v]
+        if v.same_as(matmul_var):
+            result = (("x",), ([int(fusion.kernel["rows"]), n], 1))
+        elif isinstance(bindings[v], relax.Var):
+            result = visit(bindings[v])
+        else:
+            value = bindings[v]
+            name = _op_name(value)
+            shape = _shape(v)
+            if name in _LAYOUT_OPS:
+                expr, (in_shape, axis) = visit(value.args[0])
+                if name == "relax.strided_slice":
+                    axes, begin = [int(a) for a in value.args[1]], [int(b) for b in value.args[2]]
+                    if len(in_shape) != 2 or axes != [0] or begin != [0] or shape[1:] != in_shape[1:]:
+                        raise _NotFusible("its output is sliced other than dropping padded rows")
+                elif name == "relax.reshape":
+                    if axis != len(in_shape) - 1 or shape[-1] != in_shape[axis]:
+                        raise _NotFusible("a reshape between the layers moves the channels")
+                    axis = len(shape) - 1
+                else:
+                    axes = [int(a) for a in value.attrs.axes]
+                    if len(in_shape) != 4 or axes != [0, 3, 1, 2] or axis != 3:
+                        raise _NotFusible(f"a transpose {axes} between the layers")
+                    axis = 1
+                result = (expr, (shape, axis))
+            else:
+                op = name.removeprefix("relax.").removeprefix("nn.")
+                operands = list(value.args[:1 if op in _UNARY else 2])
+                derived = [isinstance(a, relax.Var) and matmul_var in deps(a) for a in operands]
+                visited = [visit(a) if d else None for a, d in zip(operands, derived)]
+                layouts = [r[1] for r in visited if r is not None]
+                if any(layout[0] != shape for layout in layouts):
+                    raise _NotFusible(f"{op} broadcasts the layer's output")
+                channel_axis = layouts[0][1]
+                children = [r[0] if r is not None else leaf(a, shape, channel_axis)
+                            for r, a in zip(visited, operands)]
+                if op == "clip":
+                    low, high = (float(a.value) for a in value.args[1:3])
+                    expr = ("clip", children[0], low, high)
+                else:
+                    expr = (op, *children)
+                result = (expr, (shape, channel_axis))
+        memo[v] = result
+        fusion.vars.append(v)
+        return result
+
+    fusion.expr, fusion.layout = visit(start)
+    for v, count in refs.items():
+        if uses.get(v, 0) != count:
+            raise _NotFusible(f"a value between the layers has {uses.get(v, 0)} users, {count} of them "
+                              "in the epilogue (e.g. a residual branch)")
+    return fusion
+
+
+def _check_consumer(fusion: _Fusion, aq: dict):
+    shape, channel_axis = fusion.layout
     if [int(d) for d in aq["shape"]] != shape or int(aq["axis"]) != channel_axis:
-        return "the next layer quantizes along another axis"
+        raise _NotFusible("the next layer quantizes along another axis")
     if int(aq["groups"]) != 1:
-        return "the next layer is a grouped conv (per-group blocks)"
+        raise _NotFusible("the next layer is a grouped conv (per-group blocks)")
     if get_format(str(aq["fmt"])).rounding != Rounding.NEAREST:
-        return "the next layer's activations round stochastically"
-    return None
+        raise _NotFusible("the next layer's activations round stochastically")
+    if int(fusion.kernel.get("tuned", 0)):
+        raise _NotFusible("its kernel is a tuned one (tuning databases hold unfused kernels)")
+    if str(fusion.kernel["variant"]) == "i8mm":
+        raise _NotFusible("the i8mm kernel has no fused epilogue")
+
+
+def _describe(fusion: _Fusion, fmt: str) -> str:
+    """``"bias, relu, quantize to bfp8_b32"``: the distinct ops in evaluation order."""
+    words = []
+    for op, operands in _ops_of(fusion.expr, set()):
+        words.append("bias" if op == "add" and any(o[0] == "bias" for o in operands) else op)
+    if fusion.tensors:
+        words.append(f"{len(fusion.tensors)} residual tensor" + ("s" if len(fusion.tensors) > 1 else ""))
+    return ", ".join(words + [f"quantize to {fmt}"])
+
+
+def _ops_of(expr, seen: set) -> list:
+    """(op, operands) of each distinct node of ``expr`` in post-order (a shared subtree once)."""
+    if expr[0] in ("x", "const", "bias", "tensor") or expr in seen:
+        return []
+    seen.add(expr)
+    children = expr[1:2] if expr[0] in _UNARY else expr[1:]
+    return [item for c in children for item in _ops_of(c, seen)] + [(expr[0], children)]
 
 
 @expr_functor.mutator
@@ -188,7 +260,7 @@ class _Fuser(PyExprMutator):
         chain, aq = planned
         k = chain.kernel
         fmt_q = get_format(str(aq["fmt"]))
-        epilogue = Epilogue(fmt_q, bias=chain.bias is not None, low=chain.low, high=chain.high)
+        epilogue = Epilogue(fmt_q, chain.expr, tuple(layout for _, layout in chain.tensors))
         rows_padded, n = int(k["rows"]), int(k["n"])
         func = bfp_matmul_func(rows_padded, n, int(k["k"]), get_format(str(k["fmt_a"])), get_format(str(k["fmt_w"])),
                                str(k["variant"]), epilogue=epilogue)
@@ -197,7 +269,7 @@ class _Fuser(PyExprMutator):
         gv = self.builder_.add_func(func, name)
         width = -(-n // fmt_q.block_size) * fmt_q.block_size
         args = [self.visit_expr(a) for a in chain.matmul_call.args[1].fields] + \
-            ([relax.const(chain.bias)] if chain.bias is not None else [])
+            [relax.const(b) for b in chain.biases] + [self.visit_expr(var) for var, _ in chain.tensors]
         both = self.builder_.emit(relax.call_tir(gv, args, [relax.TensorType([rows_padded, width], "int8"),
                                                              relax.TensorType([rows_padded, width // fmt_q.block_size],
                                                                               "int8")]), name)
@@ -274,6 +346,20 @@ def _consumer_layer(aq_var, bindings, layer_vars: dict) -> str:
     return "the next layer"
 
 
+def _layer_after(matmul_var, bindings, users, layer_vars: dict) -> str | None:
+    """The layer whose output is ``matmul_var`` or an alias/layout op of it."""
+    var = matmul_var
+    for _ in range(8):
+        if var.name in layer_vars:
+            return layer_vars[var.name]
+        following = [u for u in users.get(var, []) if u is not None and
+                     (isinstance(bindings[u], relax.Var) or _op_name(bindings[u]) in _LAYOUT_OPS)]
+        if len(following) != 1:
+            return None
+        var = following[0]
+    return None
+
+
 def _layer_of(chain_vars, layer_vars: dict) -> str | None:
     for var in chain_vars:
         if var.name in layer_vars:
@@ -301,27 +387,33 @@ class FuseBFPEpilogue:
             layer_vars = {str(var): str(layer) for layer, var in annotated_layers(func).items()}
             integer = {r["layer"] for r in record["layers"] if r["mode"] == "integer"}
             notes: dict[str, str] = {}
+            deps = _matmul_dependencies(mod, bindings)
+            order = {v: i for i, v in enumerate(bindings)}
             for var, value in bindings.items():
                 aq = _kernel(mod, value)
                 if aq is None or aq["kind"] != "act_quant":
                     continue
                 next_layer = _consumer_layer(var, bindings, layer_vars)
-                chain, reason = _walk_back(mod, value.args[1].fields[0], bindings, uses)
-                if chain is not None:
-                    reason = _check_chain(chain, bindings, aq)
-                    if reason is None and int(chain.kernel.get("tuned", 0)):
-                        reason = "its kernel is a tuned one (tuning databases hold unfused kernels)"
-                    if reason is None and str(chain.kernel["variant"]) == "i8mm":
-                        reason = "the i8mm kernel has no fused epilogue"
-                layer = _layer_of(chain.vars, layer_vars) if chain is not None else None
+                start = value.args[1].fields[0]
+                try:
+                    fusion = _build_fusion(mod, start, bindings, uses, deps, order)
+                except _NotFusible as why:
+                    sources = deps(start)
+                    if sources:
+                        layer = _layer_after(max(sources, key=order.get), bindings, users, layer_vars)
+                        if layer in integer:
+                            notes.setdefault(layer, f"not fused: {why}")
+                    continue
+                layer = _layer_of(fusion.vars, layer_vars)
                 if layer is None or layer not in integer:
                     continue
-                if reason is None:
-                    fuser.plans[var] = (chain, aq)
-                    ops = ", ".join(chain.ops + [f"quantize to {aq['fmt']}"])
-                    notes[layer] = f"fused: {ops} for {next_layer}"
-                else:
-                    notes[layer] = f"not fused: {reason}"
+                try:
+                    _check_consumer(fusion, aq)
+                except _NotFusible as why:
+                    notes[layer] = f"not fused: {why}"
+                    continue
+                fuser.plans[var] = (fusion, aq)
+                notes[layer] = f"fused: {_describe(fusion, aq['fmt'])} for {next_layer}"
             var_of = {layer: var for var, layer in layer_vars.items()}
             by_name = {v.name: v for v in bindings}
             for layer in integer - set(notes):

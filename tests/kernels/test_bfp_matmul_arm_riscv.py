@@ -280,7 +280,7 @@ def test_emulated_fused_epilogue_equals_quantized_output(name, variant, tmp_path
         a, w = _data(rng, M, N, K, fmt_w.block_size)
         bias = rng.standard_normal(N).astype(np.float32)
         acts, packed = quantize_activations_np(a, fmt_a), pack_weights(w, fmt_w)
-        epilogue = Epilogue(fmt_q, bias=True, low=0.0)
+        epilogue = Epilogue.clipped(fmt_q, bias=True, low=0.0)
         plain, _ = bfp_matmul_for_target(M, N, K, fmt_a, fmt_w, preset.tvm_target(), variant)
         fused = bfp_matmul_func(M, N, K, fmt_a, fmt_w, variant, epilogue=epilogue).with_attr("global_symbol", "fused")
         library = export(tvm.compile(tvm.IRModule({"bfp_matmul": plain, "fused": fused}), preset.tvm_target()),

@@ -30,7 +30,8 @@ HOST = tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})
 TARGETS = {"avx2": tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}), "generic": HOST}
 
 
-def _run_matmul(M, N, K, fa, fw, variant, epilogue, rng):
+def _run_matmul(M, N, K, fa, fw, variant, epilogue, reference, rng, tensors=()):
+    """(Q, E) of the fused kernel and quantize_np(reference(C, bias, *tensors)) of the unfused one."""
     a = rng.standard_normal((M, K)).astype(np.float32) * np.exp2(rng.integers(-8, 8, (M, 1))).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
@@ -45,13 +46,10 @@ def _run_matmul(M, N, K, fa, fw, variant, epilogue, rng):
     width = -(-N // block) * block
     q = tvm.runtime.tensor(np.full((M, width), 99, np.int8), dev)
     e = tvm.runtime.tensor(np.full((M, width // block), 99, np.int8), dev)
-    fused["bfp_matmul"](*inputs, *([tvm.runtime.tensor(bias, dev)] if epilogue.bias else []), q, e)
-    y = c.numpy() + (bias if epilogue.bias else np.float32(0))
-    if epilogue.low is not None:
-        y = np.maximum(y, np.float32(epilogue.low))
-    if epilogue.high is not None:
-        y = np.minimum(y, np.float32(epilogue.high))
-    return q.numpy(), e.numpy(), quantize_np(y.astype(np.float32), epilogue.out_fmt, axis=-1)
+    extra = [bias] * epilogue.biases + list(tensors)
+    fused["bfp_matmul"](*inputs, *(tvm.runtime.tensor(t, dev) for t in extra), q, e)
+    y = reference(c.numpy(), bias, *tensors).astype(np.float32)
+    return q.numpy(), e.numpy(), quantize_np(y, epilogue.out_fmt, axis=-1)
 
 
 # (M, N, K, weight format, next format, variant): outputs a multiple of the tile (fused per tile)
@@ -73,10 +71,44 @@ def test_fused_epilogue_equals_quantized_unfused_output(case, ops):
     M, N, K, fw, fq, variant = case
     fw, fq = get_format(fw), get_format(fq)
     fa = BFPFormat(8, fw.block_size)
-    q, e, want = _run_matmul(M, N, K, fa, fw, variant, Epilogue(fq, **ops), np.random.default_rng(N + K))
+
+    def reference(c, bias):
+        y = c + bias if ops.get("bias") else c
+        y = np.maximum(y, np.float32(0)) if "low" in ops else y
+        return np.minimum(y, np.float32(ops["high"])) if "high" in ops else y
+
+    q, e, want = _run_matmul(M, N, K, fa, fw, variant, Epilogue.clipped(fq, **ops), reference,
+                             np.random.default_rng(N + K))
     np.testing.assert_array_equal(q, want.mantissas.reshape(M, -1))
     np.testing.assert_array_equal(e, want.exponents.reshape(M, -1))
     assert np.count_nonzero(q) > q.size // 4  # a zero kernel would not match a nonzero reference
+
+
+@pytest.mark.parametrize("variant", ["avx2", "generic"])
+def test_fused_residual_and_hardswish_expression(variant):
+    """A residual tensor in NCHW (read through the row -> (n, h, w) mapping) and HardSwish
+    ``x * (clip(x + 3, 0, 6) / 6)`` (x used twice), as TVM's ONNX importer writes it."""
+    n, c, h, w = 2, 64, 3, 4
+    M, K = n * h * w, 96
+    fq = get_format("bfp8_b32")
+    x_plus_bias = ("add", ("x",), ("bias", 0))
+    residual = ("add", x_plus_bias, ("tensor", 0))
+    hardswish = ("multiply", residual, ("divide", ("clip", ("add", residual, ("const", 3.0)), 0.0, 6.0),
+                                        ("const", 6.0)))
+    epilogue = Epilogue(fq, hardswish, (((n, c, h, w), 1),))
+    rng = np.random.default_rng(5)
+    r_nchw = rng.standard_normal((n, c, h, w)).astype(np.float32)
+
+    def reference(out, bias, r):
+        rows = r.transpose(0, 2, 3, 1).reshape(M, c)  # the NCHW tensor as matmul rows x channels
+        v = out + bias + rows
+        return v * (np.minimum(np.maximum(v + np.float32(3), np.float32(0)), np.float32(6)) / np.float32(6))
+
+    fa = BFPFormat(8, 32)
+    q, e, want = _run_matmul(M, c, K, fa, get_format("bfp8_b32"), variant, epilogue, reference, rng, [r_nchw])
+    np.testing.assert_array_equal(q, want.mantissas.reshape(M, -1))
+    np.testing.assert_array_equal(e, want.exponents.reshape(M, -1))
+    assert epilogue.ops == ["add", "add", "add", "add", "add", "clip", "divide", "multiply"]
 
 
 def test_stochastic_rounding_is_not_fused():
@@ -85,21 +117,26 @@ def test_stochastic_rounding_is_not_fused():
 
 
 class _Net(nn.Module):
-    """conv -> bias -> ReLU -> conv -> ReLU6 -> conv (+ residual) -> flatten -> linear -> ReLU -> linear."""
+    """conv -> bias -> ReLU -> conv -> ReLU6 -> conv (+ residual) -> ReLU -> flatten -> linear ->
+    SiLU -> linear -> HardSwish (as TVM's ONNX importer writes it) -> linear."""
 
     def __init__(self):
         self.conv1 = nn.Conv2D(32, 64, 3, padding=1)
         self.conv2 = nn.Conv2D(64, 64, 1)
         self.conv3 = nn.Conv2D(64, 64, 3, padding=1)
         self.fc1 = nn.Linear(64 * 8 * 8, 96)
-        self.fc2 = nn.Linear(96, 10)
+        self.fc2 = nn.Linear(96, 48)
+        self.fc3 = nn.Linear(48, 10)
 
     def forward(self, x):
         h = nn.relu(self.conv1(x))
         h = nn.op.wrap_nested(relax.op.clip(self.conv2(h)._expr, 0.0, 6.0), "relu6")  # MobileNets' ReLU6
         h = nn.relu(self.conv3(h) + h)  # residual: conv2's output has two users
         h = nn.op.reshape(h, [x.shape[0], 64 * 8 * 8])
-        return self.fc2(nn.relu(self.fc1(h)))
+        h = self.fc1(h)
+        h = self.fc2(h * nn.op.sigmoid(h))
+        h = h * (nn.op.wrap_nested(relax.op.clip((h + 3.0)._expr, 0.0, 6.0), "relu6") / 6.0)
+        return self.fc3(h)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -109,7 +146,7 @@ def test_deployed_model_is_bit_equal_with_and_without_fusion(batch):
     params = {name: (rng.standard_normal([int(d) for d in p.shape]) * 0.1).astype("float32") for name, p in named}
     x = rng.standard_normal((batch, 32, 8, 8)).astype("float32")
     plan = {name: LayerFormats(get_format("bfp8_b32"), get_format("bfp8_b32"))
-            for name in ("conv1", "conv2", "conv3", "fc1", "fc2")}
+            for name in ("conv1", "conv2", "conv3", "fc1", "fc2", "fc3")}
     outputs, notes = {}, None
     for fuse in (False, True):
         passes = bitq_tvm.pipeline(plan, HOST, deploy=True, params=params, fuse_epilogues=fuse)
@@ -123,8 +160,10 @@ def test_deployed_model_is_bit_equal_with_and_without_fusion(batch):
     func = next(f for _, f in lowered.functions_items() if isinstance(f, relax.Function) and deployment_attr(f))
     notes = {r["layer"]: r["epilogue"] for r in deployment_attr(func)["layers"]}
     assert notes["conv1"] == "fused: bias, relu, quantize to bfp8_b32 for conv2"
-    assert notes["conv2"].startswith("not fused: its output has 2 users")
-    assert notes["fc1"] == "fused: bias, relu, quantize to bfp8_b32 for fc2"
-    assert notes["fc2"] == "not fused: its output is the model's output"
+    assert notes["conv2"].startswith("not fused: ") and "2 users" in notes["conv2"]  # the residual
+    assert notes["conv3"] == "not fused: a reshape between the layers moves the channels"  # NCHW flatten
+    assert notes["fc1"] == "fused: bias, sigmoid, multiply, quantize to bfp8_b32 for fc2"
+    assert notes["fc2"].startswith("fused: bias, add, clip, divide, multiply")
+    assert notes["fc3"] == "not fused: its output is the model's output"
     kernels = [gv.name_hint for gv in lowered.get_global_vars()]
-    assert any(k.endswith("_bias_relu_qa8b32") for k in kernels)
+    assert any(k.endswith("_add_relu_qa8b32") for k in kernels)
