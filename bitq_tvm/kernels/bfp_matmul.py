@@ -129,7 +129,8 @@ def stored_mantissa(qw: te.Tensor, tile, quad, lane, k) -> tirx.PrimExpr:
         return qw[tile, quad, lane, k]
     half = LANES // 2  # lanes 0-7 in the low nibbles, 8-15 in the high ones
     byte = qw[tile, quad, (lane % half) * K_QUAD + k]
-    nibble = tirx.Select(lane < half, byte & tirx.const(0xF, "uint8"), byte >> tirx.const(4, "uint8"))
+    # one read index (no Select around it) keeps the read region of a tile exact for tensorize
+    nibble = (byte >> ((lane // half) * 4).astype("uint8")) & tirx.const(0xF, "uint8")
     # 4-bit two's complement: (n ^ 8) - 8, in byte arithmetic (x86 has no byte shifts)
     return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
@@ -326,7 +327,8 @@ def _quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
 
 
 def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat,
-                       unsigned_weights: bool = False, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
+                       unsigned_weights: bool = False, epilogue: Epilogue | None = None,
+                       inline_nibbles: bool = False) -> tirx.PrimFunc:
     """Unscheduled PrimFunc ``(qa, ea, qw, ew, C)`` of the integer BFP matmul, or with an
     ``epilogue`` ``(qa, ea, qw, ew, biases..., tensors..., Q, E)`` (:class:`Epilogue`).
 
@@ -336,7 +338,8 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
     for 8-bit signed weights, read as stored), ``w_scale`` and ``a_scale`` (block scales),
     ``a_sum`` (activation block sums; ``unsigned_weights`` only), ``block_sum`` (int32 per block),
     ``acc`` (scaled sum over blocks), ``C`` (unpadded copy). ``unsigned_weights``: the u8 x s8
-    form of ``vpdpbusd`` (VNNI); otherwise s8 x s8.
+    form of ``vpdpbusd`` (VNNI); otherwise s8 x s8. ``inline_nibbles``: nibble-packed weights are
+    read by the block sums themselves (for an intrinsic that unpacks in registers), no ``w_tile``.
     """
     block = check_formats(fmt_a, fmt_w)
     qa, ea, qw, ew = operands = bfp_matmul_operands(M, N, K, fmt_w)
@@ -347,10 +350,15 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
             tile_shape,
             lambda t, q, lane, k: (stored_mantissa(qw, t, q, lane, k) ^ tirx.const(-WEIGHT_OFFSET, "int8")).astype("uint8"),
             name="w_tile")
-    elif len(qw.shape) == 3:
+    elif len(qw.shape) == 3 and not inline_nibbles:
         w_tile = te.compute(tile_shape, lambda t, q, lane, k: stored_mantissa(qw, t, q, lane, k), name="w_tile")
     else:
-        w_tile = qw
+        w_tile = qw  # 8-bit signed weights are read as stored; inline nibbles are unpacked in the dot
+
+    def weight(j, quad, k):
+        if w_tile is qw and len(qw.shape) == 3:
+            return stored_mantissa(qw, j // LANES, quad, j % LANES, k)
+        return w_tile[j // LANES, quad, j % LANES, k]
     a_scale = activation_scales(ea, fmt_a)
     w_scale = weight_scales(ew, fmt_w)
     rq = te.reduce_axis((0, block // K_QUAD), name="rq")
@@ -360,7 +368,7 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
         (M, nb, n_padded),
         lambda i, b, j: te.sum(
             qa[i, b * block + rq * K_QUAD + rl].astype("int32")
-            * w_tile[j // LANES, b * (block // K_QUAD) + rq, j % LANES, rl].astype("int32"),
+            * weight(j, b * (block // K_QUAD) + rq, rl).astype("int32"),
             axis=[rq, rl],
         ),
         name="block_sum",

@@ -14,10 +14,10 @@ from tvm.s_tir import Schedule
 from ..errors import BitqError
 from ..formats import BFPFormat
 from .bfp_matmul import Epilogue, bfp_matmul_compute, schedule_outputs, tile_bfp_matmul
-from .contract import LANES, padded
-from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_VNNI_DOT_16x4
+from .contract import LANES, NIBBLE_MAX_MANTISSA_BITS, padded
+from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_AVX2_NIBBLE_DOT_16x4, BITQ_VNNI_DOT_16x4
 
-__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "default_tile", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
+__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "default_tile", "reads_nibbles_inline", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
 
 VARIANTS = ("vnni", "avx2", "generic")
 # Variants that run the u8 (weight) x s8 (activation) form of the compute.
@@ -41,6 +41,18 @@ def default_tile(M: int, n_tiles: int, epilogue: Epilogue | None = None) -> tupl
     return rows, groups
 
 
+def reads_nibbles_inline(variant: str, fmt_w: BFPFormat) -> bool:
+    """Whether the variant's block sums read nibble-packed weights directly (AVX2: its nibble
+    intrinsic sign-extends them into vpmaddwd's words in registers, no unpacked copy)."""
+    return variant == "avx2" and fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS
+
+
+def inline_nibbles(sch: Schedule) -> bool:
+    """Whether the scheduled compute reads nibble-packed weights in its block sums."""
+    reads = sch.get(sch.get_sblock("block_sum")).reads
+    return any(r.source.name == "qw" and len(r.source.shape) == 3 for r in reads)
+
+
 def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
                             order: str = "columns_outer", intrinsic: str | None = None) -> None:
     """Schedule the :func:`.bfp_matmul.bfp_matmul_compute` kernel in ``sch`` with one register tile.
@@ -52,6 +64,8 @@ def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
     """
     if intrinsic is None:
         intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
+        if variant == "avx2" and inline_nibbles(sch):
+            intrinsic = BITQ_AVX2_NIBBLE_DOT_16x4
     acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
         tile_bfp_matmul(sch, rows, groups, order)
     s_group, s_lane = sch.split(s_col, [groups, LANES])
@@ -107,7 +121,7 @@ def bfp_matmul_x86_func(
     if variant not in VARIANTS:
         raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
     func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w, unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS,
-                              epilogue=epilogue)
+                              epilogue=epilogue, inline_nibbles=reads_nibbles_inline(variant, fmt_w))
     n_tiles = padded(N, LANES) // LANES
     rows, groups = tile if tile is not None else default_tile(M, n_tiles, epilogue)
     if M % rows or n_tiles % groups:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["BITQ_VNNI_DOT_16x4", "BITQ_AVX2_DOT_8x4"]
+__all__ = ["BITQ_VNNI_DOT_16x4", "BITQ_AVX2_DOT_8x4", "BITQ_AVX2_NIBBLE_DOT_16x4"]
 
 BITQ_VNNI_DOT_16x4 = "bitq_dot_16x4_vnni"
 BITQ_AVX2_DOT_8x4 = "bitq_dot_8x4_avx2"
@@ -183,4 +183,85 @@ TensorIntrin.register(
 )
 TensorIntrin.register(
     BITQ_AVX2_DOT_8x4, _dot_8x4_i8i8i32_desc, _dot_8x4_i8i8i32_avx2, override=True
+)
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_i8i4i32_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((32,), "uint8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:32])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", T.Cast(
+                        "int8", B[vi % 8 * 4 + vk] >> T.Cast("uint8", vi // 8 * 4) & T.uint8(15) ^ T.uint8(8))
+                        - T.int8(8))
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_i8i4i32_avx2(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((32,), "uint8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:32])
+        T.writes(C[0:16])
+        # The 32 stored bytes of a 16 x 4 nibble tile, seen as 16 int16 words: word w holds
+        # elements 2w (bits 0-3), 2w + 1 (bits 8-11) of lanes 0-7 and 2w + 32 (bits 4-7), 2w + 33
+        # (bits 12-15) of lanes 8-15. Shifting each field to the top and arithmetic-shifting by 12
+        # sign-extends it to int16 in place, already in vpmaddwd's even/odd order (as the int8
+        # intrinsic's words): no unpacked copy, one load per 64 weights.
+        C[T.ramp(T.int32(0), 1, 8)] = (
+            C.vload([0], dtype="int32x8")
+            + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.shift_right(T.shift_left(T.reinterpret(B.vload([0], dtype="uint8x32"), dtype="int16x16"),
+                                           T.int16x16(12)), T.int16x16(12)),
+                T.shift_right(T.shift_left(T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int16x16"),
+                    T.int16x16(8)), T.int16x16(8)),
+                dtype="int32x8",
+            )
+            + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.shift_right(T.shift_left(T.reinterpret(B.vload([0], dtype="uint8x32"), dtype="int16x16"),
+                                           T.int16x16(4)), T.int16x16(12)),
+                T.shift_right(T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int16x16"),
+                    T.int16x16(8)),
+                dtype="int32x8",
+            )
+        )
+        C[T.ramp(T.int32(8), 1, 8)] = (
+            C.vload([8], dtype="int32x8")
+            + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.shift_right(T.shift_left(T.reinterpret(B.vload([0], dtype="uint8x32"), dtype="int16x16"),
+                                           T.int16x16(8)), T.int16x16(12)),
+                T.shift_right(T.shift_left(T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int16x16"),
+                    T.int16x16(8)), T.int16x16(8)),
+                dtype="int32x8",
+            )
+            + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.shift_right(T.reinterpret(B.vload([0], dtype="uint8x32"), dtype="int16x16"), T.int16x16(12)),
+                T.shift_right(T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int16x16"),
+                    T.int16x16(8)),
+                dtype="int32x8",
+            )
+        )
+
+
+BITQ_AVX2_NIBBLE_DOT_16x4 = "bitq_dot_16x4_nibble_avx2"
+TensorIntrin.register(
+    BITQ_AVX2_NIBBLE_DOT_16x4, _dot_16x4_i8i4i32_desc, _dot_16x4_i8i4i32_avx2, override=True
 )

@@ -40,7 +40,7 @@ from ..plan import LayerFormats
 from ..kernels.bfp_matmul import bfp_matmul_compute, bfp_matmul_name
 from ..kernels.bfp_matmul_arm_riscv import LANE_MAJOR_VARIANTS, schedule_bfp_matmul_arm_riscv
 from ..kernels.bfp_matmul_variants import kernel_variant
-from ..kernels.bfp_matmul_x86 import UNSIGNED_WEIGHT_VARIANTS
+from ..kernels.bfp_matmul_x86 import UNSIGNED_WEIGHT_VARIANTS, reads_nibbles_inline
 from ..kernels.bfp_matmul_x86 import VARIANTS as X86_VARIANTS
 from ..kernels.bfp_matmul_x86 import schedule_bfp_matmul_x86
 from ..kernels.contract import K_QUAD, LANES, MAX_BLOCK, MIN_BLOCK, block_size_problem, gemm_geometry, padded
@@ -123,7 +123,8 @@ class BfpTask:
     def prim_func(self) -> tirx.PrimFunc:
         """The unscheduled kernel of the task's variant, named after the task (its database key)."""
         func = bfp_matmul_compute(self.m, self.n, self.k, self.fmt_a, self.fmt_w,
-                                  unsigned_weights=self.variant in UNSIGNED_WEIGHT_VARIANTS)
+                                  unsigned_weights=self.variant in UNSIGNED_WEIGHT_VARIANTS,
+                                  inline_nibbles=reads_nibbles_inline(self.variant, self.fmt_w))
         return func.with_attr("global_symbol", self.name)
 
 
