@@ -17,11 +17,13 @@ from .bfp_matmul import Epilogue, bfp_matmul_compute, schedule_outputs, tile_bfp
 from .contract import LANES, NIBBLE_MAX_MANTISSA_BITS, padded
 from .intrin_x86 import BITQ_AVX2_DOT_8x4, BITQ_AVX2_NIBBLE_DOT_16x4, BITQ_VNNI_DOT_16x4
 
-__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "default_tile", "reads_nibbles_inline", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
+__all__ = ["VARIANTS", "UNSIGNED_WEIGHT_VARIANTS", "NIBBLE_REGISTER_VARIANTS", "default_tile", "reads_nibbles_inline", "schedule_bfp_matmul_x86", "bfp_matmul_x86_func"]
 
 VARIANTS = ("vnni", "avx2", "generic")
 # Variants that run the u8 (weight) x s8 (activation) form of the compute.
 UNSIGNED_WEIGHT_VARIANTS = ("vnni",)
+# Variants whose dot intrinsic reads nibble-packed weights directly (no unpacked copy).
+NIBBLE_REGISTER_VARIANTS = ("avx2",)
 
 
 def default_tile(M: int, n_tiles: int, epilogue: Epilogue | None = None) -> tuple[int, int]:
@@ -44,7 +46,7 @@ def default_tile(M: int, n_tiles: int, epilogue: Epilogue | None = None) -> tupl
 def reads_nibbles_inline(variant: str, fmt_w: BFPFormat) -> bool:
     """Whether the variant's block sums read nibble-packed weights directly (AVX2: its nibble
     intrinsic sign-extends them into vpmaddwd's words in registers, no unpacked copy)."""
-    return variant == "avx2" and fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS
+    return variant in NIBBLE_REGISTER_VARIANTS and fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS
 
 
 def inline_nibbles(sch: Schedule) -> bool:

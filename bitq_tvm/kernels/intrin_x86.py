@@ -20,26 +20,37 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["BITQ_VNNI_DOT_16x4", "BITQ_AVX2_DOT_8x4", "BITQ_AVX2_NIBBLE_DOT_16x4"]
+__all__ = ["BITQ_VNNI_DOT_16x4", "BITQ_AVX2_DOT_8x4", "BITQ_AVX2_NIBBLE_DOT_16x4", "dot_desc"]
 
 BITQ_VNNI_DOT_16x4 = "bitq_dot_16x4_vnni"
 BITQ_AVX2_DOT_8x4 = "bitq_dot_8x4_avx2"
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_i8u8i32_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((16, 4), "uint8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def dot_desc(lanes: int, a_dtype: str, b_dtype: str):
+    """The description of ``C[j] += sum_k int32(A[k]) * int32(B[j, k])`` for ``lanes`` outputs x
+    4 K values: what every (dtype family of) x86 dot intrinsic here implements."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+_dot_16x4_i8u8i32_desc = dot_desc(16, "int8", "uint8")
+_dot_16x4_u8i8i32_desc = dot_desc(16, "uint8", "int8")  # TVM's convention (MetaSchedule's rules)
+_dot_8x4_i8i8i32_desc = dot_desc(8, "int8", "int8")
 
 
 @T.prim_func(s_tir=True)
@@ -68,22 +79,6 @@ def _dot_16x4_i8u8i32_vnni(
 
 # TVM's convention (uint8 data broadcast, int8 weights), for MetaSchedule's own x86 rules.
 @T.prim_func(s_tir=True)
-def _dot_16x4_u8i8i32_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _dot_16x4_u8i8i32_vnni(
     A: T.Buffer((4,), "uint8", offset_factor=1),
     B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -104,22 +99,6 @@ def _dot_16x4_u8i8i32_vnni(
             B.vload([0, 0], dtype="int8x64"),
             dtype="int32x16",
         )
-
-
-@T.prim_func(s_tir=True)
-def _dot_8x4_i8i8i32_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)

@@ -517,8 +517,9 @@ FP32_BYTES = 4
 @dataclass(frozen=True)
 class KernelRates:
     """Throughputs of one core: int8 MACs of the kernel's dot intrinsic, vector width, vector
-    instructions issued per cycle, whether the matmul offsets weights to uint8 (VNNI), and whose
-    default register tile it runs (``"x86"``: :mod:`~bitq_tvm.kernels.bfp_matmul_x86`,
+    instructions issued per cycle, whether the matmul offsets weights to uint8 (VNNI), whether
+    its dot product reads nibble pairs directly (AVX2: no unpack stage), and whose default
+    register tile it runs (``"x86"``: :mod:`~bitq_tvm.kernels.bfp_matmul_x86`,
     ``"lane_major"``: :mod:`~bitq_tvm.kernels.bfp_matmul_arm_riscv`)."""
 
     int8_macs_per_cycle: float
@@ -526,6 +527,7 @@ class KernelRates:
     vector_ops_per_cycle: float = 2.0
     unsigned_weights: bool = False
     register_tile: str = "x86"
+    nibbles_in_registers: bool = False
 
     def __post_init__(self):
         for field in ("int8_macs_per_cycle", "vector_bytes", "vector_ops_per_cycle"):
@@ -620,7 +622,7 @@ def matmul_stage(geometry, fmt_w, hierarchy: MemoryHierarchy, rates: KernelRates
     ops += W_SCALE_OPS * row_tiles * nb * n_padded / lanes
     # unpacked weight panels are built once per task (a chunk of row tiles), not per row tile
     tasks_per_column = row_tiles // row_tiles_per_task(row_tiles, tile_rows)
-    if fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS:
+    if fmt_w.mantissa_bits <= NIBBLE_MAX_MANTISSA_BITS and not rates.nibbles_in_registers:
         ops += UNPACK_OPS * tasks_per_column * n_padded * kp / rates.vector_bytes
     elif rates.unsigned_weights:
         ops += OFFSET_OPS * tasks_per_column * n_padded * kp / rates.vector_bytes

@@ -68,9 +68,13 @@ def memory_hierarchy(preset: TargetPreset) -> MemoryHierarchy:
 
 def kernel_rates(preset: TargetPreset) -> KernelRates:
     """The kernel model's throughputs for ``preset`` (module docstring)."""
+    from ..kernels.bfp_matmul_variants import kernel_variant
+    from ..kernels.bfp_matmul_x86 import NIBBLE_REGISTER_VARIANTS
+
     return KernelRates(float(preset.int8_macs_per_cycle), preset.vector_bits // 8, VECTOR_OPS_PER_CYCLE,
                        unsigned_weights=preset.has_intrinsic("vnni"),
-                       register_tile="x86" if preset.triple.startswith("x86_64") else "lane_major")
+                       register_tile="x86" if preset.triple.startswith("x86_64") else "lane_major",
+                       nibbles_in_registers=kernel_variant(preset.tvm_target()) in NIBBLE_REGISTER_VARIANTS)
 
 
 def fp32_macs_per_cycle(preset: TargetPreset) -> float:

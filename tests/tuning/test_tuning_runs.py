@@ -28,6 +28,7 @@ from bitq_tvm.formats import BFPFormat
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.models.zoo import bundled_model_path
 from bitq_tvm.kernels.bfp_matmul_x86 import UNSIGNED_WEIGHT_VARIANTS
+from bitq_tvm.kernels.intrin_x86 import dot_desc
 from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
 from bitq_tvm.solver.performance import SECONDS_UNIT, performance_term
 from bitq_tvm.targets import host_preset
@@ -112,22 +113,6 @@ _WEIGHT_DTYPE = "uint8" if HOST_VARIANT in UNSIGNED_WEIGHT_VARIANTS else "int8"
 
 
 @T.prim_func(s_tir=True)
-def _dot_16x4_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((16, 4), _WEIGHT_DTYPE, offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _wrong_dot_16x4(
     A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((16, 4), _WEIGHT_DTYPE, offset_factor=1),
@@ -141,7 +126,7 @@ def _wrong_dot_16x4(
 
 
 WRONG_INTRIN = "bitq_test_wrong_dot_16x4"
-TensorIntrin.register(WRONG_INTRIN, _dot_16x4_desc, _wrong_dot_16x4, override=True)
+TensorIntrin.register(WRONG_INTRIN, dot_desc(16, "int8", _WEIGHT_DTYPE), _wrong_dot_16x4, override=True)
 
 
 def test_verification_rejects_wrong_kernel_and_trusts_tuned_one(tuned):
