@@ -68,5 +68,6 @@ def _deploy(args, model, plan) -> int:
         print(f"fp32: node '{node.name}' ({node.onnx_op}) is not a BFP layer: {node.reason}")
     print(f"wrote {out} (target {deployed.target.name}; integer BFP kernels ({report.variant}) for "
           f"{len(report.integer_layers)}/{len(report.layers)} layers; constants {report.artifact_constant_bytes:,} B "
-          f"vs {report.fp32_weight_bytes:,} B FP32 weights, resident as stored; run main(inputs...))")
+          f"vs {report.fp32_weight_bytes:,} B FP32 weights, resident as stored when loaded with "
+          f"bitq_tvm.runtime.library.load_library; main takes the model's inputs)")
     return 0
