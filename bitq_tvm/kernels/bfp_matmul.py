@@ -61,6 +61,7 @@ __all__ = [
     "EPILOGUE_OPS",
     "Epilogue",
     "schedule_outputs",
+    "quantized_outputs",
     "bfp_matmul_name",
     "check_formats",
     "bfp_matmul_operands",
@@ -265,7 +266,7 @@ def _unravel(row, shape, channel_axis, channel):
     return index
 
 
-def _quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
+def quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
     """Stages ``y``, ``exponent_field``, ``E``, ``Q`` of a fused epilogue; returns
     (extra inputs: biases then tensors, Q, E)."""
     fmt = epilogue.out_fmt
@@ -308,21 +309,28 @@ def _quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
                             tirx.const(float(expr[2]), "float32"))
         return {"sigmoid": tirx.sigmoid, "tanh": tirx.tanh, "erf": tirx.erf}[head](args[0])
 
-    def value(i, j):
-        jj = tirx.min(j, N - 1) if width > N else j  # padding reads a real column, then is zeroed
-        v = evaluate(epilogue.expr, i, jj)
-        return tirx.Select(j < N, v, tirx.const(0.0, "float32")) if width > N else v
-
-    y = te.compute((M, width), value, name="y")
+    # Padded columns (width > N) repeat column N - 1 in y and are masked where they are consumed:
+    # a Select(j < N, ...) around the read would let the simplifier drop the min() and read past
+    # the end of acc (seen on AVX-512: garbage exponents for the padded block).
+    ragged = width > N
+    y = te.compute((M, width), lambda i, j: evaluate(epilogue.expr, i, tirx.min(j, N - 1) if ragged else j),
+                   name="y")
     r = te.reduce_axis((0, block), name="r")
-    field = te.compute((M, width // block), lambda i, b: te.max(exponent_field(y[i, b * block + r]), axis=r),
+
+    def field_of(i, c):  # a padded column counts as the zero the quantizer pads with (field 0)
+        field = exponent_field(y[i, c])
+        return tirx.Select(c < N, field, tirx.const(0, "int32")) if ragged else field
+
+    field = te.compute((M, width // block), lambda i, b: te.max(field_of(i, b * block + r), axis=r),
                        name="exponent_field")
     e_out = te.compute(field.shape, lambda i, b: shared_exponent(field[i, b], fmt).astype("int8"), name="E")
-    q_out = te.compute(
-        (M, width),
-        lambda i, c: tirx.Cast("int8", round_mantissa(
-            y[i, c] / power_of_two(e_out[i, c // block].astype("int32") - fmt.scale_shift), fmt, None)),
-        name="Q")
+
+    def mantissa(i, c):
+        q = tirx.Cast("int8", round_mantissa(
+            y[i, c] / power_of_two(e_out[i, c // block].astype("int32") - fmt.scale_shift), fmt, None))
+        return tirx.Select(c < N, q, tirx.const(0, "int8")) if ragged else q
+
+    q_out = te.compute((M, width), mantissa, name="Q")
     return [*biases, *tensors], q_out, e_out
 
 
@@ -390,7 +398,7 @@ def bfp_matmul_compute(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPForma
         name="acc",
     )
     if epilogue is not None:
-        extra, q_out, e_out = _quantized_outputs(acc, M, N, epilogue)
+        extra, q_out, e_out = quantized_outputs(acc, M, N, epilogue)
         return bfp_matmul_prim_func([*operands, *extra, q_out, e_out])
     c = te.compute((M, N), lambda i, j: acc[i, j], name="C")
     return bfp_matmul_prim_func([*operands, c])
@@ -414,7 +422,7 @@ def schedule_outputs(sch: Schedule, tile_loop, groups: int, vectorize: bool = Tr
         return
     width = int(sch.get(sch.get_sblock("Q")).iter_vars[1].dom.extent)
     block = width // int(sch.get(sch.get_sblock("E")).iter_vars[1].dom.extent)
-    padded_outputs = isinstance(sch.get(sch.get_sblock("y")).body.value, tirx.Select)
+    padded_outputs = isinstance(sch.get(sch.get_sblock("Q")).body.value, tirx.Select)
     in_tile = not padded_outputs and width % LANES == 0 and (LANES * groups) % block == 0
     for name in ("y", "exponent_field", "E", "Q"):
         stage = sch.get_sblock(name)

@@ -1,0 +1,127 @@
+"""Depthwise conv on BFP operands vs TVM FP32, on MobileNetV2's depthwise shapes (batch 1).
+
+Usage::
+
+    TVM_NUM_THREADS=2 python bench/bench_depthwise.py [--repeat 200]
+
+Contenders, each the one kernel of a layer (no quantizer: in a deployed chain the producing
+layer's fused epilogue writes the BFP input):
+
+- ``TVM FP32``: the layer as the FP32 deployment compiles it (one depthwise Conv ONNX model,
+  ``compile_model`` with no plan, our CPU schedules), called through the Relax VM on a device
+  tensor (the VM allocates its output);
+- ``BFP dw``: :func:`bitq_tvm.kernels.bfp_depthwise.bfp_depthwise_func` (int8 NHWC mantissas +
+  exponents in, float32 out), and ``+ epilogue``: with bias, ReLU6 and quantization to bfp8_b32
+  fused (int8 out).
+
+Both are TVM on the same threads, so they share one process; timings are medians of
+``--repeat`` calls, the contenders alternating call by call; ratios are from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+# MobileNetV2 (224x224) depthwise convs: channels, input size, stride.
+SHAPES = [(32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2), (384, 14, 1),
+          (576, 14, 1), (576, 14, 2), (960, 7, 1)]
+
+
+def _median_ms(fns, repeat: int) -> list[float]:
+    """Median ms of each of ``fns``, called in turn (alternating, so drift hits all alike)."""
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    for _ in range(repeat):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [float(np.median(t)) * 1e3 for t in times]
+
+
+def _fp32_layer(channels: int, size: int, stride: int, workdir: str):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bitq_tvm.api import compile_model
+    from bitq_tvm.frontend.onnx_model import load_onnx
+
+    rng = np.random.default_rng(channels)
+    w = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=channels, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                            strides=[stride, stride])
+    out = -(-size // stride)
+    graph = helper.make_graph([node], "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, out, out])],
+                              [numpy_helper.from_array(w, "w")])
+    path = f"{workdir}/dw_{channels}_{size}_{stride}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    import tvm
+    from tvm import relax
+
+    compiled = compile_model(load_onnx(path), None, "host", progress=None)
+    vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
+    x = tvm.runtime.tensor(rng.standard_normal((1, channels, size, size)).astype(np.float32), tvm.cpu())
+    main = vm["main"]
+    return lambda: main(x), w  # input already on the device: no NumPy conversion in the timing
+
+
+def _bfp_layer(channels: int, size: int, stride: int, w: np.ndarray, fused: bool):
+    import tvm
+
+    from bitq_tvm.formats import get_format, quantize_np
+    from bitq_tvm.kernels.bfp_conv import ConvGeometry
+    from bitq_tvm.kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
+    from bitq_tvm.kernels.bfp_matmul import Epilogue
+    from bitq_tvm.targets.presets import get_target
+
+    fmt = get_format("bfp8_b32")
+    geom = ConvGeometry(1, channels, size, size, channels, (3, 3), (stride, stride), (1, 1, 1, 1), (1, 1), channels)
+    epilogue = Epilogue(fmt, ("clip", ("add", ("x",), ("bias", 0)), 0.0, 6.0)) if fused else None
+    func = bfp_depthwise_func(geom, fmt, fmt, epilogue)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=get_target("host").tvm_target())
+    rng = np.random.default_rng(channels)
+    t = quantize_np(rng.standard_normal((1, size, size, channels)).astype(np.float32), fmt, axis=-1)
+    qw, ew = pack_depthwise_weights(w, fmt)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (t.mantissas.reshape(1, size, size, -1),
+                                                  t.exponents.reshape(1, size, size, -1), qw, ew)]
+    width = -(-channels // 32) * 32
+    if fused:
+        args.append(tvm.runtime.tensor(rng.standard_normal(channels).astype(np.float32), dev))
+        outs = [tvm.runtime.tensor(np.zeros((geom.rows, width), np.int8), dev),
+                tvm.runtime.tensor(np.zeros((geom.rows, width // 32), np.int8), dev)]
+    else:
+        outs = [tvm.runtime.tensor(np.zeros((geom.rows, channels), np.float32), dev)]
+    main = lib["main"]
+    return lambda: main(*args, *outs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args(argv)
+    print("| layer (C, HxW, stride) | TVM FP32 ms | BFP dw ms | + epilogue ms | BFP dw / FP32 | + epilogue / FP32 |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for channels, size, stride in SHAPES:
+            fp32, w = _fp32_layer(channels, size, stride, workdir)
+            plain = _bfp_layer(channels, size, stride, w, fused=False)
+            fused = _bfp_layer(channels, size, stride, w, fused=True)
+            t_fp32, t_plain, t_fused = _median_ms([fp32, plain, fused], args.repeat)
+            ratios.append(t_fused / t_fp32)
+            print(f"| {channels}, {size}x{size}, s{stride} | {t_fp32:.3f} | {t_plain:.3f} | {t_fused:.3f} | "
+                  f"{t_plain / t_fp32:.2f}x | {t_fused / t_fp32:.2f}x |", flush=True)
+    print(f"\ngeometric mean (+ epilogue / FP32): {float(np.exp(np.mean(np.log(ratios)))):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

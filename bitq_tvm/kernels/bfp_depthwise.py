@@ -1,0 +1,201 @@
+"""Depthwise conv2d on BFP operands: mantissas and exponents in, the conv's float32 (or the next
+layer's BFP) out.
+
+Numeric form (proposed for the contract, see ``docs/design.md`` "Depthwise convs"): a depthwise
+conv has one input channel per group, so a block along the reduction would hold one value. Blocks
+run along the *channels* instead, for both operands, in NHWC:
+
+- activations ``qa [N, H, W, Cp]``, ``ea [N, H, W, Cp/B]``: B consecutive channels of one pixel
+  share an exponent (what a producing layer's fused epilogue writes, and what the quantizer gives
+  with blocks along axis 1 of NCHW in one group);
+- weights ``qw [KH*KW, Cp]``, ``ew [KH*KW, Cp/B]``: at each kernel offset, B consecutive channels
+  share an exponent (:func:`pack_depthwise_weights`, blocks along axis 0 of the OIHW weight).
+
+Measured on the real depthwise weights of the corpus (bfp8, SQNR, min/median over layers):
+PP-LCNet blocks along channels B=32 40.9/42.3 dB, along the 3x3 window 38.0/41.8 dB; PicoDet
+39.3/40.8 vs 38.3/40.0 dB: channel blocks lose nothing against per-channel-style window blocks
+and are the layout the neighbouring pointwise convs read.
+
+Every term ``(qa * 2**(ea-(ma-2))) * (qw * 2**(ew-(mw-2)))`` is exact in float32 (two exact
+dequantized values with 8-bit mantissas: a 16-bit product times a power of two), so the kernel
+equals a float convolution of the dequantized operands up to the float32 sum over the KH*KW
+offsets (:func:`bfp_depthwise_tolerance`). The products run in float32 FMA lanes over the
+channels, the input rows of each output row dequantized once per task. Reading 1 byte (+ 1/B
+exponent byte) per activation instead of 4 does not make it faster than the FP32 layer at stride 1
+yet (``bench/bench_depthwise.py``, ``docs/benchmarks.md``).
+
+With an :class:`~bitq_tvm.kernels.bfp_matmul.Epilogue`, the output is quantized in the kernel to
+the next layer's format (blocks along channels), exactly as for the integer matmul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+from ..errors import BitqError
+from ..formats import BFPFormat, quantize_np
+from .bfp_conv import ConvGeometry
+from .bfp_matmul import Epilogue, has_block, quantized_outputs
+from .contract import check_block_size, padded
+from .float_bits import power_of_two
+
+__all__ = ["bfp_depthwise_name", "bfp_depthwise_func", "pack_depthwise_weights", "bfp_depthwise_ref",
+           "bfp_depthwise_tolerance"]
+
+# Output channels per vector (8 float32 lanes on AVX2, two NEON registers).
+_CHANNEL_LANES = 8
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _check(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
+    if geom.groups != geom.channels or geom.out_channels != geom.channels:
+        raise BitqError(f"bfp_depthwise: a depthwise conv has groups = channels = output channels, got "
+                        f"groups={geom.groups}, channels={geom.channels}, outputs={geom.out_channels}")
+    if fmt_a.block_size != fmt_w.block_size:
+        raise BitqError(f"bfp_depthwise: weight block size {fmt_w.block_size} != activation block size "
+                        f"{fmt_a.block_size}")
+    check_block_size(fmt_a.block_size, "bfp_depthwise")
+    return fmt_a.block_size
+
+
+def bfp_depthwise_name(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> str:
+    """Kernel name, also its tuning-database key: shape, stride, padding and both formats."""
+    kh, kw = geom.kernel
+    return (f"bfp_dw_{geom.batch}x{geom.channels}x{geom.height}x{geom.width}_k{kh}x{kw}_s{geom.strides[0]}x"
+            f"{geom.strides[1]}_p{'x'.join(map(str, geom.padding))}_d{geom.dilation[0]}x{geom.dilation[1]}"
+            f"_a{fmt_a.name}_w{fmt_w.name}")
+
+
+def pack_depthwise_weights(weight: np.ndarray, fmt: BFPFormat, name: str | None = None):
+    """``(qw [KH*KW, Cp] int8, ew [KH*KW, Cp/B] int8)`` of a depthwise weight ``[C, 1, KH, KW]``,
+    blocks along the channels at each kernel offset (the NumPy reference quantizer, axis 0)."""
+    if weight.ndim != 4 or weight.shape[1] != 1:
+        raise BitqError(f"pack_depthwise_weights: weight {name or ''} of shape {weight.shape} is not [C, 1, KH, KW]")
+    c, _, kh, kw = weight.shape
+    t = quantize_np(weight, fmt, axis=0, name=name)  # mantissas [1, KH, KW, 1, nb, B]
+    return (np.ascontiguousarray(t.mantissas.reshape(kh * kw, -1)),
+            np.ascontiguousarray(t.exponents.reshape(kh * kw, -1)))
+
+
+def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
+                       epilogue: Epilogue | None = None) -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(qa, ea, qw, ew, C)`` (or ``(qa, ea, qw, ew, biases..., tensors..., Q,
+    E)`` with an ``epilogue``) of a depthwise conv on BFP operands.
+
+    Shapes: qa int8 [N, H, W, Cp], ea int8 [N, H, W, Cp/B], qw int8 [KH*KW, Cp], ew int8
+    [KH*KW, Cp/B] with Cp = pad(C, B); C float32 [N*OH*OW, C] (rows = output pixels, NHWC).
+    Parallel over output rows (n, oy), vectorized over channels, the KH*KW offsets unrolled.
+    """
+    block = _check(geom, fmt_a, fmt_w)
+    c = geom.channels
+    cp = padded(c, block)
+    nb = cp // block
+    kh, kw = geom.kernel
+    oh, ow = geom.out_height, geom.out_width
+    rows = geom.rows
+    qa = te.placeholder((geom.batch, geom.height, geom.width, cp), "int8", name="qa")
+    ea = te.placeholder((geom.batch, geom.height, geom.width, nb), "int8", name="ea")
+    qw = te.placeholder((kh * kw, cp), "int8", name="qw")
+    ew = te.placeholder((kh * kw, nb), "int8", name="ew")
+    # Block scales as stages of their own (one pass over the exponents, 1/B of the values): a
+    # vectorized power_of_two (reinterpret of an int32 Select) does not legalize for RVV.
+    a_scale = te.compute(ea.shape, lambda n, y, x, b: power_of_two(ea[n, y, x, b].astype("int32") - fmt_a.scale_shift),
+                         name="a_scale")
+    w_scale = te.compute(ew.shape, lambda o, b: power_of_two(ew[o, b].astype("int32") - fmt_w.scale_shift),
+                         name="w_scale")
+    w_value = te.compute((kh * kw, cp), lambda o, ch: qw[o, ch].astype("float32") * w_scale[o, ch // block],
+                         name="w_value")
+    top, left, bottom, right = geom.padding
+    padded_shape = (geom.batch, geom.height + top + bottom, geom.width + left + right, cp)
+
+    def dequantized(n, y, x, ch):
+        iy, ix = y - top, x - left
+        inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
+        # clamped indices keep the masked-out load in bounds; the padding is a zero mantissa
+        iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
+        ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
+        q = tirx.Select(inside, qa[n, iy_c, ix_c, ch], tirx.const(0, "int8"))
+        return q.astype("float32") * a_scale[n, iy_c, ix_c, ch // block]
+
+    # The input rows one output row reads, dequantized once per task (not once per kernel offset)
+    a_value = te.compute(padded_shape, dequantized, name="a_value")
+    r = te.reduce_axis((0, kh * kw), name="r")
+
+    def term(m, ch, offset):
+        n, y, x = m // (oh * ow), m // ow % oh, m % ow
+        iy = y * geom.strides[0] + offset // kw * geom.dilation[0]
+        ix = x * geom.strides[1] + offset % kw * geom.dilation[1]
+        return a_value[n, iy, ix, ch] * w_value[offset, ch]
+
+    acc = te.compute((rows, cp), lambda m, ch: te.sum(term(m, ch, r), axis=r), name="acc")
+    if epilogue is not None:
+        extra, q_out, e_out = quantized_outputs(acc, rows, c, epilogue)
+        tensors = [qa, ea, qw, ew, *extra, q_out, e_out]
+    else:
+        tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: acc[m, ch], name="C")]
+    sch = tvm.s_tir.Schedule(te.create_prim_func(tensors).with_attr("global_symbol", "bfp_depthwise"))
+    _schedule(sch, ow)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+
+
+def _schedule(sch, out_width: int) -> None:
+    sch.parallel(sch.get_loops(sch.get_sblock("a_scale"))[0])
+    w_value = sch.get_sblock("w_value")
+    sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, _CHANNEL_LANES])[-1])
+    acc = sch.get_sblock("acc")
+    m, ch, r = sch.get_loops(acc)
+    row, x = sch.split(m, [None, out_width])  # one task per output row: ow pixels x all channels
+    c_outer, c_lane = sch.split(ch, [None, _CHANNEL_LANES])
+    sch.reorder(row, x, c_outer, r, c_lane)
+    sch.parallel(row)
+    sch.unroll(r)
+    sch.vectorize(c_lane)  # before decompose_reduction: vectorize needs the block with its init
+    init = sch.decompose_reduction(acc, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    a_value = sch.get_sblock("a_value")
+    sch.compute_at(a_value, row)
+    sch.vectorize(sch.split(sch.get_loops(a_value)[-1], [None, _CHANNEL_LANES])[-1])
+    _schedule_outputs(sch, row)
+
+
+def _schedule_outputs(sch, row) -> None:
+    """Output stages (the copy, or a fused epilogue's) per output row, under the conv's row task:
+    the row's float32 outputs are still in cache when they are scaled and quantized."""
+    names = ("y", "exponent_field", "E", "Q") if has_block(sch, "Q") else ("C",)
+    for name in names:
+        stage = sch.get_sblock(name)
+        sch.reverse_compute_at(stage, row)
+        if name in ("y", "Q", "C"):
+            col = sch.get_loops(stage)[-1]
+            if int(sch.get(col).extent) % _CHANNEL_LANES == 0:
+                sch.vectorize(sch.split(col, [None, _CHANNEL_LANES])[-1])
+
+
+def bfp_depthwise_ref(qa, ea, qw, ew, geom: ConvGeometry, ma: int, mw: int) -> tuple[np.ndarray, np.ndarray]:
+    """(exact float64 output [rows, C], float64 |terms| summed) of the kernel's operands: the
+    float convolution of the dequantized activations and weights."""
+    block = qa.shape[-1] // ea.shape[-1]
+    a = qa.astype(np.float64) * np.repeat(np.exp2(ea.astype(np.float64) - (ma - 2)), block, axis=-1)
+    w = qw.astype(np.float64) * np.repeat(np.exp2(ew.astype(np.float64) - (mw - 2)), block, axis=-1)
+    kh, kw = geom.kernel
+    top, left, bottom, right = geom.padding
+    a = np.pad(a, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    oh, ow = geom.out_height, geom.out_width
+    out = np.zeros((geom.batch, oh, ow, a.shape[-1]))
+    mag = np.zeros_like(out)
+    for o in range(kh * kw):
+        y0, x0 = o // kw * geom.dilation[0], o % kw * geom.dilation[1]
+        window = a[:, y0:y0 + geom.strides[0] * (oh - 1) + 1:geom.strides[0],
+                   x0:x0 + geom.strides[1] * (ow - 1) + 1:geom.strides[1]] * w[o]
+        out += window
+        mag += np.abs(window)
+    c = geom.channels
+    return out.reshape(-1, out.shape[-1])[:, :c], mag.reshape(-1, mag.shape[-1])[:, :c]
+
+
+def bfp_depthwise_tolerance(magnitude: np.ndarray, offsets: int) -> np.ndarray:
+    """Bound on |kernel - exact| per output: the terms are exact, only the float32 sum of
+    ``offsets`` terms rounds (``offsets * eps32 * sum |term|``)."""
+    return offsets * _FLOAT32_EPS * magnitude

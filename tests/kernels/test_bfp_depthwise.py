@@ -1,0 +1,121 @@
+"""The depthwise BFP kernel against the exact float convolution of its dequantized operands, and
+its fused epilogue against the NumPy reference quantizer."""
+
+import numpy as np
+import pytest
+import tvm
+
+from bitq_tvm.errors import BitqError
+from bitq_tvm.formats import get_format, quantize_np
+from bitq_tvm.kernels.bfp_conv import ConvGeometry
+from bitq_tvm.kernels.bfp_depthwise import (bfp_depthwise_func, bfp_depthwise_ref, bfp_depthwise_tolerance,
+                                            pack_depthwise_weights)
+from bitq_tvm.kernels.bfp_matmul import Epilogue
+
+
+def _operands(geom, fmt_a, fmt_w, rng):
+    x = rng.standard_normal((geom.batch, geom.height, geom.width, geom.channels)).astype(np.float32)
+    x *= np.exp2(rng.integers(-6, 6, geom.channels)).astype(np.float32)  # channels of different ranges
+    t = quantize_np(x, fmt_a, axis=-1)
+    qa = t.mantissas.reshape(*x.shape[:3], -1)
+    ea = t.exponents.reshape(*x.shape[:3], -1)
+    w = rng.standard_normal((geom.channels, 1, *geom.kernel)).astype(np.float32)
+    qw, ew = pack_depthwise_weights(w, fmt_w)
+    return qa, ea, qw, ew
+
+
+def _run(func, args, out_shapes):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    dev = tvm.cpu()
+    nd_args = [tvm.runtime.tensor(a, dev) for a in args]
+    outs = [tvm.runtime.tensor(np.zeros(s, d), dev) for s, d in out_shapes]
+    lib["main"](*nd_args, *outs)
+    return [o.numpy() for o in outs]
+
+
+@pytest.mark.parametrize("batch,channels,size,kernel,stride,pad,fmt_a,fmt_w", [
+    (1, 32, 9, 3, 1, 1, "bfp8_b32", "bfp8_b32"),
+    (4, 48, 8, 3, 2, 1, "bfp6_b16", "bfp4_b16"),   # batch 4, stride 2, different mantissa widths
+    (1, 40, 7, 5, 1, 2, "bfp8_b32", "bfp8_b32"),   # 40 -> 64 padded channels, 5x5
+    (2, 24, 6, 3, 1, 0, "bfp2_b8", "bfp8_b8"),
+])
+def test_depthwise_matches_exact_conv(batch, channels, size, kernel, stride, pad, fmt_a, fmt_w):
+    fa, fw = get_format(fmt_a), get_format(fmt_w)
+    geom = ConvGeometry(batch, channels, size, size, channels, (kernel, kernel), (stride, stride), (pad,) * 4,
+                        (1, 1), channels)
+    qa, ea, qw, ew = _operands(geom, fa, fw, np.random.default_rng(channels + size))
+    (out,) = _run(bfp_depthwise_func(geom, fa, fw), [qa, ea, qw, ew], [((geom.rows, channels), "float32")])
+    exact, magnitude = bfp_depthwise_ref(qa, ea, qw, ew, geom, fa.mantissa_bits, fw.mantissa_bits)
+    error = np.abs(out.astype(np.float64) - exact)
+    assert (error <= bfp_depthwise_tolerance(magnitude, kernel * kernel)).all(), error.max()
+    assert np.abs(exact).max() > 0
+
+
+def test_ragged_channels():
+    fmt = get_format("bfp8_b32")
+    geom = ConvGeometry(1, 48, 8, 8, 48, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 48)
+    qa, ea, qw, ew = _operands(geom, fmt, fmt, np.random.default_rng(3))
+    assert qa.shape[-1] == 64 and qw.shape == (9, 64)
+    (out,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, 48), "float32")])
+    exact, magnitude = bfp_depthwise_ref(qa, ea, qw, ew, geom, 8, 8)
+    assert (np.abs(out - exact) <= bfp_depthwise_tolerance(magnitude, 9)).all()
+
+
+def test_fused_epilogue_quantizes_like_the_reference():
+    """bias + ReLU6 + quantization to the next layer's format in the kernel == the reference
+    quantizer applied to the unfused kernel's float output (same float32 ops)."""
+    fmt, out_fmt = get_format("bfp8_b32"), get_format("bfp4_b16")
+    geom = ConvGeometry(1, 64, 10, 10, 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64)
+    rng = np.random.default_rng(5)
+    qa, ea, qw, ew = _operands(geom, fmt, fmt, rng)
+    bias = rng.standard_normal(64).astype(np.float32)
+    (plain,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, 64), "float32")])
+    epilogue = Epilogue(out_fmt, ("clip", ("add", ("x",), ("bias", 0)), 0.0, 6.0))
+    q, e = _run(bfp_depthwise_func(geom, fmt, fmt, epilogue), [qa, ea, qw, ew, bias],
+                [((geom.rows, 64), "int8"), ((geom.rows, 4), "int8")])
+    expected = quantize_np(np.clip(plain + bias, 0.0, 6.0).astype(np.float32), out_fmt, axis=-1)
+    np.testing.assert_array_equal(e, expected.exponents.reshape(geom.rows, -1))
+    np.testing.assert_array_equal(q, expected.mantissas.reshape(geom.rows, -1))
+
+
+def test_rejects_what_is_not_depthwise():
+    fmt = get_format("bfp8_b32")
+    grouped = ConvGeometry(1, 32, 8, 8, 32, (3, 3), (1, 1), (1,) * 4, (1, 1), 8)
+    with pytest.raises(BitqError, match="depthwise"):
+        bfp_depthwise_func(grouped, fmt, fmt)
+    with pytest.raises(BitqError, match="block size"):
+        bfp_depthwise_func(ConvGeometry(1, 32, 8, 8, 32, (3, 3), (1, 1), (1,) * 4, (1, 1), 32), fmt,
+                           get_format("bfp8_b16"))
+    with pytest.raises(BitqError, match=r"\[C, 1, KH, KW\]"):
+        pack_depthwise_weights(np.zeros((32, 2, 3, 3), np.float32), fmt)
+
+
+@pytest.mark.parametrize("preset_name,fused", [("cortex-a76", False), ("cortex-a76", True),
+                                                ("rv64gcv-vlen128", False)])
+def test_depthwise_on_emulated_arm_and_riscv(preset_name, fused, tmp_path):
+    """Cross-compiled for the preset and run under qemu-user (the RVV case without the quantizing
+    epilogue: qemu-riscv64 7.2 aborts on RVV round-to-nearest, see docs/tvm-0.27-notes.md)."""
+    from bitq_tvm.targets import export, get_target, run_kernel_emulated
+
+    preset = get_target(preset_name)
+    fmt = get_format("bfp8_b16")
+    geom = ConvGeometry(1, 40, 7, 7, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 40)
+    rng = np.random.default_rng(11)
+    qa, ea, qw, ew = _operands(geom, fmt, fmt, rng)
+    bias = rng.standard_normal(40).astype(np.float32)
+    epilogue = Epilogue(fmt, ("relu", ("add", ("x",), ("bias", 0)))) if fused else None
+    func = bfp_depthwise_func(geom, fmt, fmt, epilogue).with_attr("global_symbol", "bfp_depthwise")
+    library = export(tvm.compile(func, preset.tvm_target()), tmp_path / "dw.so", preset)
+    if fused:
+        q, e = run_kernel_emulated(library, "bfp_depthwise", [qa, ea, qw, ew, bias],
+                                   [((geom.rows, 48), "int8"), ((geom.rows, 3), "int8")], preset, cache_dir=tmp_path)
+        (plain,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, 40), "float32")])
+        expected = quantize_np(np.maximum(plain + bias, 0.0).astype(np.float32), fmt, axis=-1)
+        # the host's float sum may round differently from the board's: compare within one step
+        assert np.abs(q.astype(int) - expected.mantissas.reshape(geom.rows, -1)).max() <= 1
+        np.testing.assert_array_equal(e, expected.exponents.reshape(geom.rows, -1))
+        return
+    (out,) = run_kernel_emulated(library, "bfp_depthwise", [qa, ea, qw, ew], [((geom.rows, 40), "float32")],
+                                 preset, cache_dir=tmp_path)
+    exact, magnitude = bfp_depthwise_ref(qa, ea, qw, ew, geom, 8, 8)
+    assert (np.abs(out - exact) <= bfp_depthwise_tolerance(magnitude, 9)).all()
