@@ -164,9 +164,15 @@ def _schedule_outputs(sch, row) -> None:
     """Output stages (the copy, or a fused epilogue's) per output row, under the conv's row task:
     the row's float32 outputs are still in cache when they are scaled and quantized."""
     names = ("y", "exponent_field", "E", "Q") if has_block(sch, "Q") else ("C",)
+    # padded output columns (a masked Q) read a clamped column: not a region reverse_compute_at
+    # can place, so those stages run as parallel passes after the conv
+    in_row = not (has_block(sch, "Q") and isinstance(sch.get(sch.get_sblock("Q")).body.value, tirx.Select))
     for name in names:
         stage = sch.get_sblock(name)
-        sch.reverse_compute_at(stage, row)
+        if in_row:
+            sch.reverse_compute_at(stage, row)
+        else:
+            sch.parallel(sch.get_loops(stage)[0])
         if name in ("y", "Q", "C"):
             col = sch.get_loops(stage)[-1]
             if int(sch.get(col).extent) % _CHANNEL_LANES == 0:
