@@ -3,6 +3,12 @@
 Usage::
 
     TVM_NUM_THREADS=2 python bench/bench_depthwise.py [--repeat 200]
+    python bench/bench_depthwise.py --weight-blocks
+
+``--weight-blocks`` prints instead the SQNR of the corpus models' real depthwise weights at
+bfp8 for the block layouts considered (one exponent per weight, blocks along channels at each
+kernel offset, blocks along the KH*KW window of each channel): the measurement behind the
+depthwise block layout in ``docs/design.md``.
 
 Contenders, each the one kernel of a layer (no quantizer: in a deployed chain the producing
 layer's fused epilogue writes the BFP input):
@@ -76,6 +82,7 @@ def _bfp_layer(channels: int, size: int, stride: int, w: np.ndarray, fused: bool
 
     from bitq_tvm.formats import get_format, quantize_np
     from bitq_tvm.kernels.bfp_conv import ConvGeometry
+    from bitq_tvm.kernels.contract import padded
     from bitq_tvm.kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
     from bitq_tvm.kernels.bfp_matmul import Epilogue
     from bitq_tvm.targets.presets import get_target
@@ -92,21 +99,66 @@ def _bfp_layer(channels: int, size: int, stride: int, w: np.ndarray, fused: bool
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (t.mantissas.reshape(1, size, size, -1),
                                                   t.exponents.reshape(1, size, size, -1), qw, ew)]
-    width = -(-channels // 32) * 32
+    width = padded(channels, fmt.block_size)
     if fused:
         args.append(tvm.runtime.tensor(rng.standard_normal(channels).astype(np.float32), dev))
         outs = [tvm.runtime.tensor(np.zeros((geom.rows, width), np.int8), dev),
-                tvm.runtime.tensor(np.zeros((geom.rows, width // 32), np.int8), dev)]
+                tvm.runtime.tensor(np.zeros((geom.rows, width // fmt.block_size), np.int8), dev)]
     else:
         outs = [tvm.runtime.tensor(np.zeros((geom.rows, channels), np.float32), dev)]
     main = lib["main"]
     return lambda: main(*args, *outs)
 
 
+def _depthwise_weights(name: str) -> list[np.ndarray]:
+    """The [C, 1, KH, KW] weights of a corpus model's depthwise convs (initializers or Constant nodes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from bitq_tvm.models import corpus
+
+    proto = onnx.load(corpus.fetch(name))
+    tensors = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    tensors.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    weights = [tensors.get(n.input[1]) for n in proto.graph.node if n.op_type == "Conv"]
+    return [w for w in weights if w is not None and w.ndim == 4 and w.shape[1] == 1 and w.shape[0] > 1]
+
+
+def weight_blocks() -> None:
+    from bitq_tvm.formats import get_format
+    from bitq_tvm.formats.reference import fake_quantize_np
+
+    layouts = {
+        # axis 1 of [C, 1, KH, KW] has length 1: one exponent per weight, whatever B
+        "per weight": lambda w: fake_quantize_np(w, get_format("bfp8_b32"), axis=1),
+        "channels B=32": lambda w: fake_quantize_np(w, get_format("bfp8_b32"), axis=0),
+        "channels B=8": lambda w: fake_quantize_np(w, get_format("bfp8_b8"), axis=0),
+        "window B=32": lambda w: fake_quantize_np(w.reshape(len(w), -1), get_format("bfp8_b32"), axis=1),
+        "window B=8": lambda w: fake_quantize_np(w.reshape(len(w), -1), get_format("bfp8_b8"), axis=1),
+    }
+    print("SQNR dB of bfp8 depthwise weights, min / median over layers")
+    print("| model | layers | " + " | ".join(layouts) + " |")
+    print("|---|---:|" + "---|" * len(layouts))
+    for name in ("pplcnet_orientation", "picodet_layout"):
+        weights = _depthwise_weights(name)
+        cells = []
+        for quantize in layouts.values():
+            sqnr = [10 * np.log10((w.astype(np.float64) ** 2).sum()
+                                  / ((w - quantize(w).reshape(w.shape)).astype(np.float64) ** 2).sum())
+                    for w in weights]
+            cells.append(f"{min(sqnr):.1f} / {np.median(sqnr):.1f}")
+        print(f"| {name} | {len(weights)} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--weight-blocks", action="store_true", help="SQNR of block layouts on real weights")
     args = parser.parse_args(argv)
+    if args.weight_blocks:
+        weight_blocks()
+        return 0
     print("| layer (C, HxW, stride) | TVM FP32 ms | BFP dw ms | + epilogue ms | BFP dw / FP32 | + epilogue / FP32 |")
     print("|---|---|---|---|---|---|")
     ratios = []

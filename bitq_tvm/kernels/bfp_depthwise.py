@@ -14,12 +14,13 @@ run along the *channels* instead, for both operands, in NHWC:
 Measured on the real depthwise weights of the corpus (bfp8, SQNR, min/median over layers):
 PP-LCNet blocks along channels B=32 40.9/42.3 dB, along the 3x3 window 38.0/41.8 dB; PicoDet
 39.3/40.8 vs 38.3/40.0 dB: channel blocks lose nothing against per-channel-style window blocks
-and are the layout the neighbouring pointwise convs read.
+and are the layout the neighbouring pointwise convs read
+(``python bench/bench_depthwise.py --weight-blocks``).
 
 Every term ``(qa * 2**(ea-(ma-2))) * (qw * 2**(ew-(mw-2)))`` is exact in float32 (two exact
 dequantized values with 8-bit mantissas: a 16-bit product times a power of two), so the kernel
 equals a float convolution of the dequantized operands up to the float32 sum over the KH*KW
-offsets (:func:`bfp_depthwise_tolerance`). The products run in float32 FMA lanes over the
+offsets (:func:`.oracle.bfp_depthwise_tolerance`). The products run in float32 FMA lanes over the
 channels, the input rows of each output row dequantized once per task. Reading 1 byte (+ 1/B
 exponent byte) per activation instead of 4 does not make it faster than the FP32 layer at stride 1
 yet (``bench/bench_depthwise.py``, ``docs/benchmarks.md``).
@@ -37,35 +38,21 @@ from tvm import te, tirx
 from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from .bfp_conv import ConvGeometry
-from .bfp_matmul import Epilogue, has_block, quantized_outputs
-from .contract import check_block_size, padded
+from .bfp_matmul import Epilogue, check_formats, has_block, has_padded_outputs, quantized_outputs
+from .contract import padded
 from .float_bits import power_of_two
 
-__all__ = ["bfp_depthwise_name", "bfp_depthwise_func", "pack_depthwise_weights", "bfp_depthwise_ref",
-           "bfp_depthwise_tolerance"]
+__all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 
 # Output channels per vector (8 float32 lanes on AVX2, two NEON registers).
 _CHANNEL_LANES = 8
-_FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 def _check(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
     if geom.groups != geom.channels or geom.out_channels != geom.channels:
         raise BitqError(f"bfp_depthwise: a depthwise conv has groups = channels = output channels, got "
                         f"groups={geom.groups}, channels={geom.channels}, outputs={geom.out_channels}")
-    if fmt_a.block_size != fmt_w.block_size:
-        raise BitqError(f"bfp_depthwise: weight block size {fmt_w.block_size} != activation block size "
-                        f"{fmt_a.block_size}")
-    check_block_size(fmt_a.block_size, "bfp_depthwise")
-    return fmt_a.block_size
-
-
-def bfp_depthwise_name(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> str:
-    """Kernel name, also its tuning-database key: shape, stride, padding and both formats."""
-    kh, kw = geom.kernel
-    return (f"bfp_dw_{geom.batch}x{geom.channels}x{geom.height}x{geom.width}_k{kh}x{kw}_s{geom.strides[0]}x"
-            f"{geom.strides[1]}_p{'x'.join(map(str, geom.padding))}_d{geom.dilation[0]}x{geom.dilation[1]}"
-            f"_a{fmt_a.name}_w{fmt_w.name}")
+    return check_formats(fmt_a, fmt_w, "bfp_depthwise")
 
 
 def pack_depthwise_weights(weight: np.ndarray, fmt: BFPFormat, name: str | None = None):
@@ -166,7 +153,7 @@ def _schedule_outputs(sch, row) -> None:
     names = ("y", "exponent_field", "E", "Q") if has_block(sch, "Q") else ("C",)
     # padded output columns (a masked Q) read a clamped column: not a region reverse_compute_at
     # can place, so those stages run as parallel passes after the conv
-    in_row = not (has_block(sch, "Q") and isinstance(sch.get(sch.get_sblock("Q")).body.value, tirx.Select))
+    in_row = not has_padded_outputs(sch)
     for name in names:
         stage = sch.get_sblock(name)
         if in_row:
@@ -177,31 +164,3 @@ def _schedule_outputs(sch, row) -> None:
             col = sch.get_loops(stage)[-1]
             if int(sch.get(col).extent) % _CHANNEL_LANES == 0:
                 sch.vectorize(sch.split(col, [None, _CHANNEL_LANES])[-1])
-
-
-def bfp_depthwise_ref(qa, ea, qw, ew, geom: ConvGeometry, ma: int, mw: int) -> tuple[np.ndarray, np.ndarray]:
-    """(exact float64 output [rows, C], float64 |terms| summed) of the kernel's operands: the
-    float convolution of the dequantized activations and weights."""
-    block = qa.shape[-1] // ea.shape[-1]
-    a = qa.astype(np.float64) * np.repeat(np.exp2(ea.astype(np.float64) - (ma - 2)), block, axis=-1)
-    w = qw.astype(np.float64) * np.repeat(np.exp2(ew.astype(np.float64) - (mw - 2)), block, axis=-1)
-    kh, kw = geom.kernel
-    top, left, bottom, right = geom.padding
-    a = np.pad(a, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    oh, ow = geom.out_height, geom.out_width
-    out = np.zeros((geom.batch, oh, ow, a.shape[-1]))
-    mag = np.zeros_like(out)
-    for o in range(kh * kw):
-        y0, x0 = o // kw * geom.dilation[0], o % kw * geom.dilation[1]
-        window = a[:, y0:y0 + geom.strides[0] * (oh - 1) + 1:geom.strides[0],
-                   x0:x0 + geom.strides[1] * (ow - 1) + 1:geom.strides[1]] * w[o]
-        out += window
-        mag += np.abs(window)
-    c = geom.channels
-    return out.reshape(-1, out.shape[-1])[:, :c], mag.reshape(-1, mag.shape[-1])[:, :c]
-
-
-def bfp_depthwise_tolerance(magnitude: np.ndarray, offsets: int) -> np.ndarray:
-    """Bound on |kernel - exact| per output: the terms are exact, only the float32 sum of
-    ``offsets`` terms rounds (``offsets * eps32 * sum |term|``)."""
-    return offsets * _FLOAT32_EPS * magnitude

@@ -71,6 +71,7 @@ __all__ = [
     "bfp_matmul_prim_func",
     "bfp_matmul_compute",
     "has_block",
+    "has_padded_outputs",
     "row_tiles_per_task",
     "tile_bfp_matmul",
 ]
@@ -91,14 +92,15 @@ def bfp_matmul_name(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, 
     return f"bfp_matmul_m{M}_n{N}_k{K}_a{_format_tag(fmt_a)}_w{_format_tag(fmt_w)}_{variant}"
 
 
-def check_formats(fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
-    """The block size the two formats share; BitqError if they differ or the kernel cannot take it."""
+def check_formats(fmt_a: BFPFormat, fmt_w: BFPFormat, what: str = "bfp_matmul") -> int:
+    """The block size the two formats share; BitqError (prefixed ``what``) if they differ or the
+    kernels cannot take it."""
     if fmt_a.block_size != fmt_w.block_size:
         raise BitqError(
-            f"bfp_matmul: activation format {fmt_a.name} and weight format {fmt_w.name} "
+            f"{what}: activation format {fmt_a.name} and weight format {fmt_w.name} "
             "must share one block size"
         )
-    check_block_size(fmt_a.block_size, "bfp_matmul")
+    check_block_size(fmt_a.block_size, what)
     return fmt_a.block_size
 
 
@@ -422,8 +424,7 @@ def schedule_outputs(sch: Schedule, tile_loop, groups: int, vectorize: bool = Tr
         return
     width = int(sch.get(sch.get_sblock("Q")).iter_vars[1].dom.extent)
     block = width // int(sch.get(sch.get_sblock("E")).iter_vars[1].dom.extent)
-    padded_outputs = isinstance(sch.get(sch.get_sblock("Q")).body.value, tirx.Select)
-    in_tile = not padded_outputs and width % LANES == 0 and (LANES * groups) % block == 0
+    in_tile = not has_padded_outputs(sch) and width % LANES == 0 and (LANES * groups) % block == 0
     for name in ("y", "exponent_field", "E", "Q"):
         stage = sch.get_sblock(name)
         if in_tile:
@@ -438,6 +439,12 @@ def schedule_outputs(sch: Schedule, tile_loop, groups: int, vectorize: bool = Tr
             for loop in rows:
                 sch.unroll(loop)
             sch.vectorize(sch.split(col, [None, LANES])[-1] if int(sch.get(col).extent) % LANES == 0 else col)
+
+
+def has_padded_outputs(sch: Schedule) -> bool:
+    """Whether a fused epilogue pads its outputs to whole blocks of the next format (its ``Q``
+    masks the padded columns, which read a clamped column: no region to place per tile)."""
+    return has_block(sch, "Q") and isinstance(sch.get(sch.get_sblock("Q")).body.value, tirx.Select)
 
 
 def has_block(sch: Schedule, name: str) -> bool:

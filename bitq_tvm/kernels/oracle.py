@@ -1,8 +1,10 @@
-"""NumPy oracle of the integer BFP matmul: activation quantizer, exact reference and tolerance.
+"""NumPy oracle of the BFP kernels: activation quantizer, exact references and tolerances.
 
 Every matmul variant (:mod:`.bfp_matmul_variants`) is checked against :func:`bfp_matmul_ref`
 within :func:`bfp_matmul_tolerance`: tests, benches and the verification of tuned kernels
-(:mod:`bitq_tvm.tuning.verify`). Weights come from the one packer (:mod:`.packing`).
+(:mod:`bitq_tvm.tuning.verify`). Weights come from the one packer (:mod:`.packing`). The
+depthwise kernel (:mod:`.bfp_depthwise`) is checked against :func:`bfp_depthwise_ref` within
+:func:`bfp_depthwise_tolerance`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from .contract import check_block_size
 
-__all__ = ["quantize_activations_np", "bfp_matmul_ref", "bfp_matmul_tolerance"]
+__all__ = ["quantize_activations_np", "bfp_matmul_ref", "bfp_matmul_tolerance", "bfp_depthwise_ref",
+           "bfp_depthwise_tolerance"]
 
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
@@ -76,3 +79,39 @@ def bfp_matmul_tolerance(qa, ea, qw, ew, block_size: int, ma: int, mw: int) -> n
     """
     terms = _block_terms(qa, ea, qw, ew, block_size, ma, mw)
     return terms.shape[-1] * _FLOAT32_EPS * np.abs(terms).sum(-1)
+
+
+def _dequantized(q: np.ndarray, e: np.ndarray, m: int) -> np.ndarray:
+    """Exact float64 values of channel-blocked mantissas ``q [..., Cp]`` with exponents ``e [..., Cp/B]``."""
+    block = q.shape[-1] // e.shape[-1]
+    return np.ldexp(q.astype(np.float64), np.repeat(e.astype(np.int64) - (m - 2), block, axis=-1))
+
+
+def bfp_depthwise_ref(qa, ea, qw, ew, geom, ma: int, mw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact output of the depthwise kernel and the sum of its terms' magnitudes, float64 [rows, C].
+
+    ``qa`` int8 [N, H, W, Cp], ``ea`` [N, H, W, Cp/B], ``qw`` int8 [KH*KW, Cp], ``ew`` [KH*KW, Cp/B]
+    (blocks along channels), ``geom`` a :class:`~.bfp_conv.ConvGeometry` of a depthwise conv: the
+    float convolution of the dequantized operands.
+    """
+    a, w = _dequantized(qa, ea, ma), _dequantized(qw, ew, mw)
+    kh, kw = geom.kernel
+    top, left, bottom, right = geom.padding
+    a = np.pad(a, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    oh, ow = geom.out_height, geom.out_width
+    (sy, sx), (dy, dx) = geom.strides, geom.dilation
+    out = np.zeros((geom.batch, oh, ow, a.shape[-1]))
+    magnitude = np.zeros_like(out)
+    for o in range(kh * kw):
+        y0, x0 = o // kw * dy, o % kw * dx
+        terms = a[:, y0:y0 + sy * (oh - 1) + 1:sy, x0:x0 + sx * (ow - 1) + 1:sx] * w[o]
+        out += terms
+        magnitude += np.abs(terms)
+    c = geom.channels
+    return out.reshape(-1, out.shape[-1])[:, :c], magnitude.reshape(-1, magnitude.shape[-1])[:, :c]
+
+
+def bfp_depthwise_tolerance(magnitude: np.ndarray, offsets: int) -> np.ndarray:
+    """Bound on |kernel - exact| per output: every term is exact in float32 (a product of two
+    8-bit mantissas times a power of two), only the sum of ``offsets`` terms rounds."""
+    return offsets * _FLOAT32_EPS * magnitude

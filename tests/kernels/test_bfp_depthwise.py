@@ -8,9 +8,12 @@ import tvm
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import get_format, quantize_np
 from bitq_tvm.kernels.bfp_conv import ConvGeometry
-from bitq_tvm.kernels.bfp_depthwise import (bfp_depthwise_func, bfp_depthwise_ref, bfp_depthwise_tolerance,
-                                            pack_depthwise_weights)
+from bitq_tvm.kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
 from bitq_tvm.kernels.bfp_matmul import Epilogue
+from bitq_tvm.kernels.oracle import bfp_depthwise_ref, bfp_depthwise_tolerance
+from bitq_tvm.targets import export, get_target, run_kernel_emulated
+
+HOST = get_target("host").tvm_target()  # the vector width users get (AVX-512 or AVX2 here)
 
 
 def _operands(geom, fmt_a, fmt_w, rng):
@@ -25,7 +28,7 @@ def _operands(geom, fmt_a, fmt_w, rng):
 
 
 def _run(func, args, out_shapes):
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
     dev = tvm.cpu()
     nd_args = [tvm.runtime.tensor(a, dev) for a in args]
     outs = [tvm.runtime.tensor(np.zeros(s, d), dev) for s, d in out_shapes]
@@ -61,18 +64,20 @@ def test_ragged_channels():
     assert (np.abs(out - exact) <= bfp_depthwise_tolerance(magnitude, 9)).all()
 
 
-def test_fused_epilogue_quantizes_like_the_reference():
+@pytest.mark.parametrize("channels", [64, 40])  # 40: the next format pads to 48 (masked columns)
+def test_fused_epilogue_quantizes_like_the_reference(channels):
     """bias + ReLU6 + quantization to the next layer's format in the kernel == the reference
     quantizer applied to the unfused kernel's float output (same float32 ops)."""
     fmt, out_fmt = get_format("bfp8_b32"), get_format("bfp4_b16")
-    geom = ConvGeometry(1, 64, 10, 10, 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64)
+    geom = ConvGeometry(1, channels, 10, 10, channels, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), channels)
     rng = np.random.default_rng(5)
     qa, ea, qw, ew = _operands(geom, fmt, fmt, rng)
-    bias = rng.standard_normal(64).astype(np.float32)
-    (plain,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, 64), "float32")])
+    bias = rng.standard_normal(channels).astype(np.float32)
+    (plain,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, channels), "float32")])
     epilogue = Epilogue(out_fmt, ("clip", ("add", ("x",), ("bias", 0)), 0.0, 6.0))
+    width = -(-channels // 16) * 16
     q, e = _run(bfp_depthwise_func(geom, fmt, fmt, epilogue), [qa, ea, qw, ew, bias],
-                [((geom.rows, 64), "int8"), ((geom.rows, 4), "int8")])
+                [((geom.rows, width), "int8"), ((geom.rows, width // 16), "int8")])
     expected = quantize_np(np.clip(plain + bias, 0.0, 6.0).astype(np.float32), out_fmt, axis=-1)
     np.testing.assert_array_equal(e, expected.exponents.reshape(geom.rows, -1))
     np.testing.assert_array_equal(q, expected.mantissas.reshape(geom.rows, -1))
@@ -94,28 +99,27 @@ def test_rejects_what_is_not_depthwise():
                                                 ("rv64gcv-vlen128", False)])
 def test_depthwise_on_emulated_arm_and_riscv(preset_name, fused, tmp_path):
     """Cross-compiled for the preset and run under qemu-user (the RVV case without the quantizing
-    epilogue: qemu-riscv64 7.2 aborts on RVV round-to-nearest, see docs/tvm-0.27-notes.md)."""
-    from bitq_tvm.targets import export, get_target, run_kernel_emulated
-
+    epilogue: qemu-riscv64 7.2 aborts on RVV round-to-nearest, see docs/tvm-0.27-notes.md).
+    Fused: bit-equal to the reference quantizer of the same ISA's unfused output."""
     preset = get_target(preset_name)
     fmt = get_format("bfp8_b16")
     geom = ConvGeometry(1, 40, 7, 7, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 40)
     rng = np.random.default_rng(11)
     qa, ea, qw, ew = _operands(geom, fmt, fmt, rng)
     bias = rng.standard_normal(40).astype(np.float32)
-    epilogue = Epilogue(fmt, ("relu", ("add", ("x",), ("bias", 0)))) if fused else None
-    func = bfp_depthwise_func(geom, fmt, fmt, epilogue).with_attr("global_symbol", "bfp_depthwise")
-    library = export(tvm.compile(func, preset.tvm_target()), tmp_path / "dw.so", preset)
-    if fused:
-        q, e = run_kernel_emulated(library, "bfp_depthwise", [qa, ea, qw, ew, bias],
-                                   [((geom.rows, 48), "int8"), ((geom.rows, 3), "int8")], preset, cache_dir=tmp_path)
-        (plain,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, 40), "float32")])
-        expected = quantize_np(np.maximum(plain + bias, 0.0).astype(np.float32), fmt, axis=-1)
-        # the host's float sum may round differently from the board's: compare within one step
-        assert np.abs(q.astype(int) - expected.mantissas.reshape(geom.rows, -1)).max() <= 1
-        np.testing.assert_array_equal(e, expected.exponents.reshape(geom.rows, -1))
-        return
-    (out,) = run_kernel_emulated(library, "bfp_depthwise", [qa, ea, qw, ew], [((geom.rows, 40), "float32")],
-                                 preset, cache_dir=tmp_path)
+
+    def emulated(epilogue, args, outs, name):
+        func = bfp_depthwise_func(geom, fmt, fmt, epilogue).with_attr("global_symbol", "bfp_depthwise")
+        library = export(tvm.compile(func, preset.tvm_target()), tmp_path / f"{name}.so", preset)
+        return run_kernel_emulated(library, "bfp_depthwise", args, outs, preset, cache_dir=tmp_path)
+
+    (out,) = emulated(None, [qa, ea, qw, ew], [((geom.rows, 40), "float32")], "plain")
     exact, magnitude = bfp_depthwise_ref(qa, ea, qw, ew, geom, 8, 8)
     assert (np.abs(out - exact) <= bfp_depthwise_tolerance(magnitude, 9)).all()
+    if fused:
+        epilogue = Epilogue(fmt, ("relu", ("add", ("x",), ("bias", 0))))
+        q, e = emulated(epilogue, [qa, ea, qw, ew, bias], [((geom.rows, 48), "int8"), ((geom.rows, 3), "int8")],
+                        "fused")
+        expected = quantize_np(np.maximum(out + bias, 0.0).astype(np.float32), fmt, axis=-1)
+        np.testing.assert_array_equal(q, expected.mantissas.reshape(geom.rows, -1))
+        np.testing.assert_array_equal(e, expected.exponents.reshape(geom.rows, -1))
