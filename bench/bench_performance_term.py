@@ -62,6 +62,8 @@ def collect_tasks(models, shapes_per_model: int, formats_per_shape: int, seed: i
     for model_name, model in models.items():
         by_shape = {}
         for layer in model.layers:
+            if layer.is_depthwise:  # the depthwise kernel, not a GEMM of this table
+                continue
             for m in MANTISSAS:
                 for block in BLOCKS:
                     fmt = BFPFormat(m, block)

@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BitqError
+from ..kernels.contract import is_depthwise
 
 #: ONNX ops whose constant second input is a weight BFP quantizes.
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
@@ -40,7 +41,8 @@ class Layer:
     """One quantizable layer: an ONNX Conv (2-D), MatMul or Gemm node with a constant weight.
 
     The BFP block axis is the reduction axis of the op: input channels (within a group) for a
-    conv, K for a matmul. ``weight_axis`` and ``act_axis`` index the tensors as Relax sees them:
+    conv, K for a matmul; a depthwise conv's activation blocks hold one value and each channel's
+    weight window is one block (:mod:`bitq_tvm.kernels.contract`). ``weight_axis`` and ``act_axis`` index the tensors as Relax sees them:
     conv weights OIHW (axis 1), conv activations NCHW (axis 1, split into ``groups``), matmul
     weights [K, N] after the importer's transpose of Gemm's [N, K] (axis 0), activations (-1).
     """
@@ -66,6 +68,10 @@ class Layer:
         return self.weight_shape[1] if self.trans_b else self.weight_shape[0]
 
     @property
+    def is_depthwise(self) -> bool:
+        return self.kind == "conv2d" and is_depthwise(self.weight_shape, self.groups)
+
+    @property
     def macs(self) -> int:
         if self.kind == "conv2d":
             o, i, kh, kw = self.weight_shape
@@ -82,7 +88,10 @@ class Layer:
         a 3-channel conv is not charged for 32."""
         if fmt is None:
             return 4 * self.params
-        blocks = self.params // self.reduction * fmt.num_blocks(self.reduction)
+        if self.is_depthwise:  # one block per channel's window (kernels.contract.depthwise_weight_blocks)
+            blocks = int(self.weight_shape[0])
+        else:
+            blocks = self.params // self.reduction * fmt.num_blocks(self.reduction)
         return -(-(self.params * fmt.mantissa_bits + blocks * fmt.exponent_bits) // 8)
 
 

@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from ..formats import fake_quantize_np, parse_format
-from ..kernels.contract import block_axes
+from ..kernels.contract import block_axes, depthwise_weight_blocks
 from .onnx_model import LAYER_OPS, Layer, OnnxModel
 
 _DOMAIN = "bitq"
@@ -38,6 +38,23 @@ def layer_block_axes(layer: Layer) -> tuple[tuple[int, int], tuple[int, int]]:
     return block_axes(layer.kind, len(layer.input_shape), len(layer.weight_shape), layer.groups, layer.trans_b)
 
 
+def layer_weight_blocks(layer: Layer, w: np.ndarray, fmt):
+    """``(tensor, format, axis)`` to quantize ``layer``'s weight ``w`` with: ``w`` along its block
+    axis, or a depthwise weight's ``[C, KH*KW]`` view with one block per channel
+    (:func:`~bitq_tvm.kernels.contract.depthwise_weight_blocks`)."""
+    if layer.is_depthwise:
+        view, window = depthwise_weight_blocks(layer.weight_shape, fmt)
+        return w.reshape(view), window, 1
+    _, (w_axis, _) = layer_block_axes(layer)
+    return w, fmt, w_axis
+
+
+def fake_quantize_weight(layer: Layer, w: np.ndarray, fmt) -> np.ndarray:
+    """``layer``'s weight ``w`` through the NumPy reference quantizer in ``fmt`` (its contract blocks)."""
+    x, f, axis = layer_weight_blocks(layer, w, fmt)
+    return fake_quantize_np(x, f, axis=axis, name=layer.weight).reshape(w.shape)
+
+
 def reference_model(model: OnnxModel, formats: dict) -> onnx.ModelProto:
     """The ONNX model with the plan's fake quantization applied (weights) or inserted (activations)."""
     proto = onnx.ModelProto()
@@ -49,9 +66,8 @@ def reference_model(model: OnnxModel, formats: dict) -> onnx.ModelProto:
         layer = by_weight.get(init.name)
         lf = formats.get(layer.name) if layer is not None else None
         if lf is not None and lf.weight is not None:
-            w = numpy_helper.to_array(init)
-            _, (w_axis, _) = layer_block_axes(layer)
-            init = numpy_helper.from_array(fake_quantize_np(w, lf.weight, axis=w_axis, name=init.name), init.name)
+            init = numpy_helper.from_array(fake_quantize_weight(layer, numpy_helper.to_array(init), lf.weight),
+                                           init.name)
         inits.append(init)
     del graph.initializer[:]
     graph.initializer.extend(inits)

@@ -82,7 +82,8 @@ def bfp_matmul_tolerance(qa, ea, qw, ew, block_size: int, ma: int, mw: int) -> n
 
 
 def _dequantized(q: np.ndarray, e: np.ndarray, m: int) -> np.ndarray:
-    """Exact float64 values of channel-blocked mantissas ``q [..., Cp]`` with exponents ``e [..., Cp/B]``."""
+    """Exact float64 values of mantissas ``q [..., Cp]`` with exponents ``e [..., Cp/B]`` (blocks of B
+    channels; a depthwise weight's ``e [Cp]`` is one per channel)."""
     block = q.shape[-1] // e.shape[-1]
     return np.ldexp(q.astype(np.float64), np.repeat(e.astype(np.int64) - (m - 2), block, axis=-1))
 
@@ -90,7 +91,7 @@ def _dequantized(q: np.ndarray, e: np.ndarray, m: int) -> np.ndarray:
 def bfp_depthwise_ref(qa, ea, qw, ew, geom, ma: int, mw: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact output of the depthwise kernel and the sum of its terms' magnitudes, float64 [rows, C].
 
-    ``qa`` int8 [N, H, W, Cp], ``ea`` [N, H, W, Cp/B], ``qw`` int8 [KH*KW, Cp], ``ew`` [KH*KW, Cp/B]
+    ``qa`` int8 [N, H, W, Cp], ``ea`` [N, H, W, Cp/B], ``qw`` int8 [KH*KW, Cp], ``ew`` [Cp]
     (blocks along channels), ``geom`` a :class:`~.bfp_conv.ConvGeometry` of a depthwise conv: the
     float convolution of the dequantized operands.
     """

@@ -8,8 +8,10 @@ the next layer's activation quantizer, which reads that float tensor (strided, f
 writes int8 mantissas and exponents. This pass replaces the chain by one kernel: the matmul with
 a fused epilogue (:class:`~bitq_tvm.kernels.bfp_matmul.Epilogue`: bias, clip, quantization to the
 next layer's activation format, blocks along the output channels), whose output is already in
-the layout the next kernel reads (rows x channels = NHWC for a conv). The float32 chain is left
-dead for ``DeadCodeElimination``.
+the layout the next kernel reads (rows x channels = NHWC for a conv). A depthwise conv's kernel
+(:mod:`~bitq_tvm.kernels.bfp_depthwise`, same output rows x channels) takes the same epilogue,
+and its input quantizer (blocks along all channels) is one a producer's epilogue can write. The
+float32 chain is left dead for ``DeadCodeElimination``.
 
 The numbers do not change: the fused epilogue performs the same float32 operations in the same
 order (``C + bias``, max/min, the quantizer's steps), so the tests compare fused and unfused
@@ -37,6 +39,8 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
 from ..formats import Rounding, get_format
+from ..kernels.bfp_conv import ConvGeometry
+from ..kernels.bfp_depthwise import bfp_depthwise_func
 from ..kernels.bfp_matmul import Epilogue
 from ..kernels.bfp_matmul_variants import bfp_matmul_func
 from .annotate_layers import annotated_layers, is_tensor_constant
@@ -44,6 +48,8 @@ from .lower_bfp_integer import DEPLOYMENT_ATTR, KERNEL_ATTR, deployment_attr, op
 
 __all__ = ["FuseBFPEpilogue"]
 
+# Kernels whose float32 [rows, n] output an epilogue can take over (their bitq.kernel "kind").
+_PRODUCERS = ("matmul", "depthwise")
 _LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.strided_slice")
 _ELEMENTWISE_OPS = ("relax.add", "relax.nn.relu", "relax.clip")
 
@@ -114,7 +120,7 @@ def _matmul_dependencies(mod, bindings):
         if isinstance(value, relax.Var):
             result = deps(value)
         elif (kernel := _kernel(mod, value)) is not None:
-            result = frozenset([v]) if kernel["kind"] == "matmul" else frozenset()
+            result = frozenset([v]) if kernel["kind"] in _PRODUCERS else frozenset()
         elif _op_name(value) in _SUPPORTED:
             result = frozenset().union(*(deps(a) for a in value.args if isinstance(a, relax.Var)))
         else:
@@ -222,7 +228,7 @@ def _check_consumer(fusion: _Fusion, aq: dict):
         raise _NotFusible("the next layer's activations round stochastically")
     if int(fusion.kernel.get("tuned", 0)):
         raise _NotFusible("its kernel is a tuned one (tuning databases hold unfused kernels)")
-    if str(fusion.kernel["variant"]) == "i8mm":
+    if str(fusion.kernel.get("variant", "")) == "i8mm":
         raise _NotFusible("the i8mm kernel has no fused epilogue")
 
 
@@ -262,8 +268,12 @@ class _Fuser(PyExprMutator):
         fmt_q = get_format(str(aq["fmt"]))
         epilogue = Epilogue(fmt_q, chain.expr, tuple(layout for _, layout in chain.tensors))
         rows_padded, n = int(k["rows"]), int(k["n"])
-        func = bfp_matmul_func(rows_padded, n, int(k["k"]), get_format(str(k["fmt_a"])), get_format(str(k["fmt_w"])),
-                               str(k["variant"]), epilogue=epilogue)
+        fmt_a, fmt_w = get_format(str(k["fmt_a"])), get_format(str(k["fmt_w"]))
+        if k["kind"] == "depthwise":
+            geom = ConvGeometry(**{key: tuple(v) if isinstance(v, list) else v for key, v in k["geometry"].items()})
+            func = bfp_depthwise_func(geom, fmt_a, fmt_w, epilogue=epilogue)
+        else:
+            func = bfp_matmul_func(rows_padded, n, int(k["k"]), fmt_a, fmt_w, str(k["variant"]), epilogue=epilogue)
         func = opaque(func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True))
         name = f"{k['name']}_{epilogue.tag}"
         gv = self.builder_.add_func(func, name)
@@ -369,7 +379,8 @@ def _layer_of(chain_vars, layer_vars: dict) -> str | None:
 
 @tvm.transform.module_pass(opt_level=0, name="FuseBFPEpilogue")
 class FuseBFPEpilogue:
-    """Fuse bias, activation and the next layer's activation quantization into integer matmuls.
+    """Fuse bias, activation and the next layer's activation quantization into integer matmuls
+    and depthwise kernels.
 
     Reads and updates ``bitq.deployment``: each integer layer's ``epilogue`` says what was fused
     into its kernel (``"bias, relu -> bfp8_b32 of fc2"``) or why not (``"not fused: its output

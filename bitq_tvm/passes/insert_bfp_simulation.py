@@ -6,7 +6,9 @@ pass recorded) and, on the deployment path, after :class:`~bitq_tvm.passes.Lower
 Then constants are folded. Each planned layer's ``conv2d``/``matmul`` gets its operands replaced
 by ``call_tir`` of the BFP fake-quant kernel (:mod:`bitq_tvm.kernels.bfp_quant`) with blocks along
 the op's reduction axis: input channels within a group (per kernel offset) for convs, K for
-matmuls. Once the weights are bound, ``FoldConstant`` runs the weight kernels at compile time, so
+matmuls; a depthwise conv's input has one value per block and its weight one block per
+channel's window (the contract's :func:`~bitq_tvm.kernels.contract.block_axes`,
+:func:`~bitq_tvm.kernels.contract.depthwise_weight_blocks`). Once the weights are bound, ``FoldConstant`` runs the weight kernels at compile time, so
 only activations are quantized at run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
 the same plan up to float32 summation order.
 """
@@ -20,9 +22,15 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
 from ..kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
-from ..kernels.contract import block_axes
+from ..kernels.contract import block_axes, depthwise_weight_blocks, is_depthwise
 from .annotate_layers import annotated_layers, layer_weight, permute_axes, resolve_formats
 from .lower_bfp_integer import DEPLOYMENT_ATTR, deployment_modes
+
+
+def _is_depthwise(call: relax.Call) -> bool:
+    return call.op.name == "relax.nn.conv2d" and is_depthwise([int(d) for d in call.args[1].ty.shape],
+                                                               int(call.attrs.groups))
+
 
 def _block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:
     """((activation axis, groups), (weight axis, groups)) of a layer op (the kernel contract's rule)."""
@@ -63,6 +71,14 @@ class _Simulator(PyExprMutator):
             return self.builder_.emit(relax.op.permute_dims(quantized, axes), f"{name}_t")
         return self._fake_quant(weight, fmt, axis, 1, name)
 
+    def _quantize_depthwise_weight(self, weight: relax.Expr, fmt, name: str) -> relax.Expr:
+        """One block per channel: the ``[C, KH*KW]`` view along axis 1 (the contract's rule)."""
+        shape = [int(d) for d in weight.ty.shape]
+        view, window = depthwise_weight_blocks(shape, fmt)
+        flat = self.builder_.emit(relax.op.reshape(weight, list(view)), f"{name}_view")
+        quantized = self._fake_quant(flat, window, 1, 1, name)
+        return self.builder_.emit(relax.op.reshape(quantized, shape), f"{name}_w")
+
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         layer = self.var_to_layer.get(binding.var.name)
         lf = self.formats.get(layer) if layer is not None else None
@@ -78,7 +94,9 @@ class _Simulator(PyExprMutator):
         args = list(call.args)
         if lf.activation is not None:
             args[0] = self._fake_quant(args[0], lf.activation, a_axis, a_groups, f"{binding.var.name}_act_bfp")
-        if lf.weight is not None:
+        if lf.weight is not None and _is_depthwise(call):
+            args[1] = self._quantize_depthwise_weight(args[1], lf.weight, f"{binding.var.name}_w_bfp")
+        elif lf.weight is not None:
             args[1] = self._quantize_weight(value.args[1], args[1], lf.weight, w_axis, f"{binding.var.name}_w_bfp")
         new_call = relax.Call(call.op, args, call.attrs, call.ty_args)
         if isinstance(binding.var, relax.DataflowVar):

@@ -19,15 +19,22 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
    layer's epilogue (bias add, ReLU, residual add): those are not part of the integer kernel,
    whose scaled float32 output they read once.
 
+A depthwise conv (:func:`~bitq_tvm.kernels.contract.is_depthwise`) is step 1 with an exponent
+per value (:func:`~bitq_tvm.kernels.contract.depthwise_activation_format`, NHWC), then
+``call_tir`` of the depthwise kernel (:mod:`~bitq_tvm.kernels.bfp_depthwise`, on the quantized
+input directly, no im2col) against its weight, one exponent per channel, then step 4.
+
 Weight storage: mantissas (two per byte when m <= 4) and int8 exponents
 (:mod:`~bitq_tvm.kernels.packing`) are Relax constants of ``main``, passed as they are to the
 matmul, which unpacks nibbles and builds block scales in registers: the artifact's weight bytes
 are the bytes resident at run time, and ``main`` takes only the model's inputs.
 
 Layers the kernel cannot run stay float with a reason (in ``bitq.deployment``), never
-silently: weights that are not bound constants, weight-only or activation-only plans, different weight/activation block sizes, block
-sizes that are not a multiple of 4 in [8, 128], depthwise convs, convs whose padded K would be
-more than ``max_padding_ratio`` times the real one, non-NCHW layouts, non-2-D weights.
+silently: weights that are not bound constants, weight-only or activation-only plans, different
+weight/activation block sizes, block sizes that are not a multiple of 4 in [8, 128], convs whose
+padded K would be more than ``max_padding_ratio`` times the real one, depthwise convs with
+several outputs per channel or channels in no whole vectors, non-NCHW layouts, non-2-D weights
+(the contract's :func:`~bitq_tvm.kernels.contract.integer_support`).
 """
 
 from __future__ import annotations
@@ -45,9 +52,11 @@ from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
 from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
 from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
+from ..kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
-from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, conv_problem, format_problem, gemm_geometry
+from ..kernels.contract import (DEFAULT_MAX_PADDING_RATIO, depthwise_activation_format, format_problem, gemm_geometry,
+                                integer_support, is_depthwise)
 from ..kernels.packing import PackedWeights, pack_quantized, pack_weights
 from ..frontend import LAYER_NAMES_ATTR
 from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, permute_axes, resolve_formats
@@ -230,9 +239,12 @@ class _Lowerer(PyExprMutator):
         pad = [int(p) for p in attrs.padding]
         geom = ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
                             tuple(pad), tuple(int(d) for d in attrs.dilation), int(attrs.groups))
-        reason = conv_problem(cg, geom.groups, lf.weight, self.max_padding_ratio)
+        reason = integer_support("conv2d", (o, cg, kh, kw), geom.groups, lf.weight, lf.activation,
+                                 self.max_padding_ratio)
         if reason is not None:
             return None, reason
+        if is_depthwise((o, cg, kh, kw), geom.groups):
+            return self._lower_depthwise(call, const.value.numpy(), geom, lf, name)
         geometry = geom.gemm(lf.weight.block_size)
         cg_p = geometry.group_channels_padded
         stored = const.value.numpy()
@@ -271,6 +283,27 @@ class _Lowerer(PyExprMutator):
             out = self._emit(relax.op.strided_slice(out, [0], [0], [geom.rows]), f"{name}_unpadded")
         out = self._emit(relax.op.reshape(out, [n, geom.out_height, geom.out_width, o]), f"{name}_nhwc")
         return (relax.op.permute_dims(out, [0, 3, 1, 2]), sum(p.nbytes for p in packs)), None
+
+    def _lower_depthwise(self, call: relax.Call, stored: np.ndarray, geom: ConvGeometry, lf: LayerFormats,
+                         name: str):
+        try:
+            qw, ew = pack_depthwise_weights(stored, lf.weight, self.weight_name)
+        except BitqError as err:
+            return None, str(err)
+        # an exponent per value (the contract's depthwise_activation_format), NHWC
+        qa, ea = self._quantize_activation(call.args[0], depthwise_activation_format(lf.activation), 1, 1, name)
+        c = geom.channels
+        tag = (f"bfp_depthwise_{lf.activation.name}_{lf.weight.name}_{geom.batch}x{c}x{geom.height}x{geom.width}"
+               f"_k{geom.kernel[0]}x{geom.kernel[1]}_s{geom.strides[0]}x{geom.strides[1]}"
+               f"_p{'x'.join(map(str, geom.padding))}_d{geom.dilation[0]}x{geom.dilation[1]}")
+        func = bfp_depthwise_func(geom, lf.activation, lf.weight).with_attr(
+            KERNEL_ATTR, {"kind": "depthwise", "name": tag, "rows": geom.rows, "n": c,
+                          "geometry": dataclasses.asdict(geom), "fmt_a": lf.activation.name,
+                          "fmt_w": lf.weight.name})
+        out = self._call_tir(func, tag, [qa, ea, relax.const(qw), relax.const(ew)],
+                             [((geom.rows, c), "float32")])
+        out = self._emit(relax.op.reshape(out, [geom.batch, geom.out_height, geom.out_width, c]), f"{name}_nhwc")
+        return (relax.op.permute_dims(out, [0, 3, 1, 2]), qw.nbytes + ew.nbytes), None
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         layer = self.var_to_layer.get(binding.var.name)

@@ -39,7 +39,7 @@ from ..errors import BitqError
 from ..evaluation import rel_mse, top1
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
-from ..frontend.reference import layer_block_axes
+from ..frontend.reference import layer_block_axes, layer_weight_blocks
 from ..plan import LayerFormats
 from ..support.npz import read_npz
 from ..support.progress import Countdown, say
@@ -481,13 +481,17 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
             w_noise[layer.name], a_noise[layer.name] = {}, {}
             continue
         w = weights[layer.weight]
-        (axis, groups), (w_axis, _) = layer_block_axes(layer)
-        w_noise[layer.name] = {f.name: noise_power(w, f, w_axis) for f in {c.weight for c in cands}}
+        (axis, groups), _ = layer_block_axes(layer)
+        w_noise[layer.name] = {f.name: noise_power(*layer_weight_blocks(layer, w, f)) for f in {c.weight for c in cands}}
         a_noise[layer.name] = {f.name: _batched_noise_power([c[layer.name] for c in captured], f, axis, groups)
                                for f in {c.activation for c in cands}}
         w_probe = _probe(w_noise[layer.name])
         a_probe = _probe(a_noise[layer.name])
-        w_error = _error(w, w_probe, w_axis, w_noise[layer.name][w_probe.name], noise, rng) if w_probe else None
+        if w_probe:
+            w_view, w_fmt, w_axis = layer_weight_blocks(layer, w, w_probe)
+            w_error = _error(w_view, w_fmt, w_axis, w_noise[layer.name][w_probe.name], noise, rng).reshape(w.shape)
+        else:
+            w_error = None
         a_errors = [_error(c[layer.name], a_probe, axis, a_noise[layer.name][a_probe.name], noise, rng, groups)
                     for c in captured] if a_probe else None
         probes[layer.name] = (w_error, a_errors)

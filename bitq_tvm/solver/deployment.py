@@ -7,11 +7,12 @@ not a copy of it) whether the layer becomes an integer kernel, and gives what it
 * integer: the packed weight bytes the pass stores (outputs padded to 16 lanes, K padded to whole
   blocks, 4-bit mantissa pairs or one byte per mantissa, one int8 exponent per block) and the
   activation the kernel reads (int8 mantissas + one int8 exponent per block, channels padded);
-* float simulation fallback (depthwise, padding ratio, block size outside the kernel's range):
+* float simulation fallback (padding ratio, block size outside the kernel's range, depthwise convs
+  with several outputs per channel):
   the weight is stored as FP32 and both tensors move as FP32, so it costs what an FP32 layer costs.
 
 :func:`deployable_candidates` keeps, per layer, the candidates that deploy as integer kernels; a
-layer with none (e.g. a depthwise conv) takes FP32, which costs the same as its fallbacks and
+layer with none (e.g. a 3-channel stem conv) takes FP32, which costs the same as its fallbacks and
 loses nothing. A pinned layer keeps its pin and is priced at its fallback cost.
 """
 
@@ -21,7 +22,8 @@ import dataclasses
 from typing import Mapping
 
 from ..frontend.onnx_model import Layer, OnnxModel
-from ..kernels.contract import DEFAULT_MAX_PADDING_RATIO, gemm_geometry, integer_support, integer_weight_bytes
+from ..kernels.contract import (DEFAULT_MAX_PADDING_RATIO, DepthwiseGeometry, integer_support, integer_weight_bytes,
+                                kernel_geometry)
 from ..plan import FP32, LayerFormats
 
 FP32_BITS = 32.0
@@ -53,11 +55,13 @@ def deployed_cost(layer: Layer, candidate: LayerFormats,
     if reason is not None:
         return DeployedCost("simulation", reason, fp32_bytes, FP32_BITS, FP32_BITS)
     fmt = candidate.activation
-    geometry = gemm_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, fmt.block_size,
-                             layer.groups)
+    geometry = kernel_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, fmt.block_size,
+                               layer.groups)
     nbytes = integer_weight_bytes(geometry, candidate.weight)
-    # int8 mantissas and int8 exponents, each (group's) channels padded to whole blocks
-    act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * geometry.group_channels_padded / layer.reduction
+    if isinstance(geometry, DepthwiseGeometry):  # int8 mantissa + int8 exponent per value
+        act_bits = 8.0 + fmt.exponent_bits
+    else:  # int8 mantissas and int8 exponents, each (group's) channels padded to whole blocks
+        act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * geometry.group_channels_padded / layer.reduction
     return DeployedCost("integer", "", nbytes, 8.0 * nbytes / layer.params, act_bits)
 
 

@@ -18,6 +18,12 @@ never re-derived here. The layer is a chain of stages (:class:`StageCost`):
   the quantized A, the float32 output ``[rows_padded, N]`` written once;
 * ``epilogue`` (convs): the transpose/bias/ReLU pass back to NCHW, float32 read + write.
 
+A depthwise conv (:func:`~bitq_tvm.kernels.contract.is_depthwise`) runs the depthwise kernel
+instead of im2col + matmul (``depthwise`` stage, :func:`depthwise_stage`): its quantizer writes
+an int8 mantissa and exponent per value (NHWC), the kernel reads them once, the int8 weights
+``[KH*KW, C]`` + per-channel exponents cold, writes float32 ``[rows, C]``; compute: each input
+value dequantized once and KH*KW float32 FMAs per output.
+
 Cache-level tiling (BitQ's per-level structure, specialised to the kernel's loop order,
 :func:`bitq_tvm.kernels.bfp_matmul.tile_bfp_matmul`, columns outer): the register tile is
 ``r`` rows x ``16 g`` outputs (the x86 default tile). For one column tile, every row tile reads
@@ -511,6 +517,7 @@ A_SUM_OPS = 3.0
 QUANT_OPS = 10.0
 COPY_OPS = 2.0
 CONV_EPILOGUE_OPS = 4.0
+DEQUANT_OPS = 2.0  # int8 -> float32 convert, times the block scale
 FP32_BYTES = 4
 
 
@@ -632,6 +639,21 @@ def matmul_stage(geometry, fmt_w, hierarchy: MemoryHierarchy, rates: KernelRates
     return _stage("matmul", traffic, cycles, hierarchy, cycle_cost)
 
 
+def depthwise_stage(geometry, input_shape, hierarchy: MemoryHierarchy, rates: KernelRates,
+                    cycle_cost: float = 1.0) -> StageCost:
+    """The depthwise kernel of ``geometry`` (:class:`~bitq_tvm.kernels.contract.DepthwiseGeometry`)
+    on an NCHW ``input_shape`` (module docstring)."""
+    from ..kernels.contract import integer_weight_bytes
+
+    values = float(input_shape[0]) * float(input_shape[2]) * float(input_shape[3]) * geometry.channels
+    traffic = _Traffic([level.size_bytes for level in hierarchy.levels])
+    traffic.produced(2 * values)  # int8 mantissa + int8 exponent per value
+    traffic.cold(float(integer_weight_bytes(geometry, None)))
+    traffic.produced(float(geometry.rows * geometry.channels * FP32_BYTES))
+    ops = DEQUANT_OPS * values + geometry.rows * geometry.channels * geometry.kernel_offsets
+    return _stage("depthwise", traffic, ops / rates.fp32_lanes / rates.vector_ops_per_cycle, hierarchy, cycle_cost)
+
+
 def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, groups: int, formats,
                        hierarchy: MemoryHierarchy, rates: KernelRates,
                        cycle_cost: float = 1.0) -> list[LayerCost]:
@@ -640,9 +662,10 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
     ``kind`` is ``"conv2d"`` (NCHW input, OIHW weight) or ``"matmul"``; every pair in
     ``formats`` must be one deployment runs as integer kernels (the caller asks
     :func:`~bitq_tvm.kernels.contract.integer_support`). ``total`` is the sum of the stages'
-    totals (module docstring); ``scale_ops`` counts the matmul's per-block scalings.
+    totals (module docstring); ``scale_ops`` counts the matmul's per-block scalings (a depthwise
+    conv's: one per product).
     """
-    from ..kernels.contract import gemm_geometry, integer_weight_bytes
+    from ..kernels.contract import DepthwiseGeometry, integer_weight_bytes, kernel_geometry
 
     capacities = [level.size_bytes for level in hierarchy.levels]
     in_elems = float(math.prod(int(d) for d in input_shape))
@@ -652,7 +675,8 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
     for fmt_w, fmt_a in formats:
         if fmt_w is None or fmt_a is None or fmt_w.block_size != fmt_a.block_size:
             raise BitqError(f"kernel_layer_costs: formats {fmt_w}, {fmt_a} do not run as integer kernels")
-        g = gemm_geometry(kind, input_shape, weight_shape, output_shape, fmt_a.block_size, groups)
+        g = kernel_geometry(kind, input_shape, weight_shape, output_shape, fmt_a.block_size, groups)
+        depthwise = isinstance(g, DepthwiseGeometry)
         stages, operands = [], {}
         # activation quantizer (+ the float32 row padding of a matmul)
         t = _Traffic(capacities)
@@ -661,7 +685,10 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
         if kind == "matmul" and g.rows_padded != g.rows:
             quant_in = in_elems * g.rows_padded / g.rows
             t.produced(2 * quant_in * FP32_BYTES, resident=quant_in * FP32_BYTES)
-        if kind == "conv2d":
+        if depthwise:
+            pixels = float(input_shape[0]) * float(input_shape[2]) * float(input_shape[3])
+            q_elems = q_exps = pixels * g.channels
+        elif kind == "conv2d":
             pixels = float(input_shape[0]) * float(input_shape[2]) * float(input_shape[3])
             q_elems = pixels * g.groups * g.group_channels_padded
             q_exps = pixels * g.groups * (g.group_channels_padded // g.block_size)
@@ -674,22 +701,28 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
         operands["qa"] = q_bytes
         stages.append(_stage("act_quant", t, QUANT_OPS * quant_in / lanes / rates.vector_ops_per_cycle,
                              hierarchy, cycle_cost))
-        pointwise = (kind == "matmul" or (tuple(weight_shape[2:]) == (1, 1) and g.groups == 1
-                                          and tuple(input_shape[2:]) == tuple(output_shape[2:])
-                                          and g.rows_padded == g.rows))
-        a_bytes = float(g.rows_padded * (g.k_padded + g.blocks))
-        if not pointwise:
-            t = _Traffic(capacities)
-            t.produced(q_bytes)
-            t.produced(a_bytes * g.groups, resident=a_bytes)
-            operands["im2col"] = a_bytes * g.groups
-            stages.append(_stage("im2col", t, COPY_OPS * g.groups * a_bytes / rates.vector_bytes
-                                 / rates.vector_ops_per_cycle, hierarchy, cycle_cost))
-        mm = matmul_stage(g, fmt_w, hierarchy, rates, cycle_cost)
-        stages.append(StageCost("matmul", tuple(v * g.groups for v in mm.level_bytes),
-                                mm.compute_cycles * g.groups, mm.total * g.groups))
+        if depthwise:
+            stages.append(depthwise_stage(g, input_shape, hierarchy, rates, cycle_cost))
+            operands["output"] = float(g.rows * g.channels * FP32_BYTES)
+            scale_ops = float(g.rows * g.channels * g.kernel_offsets)
+        else:
+            pointwise = (kind == "matmul" or (tuple(weight_shape[2:]) == (1, 1) and g.groups == 1
+                                              and tuple(input_shape[2:]) == tuple(output_shape[2:])
+                                              and g.rows_padded == g.rows))
+            a_bytes = float(g.rows_padded * (g.k_padded + g.blocks))
+            if not pointwise:
+                t = _Traffic(capacities)
+                t.produced(q_bytes)
+                t.produced(a_bytes * g.groups, resident=a_bytes)
+                operands["im2col"] = a_bytes * g.groups
+                stages.append(_stage("im2col", t, COPY_OPS * g.groups * a_bytes / rates.vector_bytes
+                                     / rates.vector_ops_per_cycle, hierarchy, cycle_cost))
+            mm = matmul_stage(g, fmt_w, hierarchy, rates, cycle_cost)
+            stages.append(StageCost("matmul", tuple(v * g.groups for v in mm.level_bytes),
+                                    mm.compute_cycles * g.groups, mm.total * g.groups))
+            operands["output"] = float(g.groups * g.rows_padded * g.n * FP32_BYTES)
+            scale_ops = float(g.groups * g.rows_padded * g.n * g.blocks)
         operands["weights"] = float(integer_weight_bytes(g, fmt_w))
-        operands["output"] = float(g.groups * g.rows_padded * g.n * FP32_BYTES)
         if kind == "conv2d":
             t = _Traffic(capacities)
             t.produced(operands["output"])
@@ -702,7 +735,7 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
         energy = total - cycle_cost * compute
         costs.append(LayerCost(dram_bytes=float(level[-1]), onchip_bytes=float(level[:-1].sum()),
                                energy=float(energy), compute_cycles=float(compute),
-                               scale_ops=float(g.groups * g.rows_padded * g.n * g.blocks), total=float(total),
+                               scale_ops=scale_ops, total=float(total),
                                level_bytes=tuple(float(v) for v in level), stages=tuple(stages),
                                operand_bytes=tuple(operands.items())))
     return costs

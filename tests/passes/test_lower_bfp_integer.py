@@ -25,6 +25,7 @@ from bitq_tvm.pipeline import bfp_passes
 from bitq_tvm.errors import BitqError
 from bitq_tvm.formats import PRESETS, BFPFormat, fake_quantize_np, get_format, quantize_np
 from bitq_tvm.frontend.onnx_model import normalize
+from bitq_tvm.frontend.reference import fake_quantize_weight, layer_block_axes
 from bitq_tvm.passes.lower_bfp_integer import LayerDeployment
 from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
 from bitq_tvm.kernels.contract import padded_rows
@@ -204,14 +205,18 @@ CONVS = [  # name, out channels, kernel, stride, pad, dilation, group, format
     ("grouped", 16, 3, 1, 1, 1, 2, "bfp5_b8"),
     ("dilated", 8, 3, 1, 2, 2, 1, "bfp2_b64"),
     ("k5_b128", 8, 5, 1, 2, 1, 1, "bfp7_b128"),
+    ("depthwise", 40, 3, 1, 1, 1, 40, "bfp8_b16"),  # the depthwise kernel
+    ("depthwise_s2", 40, 5, 2, 2, 1, 40, "bfp4_b8"),
 ]
+# two outputs per channel: no kernel, the float simulation
+MULTIPLIER_2 = ("depthwise_x2", 80, 3, 1, 1, 1, 40, "bfp8_b16")
 
 
 def _conv_model(channels=40, size=9, seed=4):
     rng = np.random.default_rng(seed)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
     nodes, inits, outputs = [], [], []
-    for name, out, k, s, p, d, g, _ in CONVS + [("depthwise", channels, 3, 1, 1, 1, channels, "bfp8_b16")]:
+    for name, out, k, s, p, d, g, _ in CONVS + [MULTIPLIER_2]:
         inits.append(numpy_helper.from_array(_spread(rng, (out, channels // g, k, k)), f"{name}.weight"))
         nodes.append(helper.make_node("Conv", ["x", f"{name}.weight"], [f"{name}.out"], name=name, kernel_shape=[k, k],
                                       strides=[s, s], pads=[p] * 4, dilations=[d, d], group=g))
@@ -238,26 +243,29 @@ def _conv_abs(x, w, stride, pad, dilation, groups):
     return out
 
 
-def test_convs_every_geometry_and_depthwise_fallback():
+def test_convs_every_geometry_and_depthwise():
     model, feeds = _conv_model()
-    layers = {name: fmt for name, *_, fmt in CONVS}
-    layers["depthwise"] = "bfp8_b16"
+    layers = {name: fmt for name, *_, fmt in CONVS + [MULTIPLIER_2]}
     plan = Plan.from_json({"bitq_plan_version": 1, "layers": layers})
-    geometry = {name: (s, p, d, g) for name, _, _, s, p, d, g, _ in CONVS + [("depthwise", 0, 3, 1, 1, 1, 40, "")]}
+    geometry = {name: (s, p, d, g) for name, _, _, s, p, d, g, _ in CONVS + [MULTIPLIER_2]}
 
     def bound(m, layer, lf):
+        # the blocks of the contract (depthwise: along channels), as simulation and kernels use
         s, p, d, g = geometry[layer.name]
+        (a_axis, a_groups), _ = layer_block_axes(layer)
         w = m.weights()[layer.weight]
-        a = fake_quantize_np(feeds["x"], lf.activation, axis=1, groups=g)
-        wq = fake_quantize_np(w, lf.weight, axis=1)
+        a = fake_quantize_np(feeds["x"], lf.activation, axis=a_axis, groups=a_groups)
+        wq = fake_quantize_weight(layer, w, lf.weight)
         cg, k = w.shape[1], w.shape[2] * w.shape[3]
         return (cg * k + k * lf.activation.num_blocks(cg)) * EPS32 * _conv_abs(a, wq, s, p, d, g)
 
     # k5_b128 pads 40 channels to 128 (3.2x): allowed here so that B = 128 convs are exercised
     deployed = _check_deployed_vs_simulated(model, plan, feeds, bound, max_padding_ratio=4.0)
     report = {d.layer: d for d in deployed.report.layers}
-    assert report["depthwise"].mode == "simulation" and "depthwise" in report["depthwise"].reason
     assert all(report[name].mode == "integer" for name, *_ in CONVS)
+    assert report["depthwise_x2"].mode == "simulation" and "2 outputs per channel" in report["depthwise_x2"].reason
+    # stored as read: int8 mantissas [KH*KW, C] + one exponent per channel
+    assert report["depthwise"].stored_bytes == 9 * 40 + 40
 
 
 # ---- fallbacks ------------------------------------------------------------------------------

@@ -380,13 +380,13 @@ def test_fallback_layers_cost_fp32_plus_simulation():
     from bitq_tvm.targets import get_target
 
     preset = get_target("avx2")
-    depthwise = Layer("dw", "Conv", "w", (96, 1, 3, 3), (1, 96, 28, 28), (1, 96, 28, 28), groups=96)
-    shape = ConvShape(1, 96, 1, 3, 3, 28, 28, groups=96)
+    stem = Layer("stem", "Conv", "w", (16, 3, 3, 3), (1, 3, 28, 28), (1, 16, 28, 28))
+    shape = ConvShape(1, 16, 3, 3, 3, 28, 28)
     bfp = LayerFormats.bfp(8, 8, 16)
-    assert integer_support("conv2d", depthwise.weight_shape, 96, bfp.weight, bfp.activation) is not None
-    fp32, simulated = deployed_layer_costs(depthwise, shape, (FP32, bfp), preset)
+    assert "padded to 16" in integer_support("conv2d", stem.weight_shape, 1, bfp.weight, bfp.activation)
+    fp32, simulated = deployed_layer_costs(stem, shape, (FP32, bfp), preset)
     hierarchy = memory_hierarchy(preset)
-    fake = fake_quant_stage(96 * 28 * 28, hierarchy, kernel_rates(preset))
+    fake = fake_quant_stage(3 * 28 * 28, hierarchy, kernel_rates(preset))
     assert simulated.total == pytest.approx(fp32.total + fake.total, rel=1e-12)
     assert simulated.dram_bytes == pytest.approx(fp32.dram_bytes + fake.level_bytes[-1])
     assert [s.name for s in simulated.stages] == ["fp32", "fake_quant"]
@@ -398,3 +398,24 @@ def test_fallback_layers_cost_fp32_plus_simulation():
     assert int_conv == kernel_layer_costs("conv2d", CONV3X3.input_shape, CONV3X3.weight_shape,
                                           CONV3X3.output_shape, 1, [(bfp.weight, bfp.activation)], hierarchy,
                                           kernel_rates(preset))[0]
+
+
+def test_depthwise_conv_is_priced_as_the_depthwise_kernel():
+    from bitq_tvm.solver.performance import deployed_layer_costs, kernel_rates, memory_hierarchy
+    from bitq_tvm.targets import get_target
+
+    preset = get_target("avx2")
+    depthwise = Layer("dw", "Conv", "w", (96, 1, 3, 3), (1, 96, 28, 28), (1, 96, 28, 28), groups=96)
+    shape = ConvShape(1, 96, 1, 3, 3, 28, 28, groups=96)
+    bfp8, bfp4 = LayerFormats.bfp(8, 8, 32), LayerFormats.bfp(4, 4, 64)
+    assert integer_support("conv2d", depthwise.weight_shape, 96, bfp8.weight, bfp8.activation) is None
+    fp32, cost, cost4 = deployed_layer_costs(depthwise, shape, (FP32, bfp8, bfp4), preset)
+    assert [s.name for s in cost.stages] == ["act_quant", "depthwise", "epilogue"]
+    operands = dict(cost.operand_bytes)
+    assert operands["weights"] == 9 * 96 + 96  # int8 [9, 96] + one exponent per channel
+    assert operands["qa"] == 28 * 28 * 96 * 2  # NHWC mantissa + exponent per value, read once (no im2col)
+    # the kernel reads int8 whatever m and B: the same cost
+    assert cost4.total == cost.total
+    hierarchy = memory_hierarchy(preset)
+    assert cost == kernel_layer_costs("conv2d", depthwise.input_shape, depthwise.weight_shape, depthwise.output_shape,
+                                      96, [(bfp8.weight, bfp8.activation)], hierarchy, kernel_rates(preset))[0]
