@@ -31,6 +31,8 @@ the next layer's format (blocks along channels), exactly as for the integer matm
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tvm
 from tvm import te, tirx
@@ -44,8 +46,7 @@ from .float_bits import power_of_two
 
 __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 
-# Output channels per vector (8 float32 lanes on AVX2, two NEON registers).
-_CHANNEL_LANES = 8
+_MAX_LANES = 16
 
 
 def _check(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
@@ -106,7 +107,6 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
         q = tirx.Select(inside, qa[n, iy_c, ix_c, ch], tirx.const(0, "int8"))
         return q.astype("float32") * a_scale[n, iy_c, ix_c, ch // block]
 
-    # The input rows one output row reads, dequantized once per task (not once per kernel offset)
     a_value = te.compute(padded_shape, dequantized, name="a_value")
     r = te.reduce_axis((0, kh * kw), name="r")
 
@@ -116,38 +116,59 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
         ix = x * geom.strides[1] + offset % kw * geom.dilation[1]
         return a_value[n, iy, ix, ch] * w_value[offset, ch]
 
-    acc = te.compute((rows, cp), lambda m, ch: te.sum(term(m, ch, r), axis=r), name="acc")
-    if epilogue is not None:
-        extra, q_out, e_out = quantized_outputs(acc, rows, c, epilogue)
-        tensors = [qa, ea, qw, ew, *extra, q_out, e_out]
+    # Output channels per vector: one block scale per vector (a broadcast), at most 16 float32
+    # lanes (one AVX-512 register; LLVM splits them for AVX2, NEON and RVV).
+    lanes = math.gcd(_MAX_LANES, block)
+    width = padded(c, lanes)
+    if epilogue is None and width == c:
+        # the conv writes C itself: no float32 intermediate of the whole output
+        tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: te.sum(term(m, ch, r), axis=r), name="C")]
     else:
-        tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: acc[m, ch], name="C")]
+        acc = te.compute((rows, width), lambda m, ch: te.sum(term(m, ch, r), axis=r), name="acc")
+        if epilogue is not None:
+            extra, q_out, e_out = quantized_outputs(acc, rows, c, epilogue)
+            tensors = [qa, ea, qw, ew, *extra, q_out, e_out]
+        else:
+            tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: acc[m, ch], name="C")]
     sch = tvm.s_tir.Schedule(te.create_prim_func(tensors).with_attr("global_symbol", "bfp_depthwise"))
-    _schedule(sch, ow)
+    _schedule(sch, ow, lanes)
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
-def _schedule(sch, out_width: int) -> None:
-    sch.parallel(sch.get_loops(sch.get_sblock("a_scale"))[0])
-    w_value = sch.get_sblock("w_value")
-    sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, _CHANNEL_LANES])[-1])
-    acc = sch.get_sblock("acc")
-    m, ch, r = sch.get_loops(acc)
+def _parallel_rows(sch, block, lanes: int) -> None:
+    """Parallel over all but the last loop of an elementwise stage, its last loop vectorized
+    (split by ``lanes`` when it divides it)."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    if int(sch.get(loops[-1]).extent) % lanes == 0:
+        sch.vectorize(sch.split(loops[-1], [None, lanes])[-1])
+
+
+def _schedule(sch, out_width: int, lanes: int) -> None:
+    # scales: scalar (power_of_two does not vectorize for RVV), parallel over pixels
+    a_scale = sch.get_sblock("a_scale")
+    sch.parallel(sch.fuse(*sch.get_loops(a_scale)[:-1]))
+    w_value = sch.get_sblock("w_value")  # KH*KW x Cp values: not worth a parallel launch
+    sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, lanes])[-1])
+    # every input value dequantized once, in a parallel pass (not once per output row reading it)
+    _parallel_rows(sch, sch.get_sblock("a_value"), lanes)
+    separate_outputs = has_block(sch, "acc")  # (decompose_reduction renames the block)
+    conv = sch.get_sblock("acc" if separate_outputs else "C")
+    m, ch, r = sch.get_loops(conv)
     row, x = sch.split(m, [None, out_width])  # one task per output row: ow pixels x all channels
-    c_outer, c_lane = sch.split(ch, [None, _CHANNEL_LANES])
+    c_outer, c_lane = sch.split(ch, [None, lanes])
     sch.reorder(row, x, c_outer, r, c_lane)
     sch.parallel(row)
     sch.unroll(r)
     sch.vectorize(c_lane)  # before decompose_reduction: vectorize needs the block with its init
-    init = sch.decompose_reduction(acc, r)
+    init = sch.decompose_reduction(conv, r)
     sch.vectorize(sch.get_loops(init)[-1])
-    a_value = sch.get_sblock("a_value")
-    sch.compute_at(a_value, row)
-    sch.vectorize(sch.split(sch.get_loops(a_value)[-1], [None, _CHANNEL_LANES])[-1])
-    _schedule_outputs(sch, row)
+    if separate_outputs:
+        _schedule_outputs(sch, row, lanes)
 
 
-def _schedule_outputs(sch, row) -> None:
+def _schedule_outputs(sch, row, lanes: int) -> None:
     """Output stages (the copy, or a fused epilogue's) per output row, under the conv's row task:
     the row's float32 outputs are still in cache when they are scaled and quantized."""
     names = ("y", "exponent_field", "E", "Q") if has_block(sch, "Q") else ("C",)
@@ -162,5 +183,5 @@ def _schedule_outputs(sch, row) -> None:
             sch.parallel(sch.get_loops(stage)[0])
         if name in ("y", "Q", "C"):
             col = sch.get_loops(stage)[-1]
-            if int(sch.get(col).extent) % _CHANNEL_LANES == 0:
-                sch.vectorize(sch.split(col, [None, _CHANNEL_LANES])[-1])
+            if int(sch.get(col).extent) % lanes == 0:
+                sch.vectorize(sch.split(col, [None, lanes])[-1])
