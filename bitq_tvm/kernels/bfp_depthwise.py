@@ -131,7 +131,7 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
         else:
             tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: acc[m, ch], name="C")]
     sch = tvm.s_tir.Schedule(te.create_prim_func(tensors).with_attr("global_symbol", "bfp_depthwise"))
-    _schedule(sch, ow, lanes)
+    _schedule(sch, ow, c, lanes, epilogue.out_fmt.block_size if epilogue is not None else block)
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
@@ -145,7 +145,7 @@ def _parallel_rows(sch, block, lanes: int) -> None:
         sch.vectorize(sch.split(loops[-1], [None, lanes])[-1])
 
 
-def _schedule(sch, out_width: int, lanes: int) -> None:
+def _schedule(sch, out_width: int, channels: int, lanes: int, out_block: int) -> None:
     # scales: scalar (power_of_two does not vectorize for RVV), parallel over pixels
     a_scale = sch.get_sblock("a_scale")
     sch.parallel(sch.fuse(*sch.get_loops(a_scale)[:-1]))
@@ -153,35 +153,117 @@ def _schedule(sch, out_width: int, lanes: int) -> None:
     sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, lanes])[-1])
     # every input value dequantized once, in a parallel pass (not once per output row reading it)
     _parallel_rows(sch, sch.get_sblock("a_value"), lanes)
+    if has_block(sch, "Q"):
+        _schedule_fused(sch, out_width, channels, lanes, out_block)
+        return
     separate_outputs = has_block(sch, "acc")  # (decompose_reduction renames the block)
     conv = sch.get_sblock("acc" if separate_outputs else "C")
     m, ch, r = sch.get_loops(conv)
     row, x = sch.split(m, [None, out_width])  # one task per output row: ow pixels x all channels
-    c_outer, c_lane = sch.split(ch, [None, lanes])
-    sch.reorder(row, x, c_outer, r, c_lane)
     sch.parallel(row)
+    _schedule_pixel(sch, conv, lanes)
+    if separate_outputs:  # C [.., c] of a ragged acc [.., padded(c, lanes)]: a copy per row
+        out = sch.get_sblock("C")
+        sch.reverse_compute_at(out, row)
+        col = sch.get_loops(out)[-1]
+        if int(sch.get(col).extent) % lanes == 0:
+            sch.vectorize(sch.split(col, [None, lanes])[-1])
+
+
+def _schedule_pixel(sch, conv, lanes: int) -> None:
+    """The conv's innermost (channels, offsets) loops: channel vectors, the offsets unrolled."""
+    ch, r = sch.get_loops(conv)[-2:]
+    c_outer, c_lane = sch.split(ch, [None, lanes])
+    sch.reorder(c_outer, r, c_lane)
     sch.unroll(r)
     sch.vectorize(c_lane)  # before decompose_reduction: vectorize needs the block with its init
     init = sch.decompose_reduction(conv, r)
     sch.vectorize(sch.get_loops(init)[-1])
-    if separate_outputs:
-        _schedule_outputs(sch, row, lanes)
 
 
-def _schedule_outputs(sch, row, lanes: int) -> None:
-    """Output stages (the copy, or a fused epilogue's) per output row, under the conv's row task:
-    the row's float32 outputs are still in cache when they are scaled and quantized."""
-    names = ("y", "exponent_field", "E", "Q") if has_block(sch, "Q") else ("C",)
-    # padded output columns (a masked Q) read a clamped column: not a region reverse_compute_at
-    # can place, so those stages run as parallel passes after the conv
-    in_row = not has_padded_outputs(sch)
-    for name in names:
-        stage = sch.get_sblock(name)
-        if in_row:
-            sch.reverse_compute_at(stage, row)
+def _schedule_fused(sch, out_width: int, channels: int, lanes: int, out_block: int) -> None:
+    """Per output pixel (and group of output blocks): the conv's channels, the epilogue's
+    values, block exponents and mantissas, all in L1. The epilogue's value ``y`` drives the
+    loops: the conv goes under its loop by compute_at (which also places the clamped column read
+    of padded output columns, a region reverse_compute_at cannot invert), the exponents and
+    mantissas after it."""
+    tree = _block_max_tree(sch, lanes)  # rfactor only applies before the stages are placed
+    y = sch.get_sblock("y")
+    i, col = sch.get_loops(y)
+    row, x = sch.split(i, [None, out_width])
+    sch.parallel(row)
+    anchor = x
+    group = _channel_group(int(sch.get(col).extent), out_block)
+    if group < int(sch.get(col).extent):
+        anchor, col = sch.split(col, [None, group])
+    sch.compute_at(sch.get_sblock("acc"), anchor)
+    for stage in [*tree, *(sch.get_sblock(name) for name in ("exponent_field", "E", "Q"))]:
+        sch.reverse_compute_at(stage, anchor)
+    _vectorize_last(sch, sch.get_sblock("Q"), lanes)
+    if anchor == x and int(sch.get(col).extent) > channels:
+        # padded output columns read the clamped last channel: in one loop, the min() in the index
+        # makes every vector a gather of 16 scalar loads; partitioned, the real columns load
+        # contiguously and the padded ones (a loop from c, left to LLVM) store one value
+        real = sch.loop_partition(col, [channels])[0]
+        _vectorize_last(sch, sch.get_child_blocks(real)[0], lanes)
+    else:
+        _vectorize_last(sch, y, lanes)
+    for stage in tree:
+        _vectorize_rfactor(sch, stage, 2 if anchor == x else 3)  # the loops under the anchor
+    _schedule_pixel(sch, sch.get_sblock("acc"), lanes)
+
+
+def _channel_group(width: int, out_block: int) -> int:
+    """Output columns per step of the fused epilogue: whole output blocks whose float32 values
+    (``acc`` and ``y``, one step's worth each) stay under TVM's 1024-byte stack allocation limit;
+    above it every step would call TVMBackendAllocWorkspace (measured 2-3x slower at 384-576
+    channels)."""
+    blocks = width // out_block
+    fits = [k for k in range(1, blocks + 1) if blocks % k == 0 and k * out_block * 4 < 1024]
+    return max(fits) * out_block if fits else width
+
+
+def _block_max_tree(sch, lanes: int) -> list:
+    """The block maximum of the exponent fields as vector maxima of halves, lanes -> lanes/2 ->
+    ... -> 2 (rfactor stages over contiguous values, returned in order); the final stage takes
+    the max of the last two. As one scalar loop per block, LLVM turns it into gathers across the
+    blocks (32 vpgatherqd per pixel on AVX-512). Max is exact in any order."""
+    field = sch.get_sblock("exponent_field")
+    stages = []
+    width = lanes
+    if int(sch.get(sch.get_loops(field)[-1]).extent) % width:
+        return stages
+    while width > 1:
+        ri = sch.split(sch.get_loops(field)[-1], [None, width])[-1]
+        stages.append(sch.rfactor(ri, factor_axis=2))  # [pixel, block, lane]: lanes contiguous
+        width //= 2
+    return stages
+
+
+def _vectorize_rfactor(sch, stage, depth: int) -> None:
+    """Loops of a placed rfactor stage below ``depth`` reordered (block, reduction, lane), the
+    lane vectorized. reverse_compute_at orders them by the block's iterators, which rfactor
+    does not keep in one order."""
+    loops = sch.get_loops(stage)[depth:]
+    realize = sch.get(loops[-1]).body
+    loop_vars = [sch.get(loop).loop_var for loop in loops]
+    lane_var = realize.block.writes[0].region[-1].min  # the rfactor lane indexes the last axis
+    order = {}
+    for loop, var in zip(loops, loop_vars):
+        iv = next(iv for iv, value in zip(realize.block.iter_vars, realize.iter_values)
+                  if any(v.same_as(var) for v in tirx.analysis.undefined_vars(value)))
+        if iv.var.same_as(lane_var):
+            order[loop] = 2
         else:
-            sch.parallel(sch.get_loops(stage)[0])
-        if name in ("y", "Q", "C"):
-            col = sch.get_loops(stage)[-1]
-            if int(sch.get(col).extent) % lanes == 0:
-                sch.vectorize(sch.split(col, [None, lanes])[-1])
+            order[loop] = 1 if iv.iter_type == tirx.IterVar.CommReduce else 0
+    ordered = sorted(loops, key=lambda loop: order[loop])
+    sch.reorder(*ordered)
+    sch.vectorize(ordered[-1])
+
+
+def _vectorize_last(sch, block, lanes: int) -> None:
+    """The block's innermost loop vectorized by the largest power of two <= lanes dividing it."""
+    col = sch.get_loops(block)[-1]
+    width = math.gcd(lanes, int(sch.get(col).extent))
+    if width > 1:
+        sch.vectorize(sch.split(col, [None, width])[-1])
