@@ -47,6 +47,12 @@ from .float_bits import power_of_two
 __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 
 _MAX_LANES = 16
+# Output pixels of one step of the conv's unrolled inner loop (at most; a divisor of the row)
+_PIXELS_PER_STEP = 8
+# Output rows of one parallel task (at most; a divisor of the output height that leaves at least
+# _MIN_TASKS tasks, so that a few threads share them evenly)
+_ROWS_PER_TASK = 8
+_MIN_TASKS = 8
 
 
 def _check(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
@@ -131,7 +137,7 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
         else:
             tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: acc[m, ch], name="C")]
     sch = tvm.s_tir.Schedule(te.create_prim_func(tensors).with_attr("global_symbol", "bfp_depthwise"))
-    _schedule(sch, ow, c, lanes, epilogue.out_fmt.block_size if epilogue is not None else block)
+    _schedule(sch, oh, ow, c, lanes, epilogue.out_fmt.block_size if epilogue is not None else block)
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
@@ -145,23 +151,22 @@ def _parallel_rows(sch, block, lanes: int) -> None:
         sch.vectorize(sch.split(loops[-1], [None, lanes])[-1])
 
 
-def _schedule(sch, out_width: int, channels: int, lanes: int, out_block: int) -> None:
+def _schedule(sch, out_height: int, out_width: int, channels: int, lanes: int, out_block: int) -> None:
     # scales: scalar (power_of_two does not vectorize for RVV), parallel over pixels
     a_scale = sch.get_sblock("a_scale")
     sch.parallel(sch.fuse(*sch.get_loops(a_scale)[:-1]))
     w_value = sch.get_sblock("w_value")  # KH*KW x Cp values: not worth a parallel launch
     sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, lanes])[-1])
-    # every input value dequantized once, in a parallel pass (not once per output row reading it)
-    _parallel_rows(sch, sch.get_sblock("a_value"), lanes)
     if has_block(sch, "Q"):
-        _schedule_fused(sch, out_width, channels, lanes, out_block)
+        _schedule_fused(sch, out_height, out_width, channels, lanes, out_block)
         return
     separate_outputs = has_block(sch, "acc")  # (decompose_reduction renames the block)
     conv = sch.get_sblock("acc" if separate_outputs else "C")
     m, ch, r = sch.get_loops(conv)
-    row, x = sch.split(m, [None, out_width])  # one task per output row: ow pixels x all channels
-    sch.parallel(row)
-    _schedule_pixel(sch, conv, lanes)
+    row, x = sch.split(m, [None, out_width])
+    band, row = _row_tasks(sch, row, out_height)
+    _schedule_row(sch, conv, lanes)
+    _dequantize_per_task(sch, band, lanes)
     if separate_outputs:  # C [.., c] of a ragged acc [.., padded(c, lanes)]: a copy per row
         out = sch.get_sblock("C")
         sch.reverse_compute_at(out, row)
@@ -170,18 +175,46 @@ def _schedule(sch, out_width: int, channels: int, lanes: int, out_block: int) ->
             sch.vectorize(sch.split(col, [None, lanes])[-1])
 
 
-def _schedule_pixel(sch, conv, lanes: int) -> None:
-    """The conv's innermost (channels, offsets) loops: channel vectors, the offsets unrolled."""
-    ch, r = sch.get_loops(conv)[-2:]
+def _row_tasks(sch, row, out_height: int):
+    """Parallel tasks of a few output rows each, the input rows they read dequantized at the
+    start of the task (a_value): per output row, each input row was dequantized KH times at
+    stride 1; for the whole input in one pass, the float32 copy left the caches (1.7-2.1 MB on
+    MobileNetV2's early layers) before the conv read it back."""
+    rows = int(sch.get(row).extent)  # batch x out_height; a task stays in one image
+    per_task = max(d for d in range(1, _ROWS_PER_TASK + 1)
+                   if out_height % d == 0 and (d == 1 or rows // d >= _MIN_TASKS))
+    band, row = sch.split(row, [None, per_task])
+    sch.parallel(band)
+    return band, row
+
+
+def _dequantize_per_task(sch, band, lanes: int) -> None:
+    """The input rows a task reads dequantized at its start (once the conv is under ``band``)."""
+    a_value = sch.get_sblock("a_value")
+    sch.compute_at(a_value, band)
+    _vectorize_last(sch, a_value, lanes)
+
+
+def _schedule_row(sch, conv, lanes: int) -> None:
+    """The conv's loops in one output row task, (pixel, channel, offset) -> (channel vector,
+    pixel step, pixel, offset, lane): a channel vector's KH*KW weights stay in registers over the
+    row (per pixel, all channels' weights do not fit and were reloaded from the stack), and the
+    unrolled pixels of a step are independent FMA chains that share their input loads (at
+    stride 1 neighbouring pixels read the same input vectors)."""
+    x, ch, r = sch.get_loops(conv)[-3:]
+    width = int(sch.get(x).extent)
+    step = max(d for d in range(1, _PIXELS_PER_STEP + 1) if width % d == 0)
+    x_outer, x_inner = sch.split(x, [None, step])
     c_outer, c_lane = sch.split(ch, [None, lanes])
-    sch.reorder(c_outer, r, c_lane)
+    sch.reorder(c_outer, x_outer, x_inner, r, c_lane)
+    sch.unroll(x_inner)
     sch.unroll(r)
     sch.vectorize(c_lane)  # before decompose_reduction: vectorize needs the block with its init
     init = sch.decompose_reduction(conv, r)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _schedule_fused(sch, out_width: int, channels: int, lanes: int, out_block: int) -> None:
+def _schedule_fused(sch, out_height: int, out_width: int, channels: int, lanes: int, out_block: int) -> None:
     """Per output pixel (and group of output blocks): the conv's channels, the epilogue's
     values, block exponents and mantissas, all in L1. The epilogue's value ``y`` drives the
     loops: the conv goes under its loop by compute_at (which also places the clamped column read
@@ -191,12 +224,13 @@ def _schedule_fused(sch, out_width: int, channels: int, lanes: int, out_block: i
     y = sch.get_sblock("y")
     i, col = sch.get_loops(y)
     row, x = sch.split(i, [None, out_width])
-    sch.parallel(row)
+    band, row = _row_tasks(sch, row, out_height)
     anchor = x
     group = _channel_group(int(sch.get(col).extent), out_block)
     if group < int(sch.get(col).extent):
         anchor, col = sch.split(col, [None, group])
-    sch.compute_at(sch.get_sblock("acc"), anchor)
+    sch.compute_at(sch.get_sblock("acc"), row)  # the conv's row, then the epilogue per pixel
+    depth = next(k for k, loop in enumerate(sch.get_loops(y)) if sch.get(loop).same_as(sch.get(anchor))) + 1
     for stage in [*tree, *(sch.get_sblock(name) for name in ("exponent_field", "E", "Q"))]:
         sch.reverse_compute_at(stage, anchor)
     _vectorize_last(sch, sch.get_sblock("Q"), lanes)
@@ -209,8 +243,9 @@ def _schedule_fused(sch, out_width: int, channels: int, lanes: int, out_block: i
     else:
         _vectorize_last(sch, y, lanes)
     for stage in tree:
-        _vectorize_rfactor(sch, stage, 2 if anchor == x else 3)  # the loops under the anchor
-    _schedule_pixel(sch, sch.get_sblock("acc"), lanes)
+        _vectorize_rfactor(sch, stage, depth)
+    _schedule_row(sch, sch.get_sblock("acc"), lanes)
+    _dequantize_per_task(sch, band, lanes)
 
 
 def _channel_group(width: int, out_block: int) -> int:
