@@ -49,10 +49,10 @@ __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 _MAX_LANES = 16
 # Output pixels of one step of the conv's unrolled inner loop (at most; a divisor of the row)
 _PIXELS_PER_STEP = 8
-# Output rows of one parallel task (at most; a divisor of the output height that leaves at least
-# _MIN_TASKS tasks, so that a few threads share them evenly)
-_ROWS_PER_TASK = 8
+# Parallel tasks: at least this many (a few threads share them evenly), each dequantizing at most
+# this many bytes of input (float32; well inside a 1 MB L2)
 _MIN_TASKS = 8
+_TASK_INPUT_BYTES = 384 * 1024
 
 
 def _check(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat) -> int:
@@ -137,7 +137,7 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
         else:
             tensors = [qa, ea, qw, ew, te.compute((rows, c), lambda m, ch: acc[m, ch], name="C")]
     sch = tvm.s_tir.Schedule(te.create_prim_func(tensors).with_attr("global_symbol", "bfp_depthwise"))
-    _schedule(sch, oh, ow, c, lanes, epilogue.out_fmt.block_size if epilogue is not None else block)
+    _schedule(sch, geom, lanes, epilogue.out_fmt.block_size if epilogue is not None else None)
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
@@ -151,47 +151,78 @@ def _parallel_rows(sch, block, lanes: int) -> None:
         sch.vectorize(sch.split(loops[-1], [None, lanes])[-1])
 
 
-def _schedule(sch, out_height: int, out_width: int, channels: int, lanes: int, out_block: int) -> None:
+def _schedule(sch, geom: ConvGeometry, lanes: int, out_block: int | None) -> None:
     # scales: scalar (power_of_two does not vectorize for RVV), parallel over pixels
     a_scale = sch.get_sblock("a_scale")
     sch.parallel(sch.fuse(*sch.get_loops(a_scale)[:-1]))
     w_value = sch.get_sblock("w_value")  # KH*KW x Cp values: not worth a parallel launch
     sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, lanes])[-1])
-    if has_block(sch, "Q"):
-        _schedule_fused(sch, out_height, out_width, channels, lanes, out_block)
+    if out_block is not None:
+        _schedule_fused(sch, geom, lanes, out_block)
         return
     separate_outputs = has_block(sch, "acc")  # (decompose_reduction renames the block)
     conv = sch.get_sblock("acc" if separate_outputs else "C")
-    m, ch, r = sch.get_loops(conv)
-    row, x = sch.split(m, [None, out_width])
-    band, row = _row_tasks(sch, row, out_height)
+    m, ch, _ = sch.get_loops(conv)
+    # a ragged acc [.., padded(c, lanes)] is copied to C [.., c] per row: no channel split
+    task, row = _tasks(sch, geom, m, ch, lanes, split_channels=not separate_outputs)
     _schedule_row(sch, conv, lanes)
-    _dequantize_per_task(sch, band, lanes)
-    if separate_outputs:  # C [.., c] of a ragged acc [.., padded(c, lanes)]: a copy per row
+    _dequantize_per_task(sch, task, lanes)
+    if separate_outputs:
         out = sch.get_sblock("C")
         sch.reverse_compute_at(out, row)
-        col = sch.get_loops(out)[-1]
-        if int(sch.get(col).extent) % lanes == 0:
-            sch.vectorize(sch.split(col, [None, lanes])[-1])
+        _vectorize_last(sch, out, lanes)
 
 
-def _row_tasks(sch, row, out_height: int):
-    """Parallel tasks of a few output rows each, the input rows they read dequantized at the
-    start of the task (a_value): per output row, each input row was dequantized KH times at
-    stride 1; for the whole input in one pass, the float32 copy left the caches (1.7-2.1 MB on
-    MobileNetV2's early layers) before the conv read it back."""
-    rows = int(sch.get(row).extent)  # batch x out_height; a task stays in one image
-    per_task = max(d for d in range(1, _ROWS_PER_TASK + 1)
-                   if out_height % d == 0 and (d == 1 or rows // d >= _MIN_TASKS))
-    band, row = sch.split(row, [None, per_task])
-    sch.parallel(band)
-    return band, row
+def _tasks(sch, geom: ConvGeometry, pixels, columns, unit: int, split_channels: bool):
+    """Split the output (pixel, column) loops of the stage that drives the conv into parallel
+    tasks of (a group of channels, a band of output rows); returns (task, row) loops, the row
+    loop directly over (pixel in row, column in group).
+
+    The input a task reads is dequantized at its start (:func:`_dequantize_per_task`), so the
+    bands should be tall: per output row, each input row was dequantized KH times at stride 1,
+    and a whole-input dequantized copy (1.7-2.1 MB on MobileNetV2's early layers) left the caches
+    before the conv read it back. Channel groups make up the task count where the rows are few
+    (14x14 and 7x7 layers)."""
+    rows_per_task, group = _task_shape(geom, int(sch.get(columns).extent), unit, split_channels)
+    row, x = sch.split(pixels, [None, geom.out_width])
+    loops = []
+    if group < int(sch.get(columns).extent):
+        channel_group, columns = sch.split(columns, [None, group])
+        sch.reorder(channel_group, row, x, columns)
+        loops.append(channel_group)
+    band, row = sch.split(row, [None, rows_per_task])
+    loops.append(band)
+    task = sch.fuse(*loops) if len(loops) > 1 else band
+    sch.parallel(task)
+    return task, row
 
 
-def _dequantize_per_task(sch, band, lanes: int) -> None:
-    """The input rows a task reads dequantized at its start (once the conv is under ``band``)."""
+def _task_shape(geom: ConvGeometry, width: int, unit: int, split_channels: bool) -> tuple[int, int]:
+    """(output rows, channels) of one task: the least dequantization work (input rows read per
+    output row) over at least _MIN_TASKS tasks (an even count preferred: two cores) whose
+    dequantized input fits _TASK_INPUT_BYTES; the smallest tasks when none qualifies."""
+    top, _, bottom, _ = geom.padding
+    _, left, _, right = geom.padding
+    padded_width = geom.width + left + right
+    stride, span = geom.strides[0], (geom.kernel[0] - 1) * geom.dilation[0] + 1
+    groups = [g for g in range(unit, width + 1, unit) if width % g == 0] if split_channels else [width]
+    best, best_key = (1, groups[0]), None
+    for rows in (d for d in range(1, geom.out_height + 1) if geom.out_height % d == 0):
+        in_rows = (rows - 1) * stride + span
+        for group in groups:
+            tasks = width // group * geom.batch * geom.out_height // rows
+            if tasks < _MIN_TASKS or in_rows * padded_width * group * 4 > _TASK_INPUT_BYTES:
+                continue
+            key = (in_rows / rows, tasks % 2, -group)
+            if best_key is None or key < best_key:
+                best, best_key = (rows, group), key
+    return best
+
+
+def _dequantize_per_task(sch, task, lanes: int) -> None:
+    """The input a task reads dequantized at its start (once the conv is under ``task``)."""
     a_value = sch.get_sblock("a_value")
-    sch.compute_at(a_value, band)
+    sch.compute_at(a_value, task)
     _vectorize_last(sch, a_value, lanes)
 
 
@@ -214,7 +245,7 @@ def _schedule_row(sch, conv, lanes: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _schedule_fused(sch, out_height: int, out_width: int, channels: int, lanes: int, out_block: int) -> None:
+def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None:
     """Per output pixel (and group of output blocks): the conv's channels, the epilogue's
     values, block exponents and mantissas, all in L1. The epilogue's value ``y`` drives the
     loops: the conv goes under its loop by compute_at (which also places the clamped column read
@@ -222,9 +253,11 @@ def _schedule_fused(sch, out_height: int, out_width: int, channels: int, lanes: 
     mantissas after it."""
     tree = _block_max_tree(sch, lanes)  # rfactor only applies before the stages are placed
     y = sch.get_sblock("y")
+    channels = geom.channels
     i, col = sch.get_loops(y)
-    row, x = sch.split(i, [None, out_width])
-    band, row = _row_tasks(sch, row, out_height)
+    ragged = int(sch.get(col).extent) > channels
+    task, row = _tasks(sch, geom, i, col, math.lcm(out_block, lanes), split_channels=not ragged)
+    x, col = sch.get_loops(y)[-2:]
     anchor = x
     group = _channel_group(int(sch.get(col).extent), out_block)
     if group < int(sch.get(col).extent):
@@ -234,7 +267,7 @@ def _schedule_fused(sch, out_height: int, out_width: int, channels: int, lanes: 
     for stage in [*tree, *(sch.get_sblock(name) for name in ("exponent_field", "E", "Q"))]:
         sch.reverse_compute_at(stage, anchor)
     _vectorize_last(sch, sch.get_sblock("Q"), lanes)
-    if anchor == x and int(sch.get(col).extent) > channels:
+    if ragged and anchor == x:
         # padded output columns read the clamped last channel: in one loop, the min() in the index
         # makes every vector a gather of 16 scalar loads; partitioned, the real columns load
         # contiguously and the padded ones (a loop from c, left to LLVM) store one value
@@ -245,7 +278,7 @@ def _schedule_fused(sch, out_height: int, out_width: int, channels: int, lanes: 
     for stage in tree:
         _vectorize_rfactor(sch, stage, depth)
     _schedule_row(sch, sch.get_sblock("acc"), lanes)
-    _dequantize_per_task(sch, band, lanes)
+    _dequantize_per_task(sch, task, lanes)
 
 
 def _channel_group(width: int, out_block: int) -> int:
