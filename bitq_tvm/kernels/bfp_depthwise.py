@@ -107,10 +107,15 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
     def dequantized(n, y, x, ch):
         iy, ix = y - top, x - left
         inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
-        # clamped indices keep the masked-out load in bounds; the padding is a zero mantissa
+        # clamped indices keep the loads in bounds, the padding is masked to a zero mantissa.
+        # The mask is an AND outside the loads: as Select(inside, qa[clamped], 0) the simplifier
+        # drops the clamps (inside the true branch they are no-ops) and the vectorised Select
+        # loads a row above and below qa (docs/tvm-0.27-notes.md); if_then_else does not
+        # vectorise for RVV (scalable lanes mismatch).
         iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
         ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
-        q = tirx.Select(inside, qa[n, iy_c, ix_c, ch], tirx.const(0, "int8"))
+        mask = tirx.Select(inside, tirx.const(-1, "int8"), tirx.const(0, "int8"))
+        q = tirx.bitwise_and(qa[n, iy_c, ix_c, ch], mask)
         return q.astype("float32") * a_scale[n, iy_c, ix_c, ch // block]
 
     a_value = te.compute(padded_shape, dequantized, name="a_value")
@@ -166,7 +171,7 @@ def _schedule(sch, geom: ConvGeometry, lanes: int, out_block: int | None) -> Non
     # a ragged acc [.., padded(c, lanes)] is copied to C [.., c] per row: no channel split
     task, row = _tasks(sch, geom, m, ch, lanes, split_channels=not separate_outputs)
     _schedule_row(sch, conv, lanes)
-    _dequantize_per_task(sch, task, lanes)
+    _dequantize_per_task(sch, task, lanes, geom.padding[1], geom.width)
     if separate_outputs:
         out = sch.get_sblock("C")
         sch.reverse_compute_at(out, row)
@@ -219,11 +224,21 @@ def _task_shape(geom: ConvGeometry, width: int, unit: int, split_channels: bool)
     return best
 
 
-def _dequantize_per_task(sch, task, lanes: int) -> None:
-    """The input a task reads dequantized at its start (once the conv is under ``task``)."""
+def _dequantize_per_task(sch, task, lanes: int, left: int, width: int) -> None:
+    """The input a task reads dequantized at its start (once the conv is under ``task``), its
+    pixel loop partitioned at the left and right padding: inside, the simplifier drops the
+    column's bounds test and clamps (with them, 25 instructions per 16-channel vector)."""
     a_value = sch.get_sblock("a_value")
     sch.compute_at(a_value, task)
-    _vectorize_last(sch, a_value, lanes)
+    x = sch.get_loops(a_value)[-2]  # over the padded columns the task reads, from 0
+    extent = int(sch.get(x).extent)
+    inside = min(width, extent - left)
+    factors = ([left] if left else []) + ([inside] if left + inside < extent else [])
+    blocks = [a_value]
+    if factors:
+        blocks = [b for part in sch.loop_partition(x, factors) for b in sch.get_child_blocks(part)]
+    for block in blocks:
+        _vectorize_last(sch, block, lanes)
 
 
 def _schedule_row(sch, conv, lanes: int) -> None:
@@ -278,7 +293,7 @@ def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None
     for stage in tree:
         _vectorize_rfactor(sch, stage, depth)
     _schedule_row(sch, sch.get_sblock("acc"), lanes)
-    _dequantize_per_task(sch, task, lanes)
+    _dequantize_per_task(sch, task, lanes, geom.padding[1], geom.width)
 
 
 def _channel_group(width: int, out_block: int) -> int:
