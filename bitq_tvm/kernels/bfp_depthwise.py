@@ -157,9 +157,6 @@ def _parallel_rows(sch, block, lanes: int) -> None:
 
 
 def _schedule(sch, geom: ConvGeometry, lanes: int, out_block: int | None) -> None:
-    # scales: scalar (power_of_two does not vectorize for RVV), parallel over pixels
-    a_scale = sch.get_sblock("a_scale")
-    sch.parallel(sch.fuse(*sch.get_loops(a_scale)[:-1]))
     w_value = sch.get_sblock("w_value")  # KH*KW x Cp values: not worth a parallel launch
     sch.vectorize(sch.split(sch.get_loops(w_value)[-1], [None, lanes])[-1])
     if out_block is not None:
@@ -230,6 +227,9 @@ def _dequantize_per_task(sch, task, lanes: int, left: int, width: int) -> None:
     column's bounds test and clamps (with them, 25 instructions per 16-channel vector)."""
     a_value = sch.get_sblock("a_value")
     sch.compute_at(a_value, task)
+    # the block scales of an input row before its values, scalar (a vectorised power_of_two does
+    # not legalize for RVV): no parallel pass of its own (a launch, and a round trip to memory)
+    sch.compute_at(sch.get_sblock("a_scale"), sch.get_loops(a_value)[-3])
     x = sch.get_loops(a_value)[-2]  # over the padded columns the task reads, from 0
     extent = int(sch.get(x).extent)
     inside = min(width, extent - left)
