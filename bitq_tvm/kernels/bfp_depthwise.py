@@ -40,12 +40,14 @@ from tvm import te, tirx
 from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from .bfp_conv import ConvGeometry
-from .bfp_matmul import Epilogue, check_formats, has_block, has_padded_outputs, quantized_outputs
+from .bfp_matmul import Epilogue, check_formats, has_block, quantized_outputs
 from .contract import padded
 from .float_bits import power_of_two
 
 __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 
+# Channels per vector (at most): one AVX-512 register of float32; LLVM splits it for AVX2, NEON and
+# RVV. A divisor of the block, so that a vector has one block scale (a broadcast).
 _MAX_LANES = 16
 # Output pixels of one step of the conv's unrolled inner loop (at most; a divisor of the row)
 _PIXELS_PER_STEP = 8
@@ -93,8 +95,9 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
     ea = te.placeholder((geom.batch, geom.height, geom.width, nb), "int8", name="ea")
     qw = te.placeholder((kh * kw, cp), "int8", name="qw")
     ew = te.placeholder((kh * kw, nb), "int8", name="ew")
-    # Block scales as stages of their own (one pass over the exponents, 1/B of the values): a
-    # vectorized power_of_two (reinterpret of an int32 Select) does not legalize for RVV.
+    # Block scales as stages of their own, scalar: a vectorized power_of_two (reinterpret of an
+    # int32 Select) does not legalize for RVV. The activations' are computed per input row
+    # inside each task, before its values (_dequantize_per_task).
     a_scale = te.compute(ea.shape, lambda n, y, x, b: power_of_two(ea[n, y, x, b].astype("int32") - fmt_a.scale_shift),
                          name="a_scale")
     w_scale = te.compute(ew.shape, lambda o, b: power_of_two(ew[o, b].astype("int32") - fmt_w.scale_shift),
@@ -127,8 +130,6 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
         ix = x * geom.strides[1] + offset % kw * geom.dilation[1]
         return a_value[n, iy, ix, ch] * w_value[offset, ch]
 
-    # Output channels per vector: one block scale per vector (a broadcast), at most 16 float32
-    # lanes (one AVX-512 register; LLVM splits them for AVX2, NEON and RVV).
     lanes = math.gcd(_MAX_LANES, block)
     width = padded(c, lanes)
     if epilogue is None and width == c:
@@ -144,16 +145,6 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
     sch = tvm.s_tir.Schedule(te.create_prim_func(tensors).with_attr("global_symbol", "bfp_depthwise"))
     _schedule(sch, geom, lanes, epilogue.out_fmt.block_size if epilogue is not None else None)
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-
-
-def _parallel_rows(sch, block, lanes: int) -> None:
-    """Parallel over all but the last loop of an elementwise stage, its last loop vectorized
-    (split by ``lanes`` when it divides it)."""
-    loops = sch.get_loops(block)
-    if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
-    if int(sch.get(loops[-1]).extent) % lanes == 0:
-        sch.vectorize(sch.split(loops[-1], [None, lanes])[-1])
 
 
 def _schedule(sch, geom: ConvGeometry, lanes: int, out_block: int | None) -> None:
@@ -203,7 +194,6 @@ def _task_shape(geom: ConvGeometry, width: int, unit: int, split_channels: bool)
     """(output rows, channels) of one task: the least dequantization work (input rows read per
     output row) over at least _MIN_TASKS tasks (an even count preferred: two cores) whose
     dequantized input fits _TASK_INPUT_BYTES; the smallest tasks when none qualifies."""
-    top, _, bottom, _ = geom.padding
     _, left, _, right = geom.padding
     padded_width = geom.width + left + right
     stride, span = geom.strides[0], (geom.kernel[0] - 1) * geom.dilation[0] + 1
@@ -261,11 +251,13 @@ def _schedule_row(sch, conv, lanes: int) -> None:
 
 
 def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None:
-    """Per output pixel (and group of output blocks): the conv's channels, the epilogue's
-    values, block exponents and mantissas, all in L1. The epilogue's value ``y`` drives the
-    loops: the conv goes under its loop by compute_at (which also places the clamped column read
-    of padded output columns, a region reverse_compute_at cannot invert), the exponents and
-    mantissas after it."""
+    """The conv per output row of a task (its channel group, into a row buffer), then per output
+    pixel (and group of output blocks) the epilogue's values, block exponents and mantissas, in
+    registers. The epilogue's value ``y`` drives the loops: the conv goes under its row loop by
+    compute_at (which also places the clamped column read of padded output columns, a region
+    reverse_compute_at cannot invert), the exponents and mantissas after it. Padded output
+    columns keep the channels in one group (a group loop would keep the clamp in every
+    group's loads)."""
     tree = _block_max_tree(sch, lanes)  # rfactor only applies before the stages are placed
     y = sch.get_sblock("y")
     channels = geom.channels
