@@ -82,7 +82,7 @@ def _bfp_layer(channels: int, size: int, stride: int, w: np.ndarray, fused: bool
 
     from bitq_tvm.formats import get_format, quantize_np
     from bitq_tvm.kernels.bfp_conv import ConvGeometry
-    from bitq_tvm.kernels.contract import padded
+    from bitq_tvm.kernels.contract import depthwise_activation_format, padded
     from bitq_tvm.kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
     from bitq_tvm.kernels.bfp_matmul import Epilogue
     from bitq_tvm.targets.presets import get_target
@@ -94,7 +94,9 @@ def _bfp_layer(channels: int, size: int, stride: int, w: np.ndarray, fused: bool
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=get_target("host").tvm_target())
     rng = np.random.default_rng(channels)
-    t = quantize_np(rng.standard_normal((1, size, size, channels)).astype(np.float32), fmt, axis=-1)
+    # the contract's depthwise input: an exponent per value
+    t = quantize_np(rng.standard_normal((1, size, size, channels)).astype(np.float32),
+                    depthwise_activation_format(fmt), axis=-1)
     qw, ew = pack_depthwise_weights(w, fmt)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (t.mantissas.reshape(1, size, size, -1),

@@ -101,6 +101,30 @@ def test_fused_epilogue_quantizes_like_the_reference(channels):
     np.testing.assert_array_equal(q, expected.mantissas.reshape(geom.rows, -1))
 
 
+@pytest.mark.parametrize("batch,channels,size,stride,out_name", [
+    (2, 64, 9, 2, "bfp4_b16"),    # tasks of row bands x channel groups, two images
+    (1, 144, 12, 1, "bfp8_b32"),  # padded output columns (144 -> 160) with many channel vectors
+])
+def test_fused_epilogue_other_task_shapes(batch, channels, size, stride, out_name):
+    fmt, out_fmt = get_format("bfp8_b32"), get_format(out_name)
+    geom = ConvGeometry(batch, channels, size, size, channels, (3, 3), (stride, stride), (1, 1, 1, 1), (1, 1),
+                        channels)
+    rng = np.random.default_rng(7)
+    qa, ea, qw, ew = _operands(geom, fmt, fmt, rng)
+    bias = rng.standard_normal(channels).astype(np.float32)
+    (plain,) = _run(bfp_depthwise_func(geom, fmt, fmt), [qa, ea, qw, ew], [((geom.rows, channels), "float32")])
+    exact, magnitude = bfp_depthwise_ref(qa, ea, qw, ew, geom, 8, 8)
+    assert (np.abs(plain - exact) <= bfp_depthwise_tolerance(magnitude, 9)).all()
+    epilogue = Epilogue(out_fmt, ("clip", ("add", ("x",), ("bias", 0)), 0.0, 6.0))
+    block = out_fmt.block_size
+    width = -(-channels // block) * block
+    q, e = _run(bfp_depthwise_func(geom, fmt, fmt, epilogue), [qa, ea, qw, ew, bias],
+                [((geom.rows, width), "int8"), ((geom.rows, width // block), "int8")])
+    expected = quantize_np(np.clip(plain + bias, 0.0, 6.0).astype(np.float32), out_fmt, axis=-1)
+    np.testing.assert_array_equal(e, expected.exponents.reshape(geom.rows, -1))
+    np.testing.assert_array_equal(q, expected.mantissas.reshape(geom.rows, -1))
+
+
 def test_rejects_what_is_not_depthwise():
     fmt = get_format("bfp8_b32")
     grouped = ConvGeometry(1, 32, 8, 8, 32, (3, 3), (1, 1), (1,) * 4, (1, 1), 8)
