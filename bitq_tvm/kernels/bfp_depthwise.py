@@ -28,9 +28,9 @@ the next layer's format (blocks along channels), exactly as for the integer matm
 row of a task the conv, then per output pixel the epilogue in registers.
 
 Measured on MobileNetV2's depthwise shapes (``bench/bench_depthwise.py``, ``docs/benchmarks.md``;
-AMD znver5, AVX-512, 2 threads, one run): 0.18x-0.56x of the FP32 layer's time; with the
-quantizing epilogue 0.29x-0.92x, except the 32-channel 112x112 layer (1.15x: one block per pixel
-pays the quantizer's per-block work for 32 values).
+AMD znver5, AVX-512, 2 threads, one run): with the quantizing epilogue 0.39x-1.11x of the FP32
+layer's time; without it 0.26x-2.22x: the per-value activation scales are a scalar stage (a
+vectorised ``power_of_two`` does not legalize for RVV), which the large early layers pay.
 """
 
 from __future__ import annotations
