@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_end_to_end.py [--models digits,resnet18,pplcnet_orientation]
                                         [--formats bfp8_b32,bfp4_b32] [--repeat 30] [--threads 2]
-                                        [--unfused] [--simulation]
+                                        [--unfused] [--simulation] [--processes 3]
 
 Models: ``digits`` (bundled, trained), ``resnet18`` / ``mobilenet_v2`` / ``transformer`` (zoo,
 random weights) and
@@ -23,8 +23,11 @@ when they share a process. Rows:
   ``onnxruntime.quantization.quantize_static`` (per-channel int8 weights, uint8 activations,
   MinMax calibration on 8 inputs), ``intra_op_num_threads = --threads``.
 
-Latency: best of ``--repeat`` single calls after warm-up, and the median (the machine is shared:
-the best is the code's own speed, the median shows the noise). Ratios are to ORT int8 and ORT
+Latency: per process, best and median of ``--repeat`` single calls after warm-up; each row runs
+in ``--processes`` fresh processes (default 3), the rows alternating, and the table gives the
+best over them, the median of their medians and every process's best (a process can stay in a
+slow state for its life: the same PP-LCNet library gave 1.4-1.6 or 2.1-2.3 ms in fresh
+processes). Ratios are to ORT int8 and ORT
 FP32 of the same run. Weight bytes: TVM rows, all tensor constants of the Relax module (packed
 mantissas + exponents for integer layers, float32 for the rest, biases); ORT rows, the ``.onnx``
 file. x FP32 divides by the FP32 bytes of the layer weights. Artifact file bytes: the exported
@@ -150,7 +153,7 @@ def _ort_rows(path: str, calib, feed, workdir: str, threads: int, repeat: int):
     rows = {}
     for label, model_path in (("ORT FP32", path), ("ORT int8 (static QDQ)", int8_path)):
         size = os.path.getsize(model_path)
-        rows[label] = (*_timed("ort", model_path, feed, workdir, repeat, threads), size, size, "")
+        rows[label] = ("ort", model_path, size, size, "")
     return rows
 
 
@@ -161,11 +164,23 @@ def _simulation_constant_bytes(model, plan) -> int:
     return relax_constant_bytes(tvm.transform.Sequential(bfp_passes(formats, "host", params=params))(mod))
 
 
-def _tvm_row(compiled, feed, workdir: str, label: str, repeat: int, threads: int, constant_bytes: int,
-             note: str = ""):
+def _tvm_row(compiled, workdir: str, label: str, constant_bytes: int, note: str = ""):
     lib = os.path.join(workdir, label.replace(" ", "_") + ".so")
     compiled.export_library(lib)
-    return (*_timed("tvm", lib, feed, workdir, repeat, threads), constant_bytes, os.path.getsize(lib), note)
+    return ("tvm", lib, constant_bytes, os.path.getsize(lib), note)
+
+
+def _time_rows(rows: dict, feed, workdir: str, repeat: int, threads: int, processes: int) -> dict:
+    """label -> (best, median, per-process bests) over ``processes`` fresh processes per row, the
+    rows alternating (process p of every row, then p + 1): one process can land in a slow state
+    for its whole life (seen: the same library 1.4-1.6 ms or 2.1-2.3 ms best-of-50 in fresh
+    processes), so a single process per row says little."""
+    runs = {label: [] for label in rows}
+    for _ in range(processes):
+        for label, (kind, path, *_rest) in rows.items():
+            runs[label].append(_timed(kind, path, feed, workdir, repeat, threads))
+    return {label: (min(b for b, _ in r), float(np.median([m for _, m in r])), [b for b, _ in r])
+            for label, r in runs.items()}
 
 
 def main(argv=None) -> int:
@@ -173,6 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="digits,resnet18")
     parser.add_argument("--formats", default="bfp8_b32,bfp4_b32")
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per row, rows alternating")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unfused", action="store_true", help="also deploy without fused epilogues")
     parser.add_argument("--simulation", action="store_true", help="also time the float BFP simulation")
@@ -188,8 +204,8 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             model, path, calib, feed = _model(name, workdir)
             rows = _ort_rows(path, calib, feed, workdir, args.threads, args.repeat)
-            rows["TVM FP32"] = _tvm_row(compile_model(model, None, progress=None), feed, workdir, f"{name} fp32",
-                                        args.repeat, args.threads, _simulation_constant_bytes(model, None))
+            rows["TVM FP32"] = _tvm_row(compile_model(model, None, progress=None), workdir, f"{name} fp32",
+                                        _simulation_constant_bytes(model, None))
             for spec in args.formats.split(","):
                 plan = Plan.uniform(spec)
                 for fuse in (True, False) if args.unfused else (True,):
@@ -200,21 +216,22 @@ def main(argv=None) -> int:
                     note = (f"{len(report.integer_layers)}/{len(report.layers)} layers integer ({report.variant}), "
                             f"{fused} epilogues fused" + (f"; float: {', '.join(fallbacks)}" if fallbacks else ""))
                     label = f"BFP deploy {spec}" + ("" if fuse else " unfused")
-                    rows[label] = _tvm_row(deployed, feed, workdir, f"{name} {label}", args.repeat, args.threads,
-                                           report.artifact_constant_bytes, note)
+                    rows[label] = _tvm_row(deployed, workdir, f"{name} {label}", report.artifact_constant_bytes, note)
                 if args.simulation:
-                    rows[f"BFP simulation {spec}"] = _tvm_row(compile_model(model, plan, progress=None), feed, workdir,
-                                                              f"{name} sim {spec}", args.repeat, args.threads,
-                                                              _simulation_constant_bytes(model, plan))
-            int8_best, fp32_best = rows["ORT int8 (static QDQ)"][0], rows["ORT FP32"][0]
+                    rows[f"BFP simulation {spec}"] = _tvm_row(compile_model(model, plan, progress=None), workdir,
+                                                              f"{name} sim {spec}", _simulation_constant_bytes(model, plan))
+            times = _time_rows(rows, feed, workdir, args.repeat, args.threads, args.processes)
+            int8_best, fp32_best = times["ORT int8 (static QDQ)"][0], times["ORT FP32"][0]
             fp32_bytes = sum(4 * layer.params for layer in model.layers)
             print(f"\n### {name} (batch 1, {args.threads} threads, {len(model.layers)} layers, "
                   f"{fp32_bytes:,} B FP32 layer weights)\n")
-            print("| runtime | best ms | median ms | vs ORT int8 | vs ORT FP32 | weight bytes | x FP32 | "
-                  "artifact file bytes | note |")
-            print("|---|---|---|---|---|---|---|---|---|")
-            for label, (best, median, weights, size, note) in rows.items():
-                print(f"| {label} | {best * 1e3:.2f} | {median * 1e3:.2f} | {best / int8_best:.2f}x | "
+            print("| runtime | best ms | median ms | best per process ms | vs ORT int8 | vs ORT FP32 | weight bytes | "
+                  "x FP32 | artifact file bytes | note |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
+            for label, (_kind, _path, weights, size, note) in rows.items():
+                best, median, bests = times[label]
+                per_process = ", ".join(f"{b * 1e3:.2f}" for b in bests)
+                print(f"| {label} | {best * 1e3:.2f} | {median * 1e3:.2f} | {per_process} | {best / int8_best:.2f}x | "
                       f"{best / fp32_best:.2f}x | {weights:,} | {weights / fp32_bytes:.3f} | {size:,} | {note} |")
             sys.stdout.flush()
     return 0
