@@ -126,6 +126,17 @@ def activations() -> int:
     return 0
 
 
+def channel_ranges(model) -> list[float]:
+    """Per depthwise layer, max/min over channels of the channel's max |w| (BatchNorm folded)."""
+    weights = model.weights()
+    spreads = []
+    for layer in model.layers:
+        if layer.is_depthwise:
+            peak = np.abs(weights[layer.weight]).reshape(layer.weight_shape[0], -1).max(1)
+            spreads.append(float(peak.max() / max(peak.min(), 1e-30)))
+    return spreads
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=128)
@@ -143,7 +154,8 @@ def main(argv=None) -> int:
     plan = Plan.from_json({"bitq_plan_version": 1, "default": "bfp8_b32",
                            "layers": {n: {"weight": "fp32", "activation": "bfp8_b32"} for n in depthwise}})
     print(f"{MODEL}, {args.pages} pages: FP32 top-1 {(fp32 == y).mean():.2%}; other layers bfp8_b32 "
-          f"(simulation), {len(depthwise)} depthwise convs\n")
+          f"(simulation), {len(depthwise)} depthwise convs; per layer, the largest channel's max |w| over "
+          f"the smallest's: {', '.join(f'{r:.0f}x' for r in channel_ranges(model))}\n")
     print("| depthwise weight blocks | m | top-1 | agrees w/ FP32 |")
     print("|---|---|---|---|")
     for m in (int(v) for v in args.mantissas.split(",")):

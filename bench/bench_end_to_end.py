@@ -26,7 +26,7 @@ when they share a process. Rows:
 Latency: per process, best and median of ``--repeat`` single calls after warm-up; each row runs
 in ``--processes`` fresh processes (default 3), the rows alternating, and the table gives the
 best over them, the median of their medians and every process's best (a process can stay in a
-slow state for its life: the same PP-LCNet library gave 1.4-1.6 or 2.1-2.3 ms in fresh
+slow state for its life: the same PP-LCNet library gave 1.50 or 2.54 ms in different fresh
 processes). Ratios are to ORT int8 and ORT
 FP32 of the same run. Weight bytes: TVM rows, all tensor constants of the Relax module (packed
 mantissas + exponents for integer layers, float32 for the rest, biases); ORT rows, the ``.onnx``
@@ -173,7 +173,7 @@ def _tvm_row(compiled, workdir: str, label: str, constant_bytes: int, note: str 
 def _time_rows(rows: dict, feed, workdir: str, repeat: int, threads: int, processes: int) -> dict:
     """label -> (best, median, per-process bests) over ``processes`` fresh processes per row, the
     rows alternating (process p of every row, then p + 1): one process can land in a slow state
-    for its whole life (seen: the same library 1.4-1.6 ms or 2.1-2.3 ms best-of-50 in fresh
+    for its whole life (seen: the same library 1.50 ms or 2.54 ms best-of-30 in different fresh
     processes), so a single process per row says little."""
     runs = {label: [] for label in rows}
     for _ in range(processes):

@@ -42,7 +42,8 @@ class Layer:
 
     The BFP block axis is the reduction axis of the op: input channels (within a group) for a
     conv, K for a matmul; a depthwise conv's activation blocks hold one value and each channel's
-    weight window is one block (:mod:`bitq_tvm.kernels.contract`). ``weight_axis`` and ``act_axis`` index the tensors as Relax sees them:
+    weight window is one block (:mod:`bitq_tvm.kernels.contract`). ``weight_axis`` and
+    ``act_axis`` index the tensors as Relax sees them:
     conv weights OIHW (axis 1), conv activations NCHW (axis 1, split into ``groups``), matmul
     weights [K, N] after the importer's transpose of Gemm's [N, K] (axis 0), activations (-1).
     """

@@ -131,10 +131,8 @@ def conv_channels_padded(group_channels: int, fmt: BFPFormat) -> int:
 
 def conv_problem(group_channels: int, groups: int, fmt: BFPFormat,
                  max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
-    """Why the im2col + GEMM kernel does not run a (non-depthwise) conv of this grouping in ``fmt``
-    (None: it does)."""
-    if groups > 1 and group_channels == 1:
-        return "depthwise conv (1 input channel per group): the depthwise kernel runs it, not the GEMM"
+    """Why the im2col + GEMM kernel does not run a (non-depthwise: :func:`integer_support` sends
+    those to :func:`depthwise_problem`) conv of this grouping in ``fmt`` (None: it does)."""
     cg_p = conv_channels_padded(group_channels, fmt)
     if cg_p > max_padding_ratio * group_channels:
         return (f"{group_channels} input channels per group padded to {cg_p} (block {fmt.block_size}): "
@@ -144,7 +142,8 @@ def conv_problem(group_channels: int, groups: int, fmt: BFPFormat,
 
 def is_depthwise(weight_shape: Sequence[int], groups: int) -> bool:
     """A conv with one input channel per group (OIHW weight ``[O, 1, KH, KW]``, groups > 1): its
-    BFP blocks run along the channels (:func:`block_axes`)."""
+    activations get an exponent per value and its weights one per channel
+    (:func:`depthwise_activation_format`, :func:`depthwise_weight_blocks`)."""
     return groups > 1 and len(weight_shape) == 4 and int(weight_shape[1]) == 1
 
 
@@ -323,8 +322,9 @@ def depthwise_weight_blocks(weight_shape: Sequence[int], fmt: BFPFormat) -> tupl
     activation's).
 
     Why not blocks of B channels at each kernel offset: folded BatchNorm scales a depthwise
-    channel's weights by its own factor, and the real models' per-channel ranges span 50x
-    (PP-LCNet), so a shared exponent flushes small channels. Measured on the orientation
+    channel's weights by its own factor (a layer's channel ranges span 28x-290x in PP-LCNet,
+    ``bench/bench_depthwise_blocks.py`` prints them), so a shared exponent flushes small
+    channels. Measured on the orientation
     classifier (128 rendered pages, the other layers bfp8_b32): top-1 99.2% with one exponent
     per channel at m = 8 and 4, 84.4% (m = 8) and 40.6% (m = 4) with blocks of 32 channels.
     """

@@ -10,7 +10,8 @@ a fused epilogue (:class:`~bitq_tvm.kernels.bfp_matmul.Epilogue`: bias, clip, qu
 next layer's activation format, blocks along the output channels), whose output is already in
 the layout the next kernel reads (rows x channels = NHWC for a conv). A depthwise conv's kernel
 (:mod:`~bitq_tvm.kernels.bfp_depthwise`, same output rows x channels) takes the same epilogue,
-and its input quantizer (blocks along all channels) is one a producer's epilogue can write. The
+and its input quantizer (an exponent per value: blocks of one along the channels) is one a
+producer's epilogue can write. The
 float32 chain is left dead for ``DeadCodeElimination``.
 
 The numbers do not change: the fused epilogue performs the same float32 operations in the same

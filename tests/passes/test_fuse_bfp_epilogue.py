@@ -220,7 +220,9 @@ def test_depthwise_block_fuses_through_clip_and_is_bit_equal(batch):
     unfused = compile_deployed(model, plan, progress=None, fuse_epilogues=False)
     got = fused.run(feeds)[0]
     np.testing.assert_array_equal(got, unfused.run(feeds)[0])
-    np.testing.assert_array_equal(got, compile_model(model, plan, progress=None).run(feeds)[0])  # the simulation
+    # the simulation: the same blocks, sums in another float32 order (tests/test_deploy_end_to_end.py's bound)
+    want = compile_model(model, plan, progress=None).run(feeds)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     notes = {d.layer: d.epilogue for d in fused.report.layers}
     assert fused.report.integer_layers == ["pw1", "dw", "pw2"]
     # the depthwise input gets an exponent per value (blocks of one), its output the next 32-blocks
