@@ -8,8 +8,9 @@ For every layer l and candidate q the predicted loss is
   real weight (whole tensor) and on its real input activations over the calibration set. The
   activations are captured with onnxruntime by exposing every layer input as a graph output.
 * ``S_w``, ``S_a``: the network's measured sensitivity, the relative logit MSE
-  ``sum (y_noisy - y)^2 / sum y^2`` of the first graph output per unit of noise power injected at
-  that tensor alone. Noise enters through extra graph inputs (``W + n_w`` in front of the weight,
+  ``sum (y_noisy - y)^2 / sum y^2`` of the first graph output (read before a final Softmax:
+  :func:`~bitq_tvm.frontend.onnx_model.logit_model`) per unit of noise power injected at that
+  tensor alone. Noise enters through extra graph inputs (``W + n_w`` in front of the weight,
   ``x + n_a`` in front of the layer's input only), so one onnxruntime session serves every layer.
   The injected noise is either white Gaussian, or (default) the probe format's own quantization
   error: for the activations it is exact, because with noise at layer l alone l's input is the
@@ -38,7 +39,7 @@ from onnx import TensorProto, helper
 from ..errors import BitqError
 from ..evaluation import rel_mse, top1
 from ..formats import BFPFormat, fake_quantize_np
-from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes
+from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes, logit_model
 from ..frontend.reference import layer_block_axes, layer_weight_blocks
 from ..plan import LayerFormats
 from ..support.npz import read_npz
@@ -453,6 +454,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
 
     if noise not in NOISE_KINDS:
         raise BitqError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    model = logit_model(model)  # losses compare logits, not saturating probabilities
     batches = calib.batches(model)
     labels = calib.used_labels(model)
     used = sum(len(next(iter(b.values()))) for b in batches)

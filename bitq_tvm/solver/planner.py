@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BitqError
-from ..frontend.onnx_model import Layer, OnnxModel
+from ..frontend.onnx_model import Layer, OnnxModel, logit_model
 from ..plan import LayerFormats, Plan
 from ..support.progress import say
 from ..targets.presets import TargetPreset, get_target
@@ -312,6 +312,7 @@ def verify(model: OnnxModel, plan: Plan, calib: Calibration, accuracy: AccuracyT
     """
     from ..api import compile_model
 
+    model = logit_model(model)  # measured in the unit the accuracy term predicts in
     batches = calib.batches(model)
     labels = calib.used_labels(model)
     reference = [NoiseGraph(model).run(b) for b in batches]

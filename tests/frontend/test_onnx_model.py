@@ -171,3 +171,33 @@ def test_reference_evaluator_agrees_with_onnxruntime_on_fp32():
     want = _ort(model.proto, feeds)[0]
     got = ReferenceEvaluator(model.proto).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def _classifier(softmax_axis):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["y"], axis=softmax_axis)]
+    return _tiny(nodes, [w], [2, 8], [2, 5])
+
+
+def test_logit_model_reads_the_first_output_before_a_final_softmax():
+    from bitq_tvm.frontend.onnx_model import logit_model
+
+    model = normalize(_classifier(-1), "clf")
+    logits = logit_model(model)
+    assert [n.op_type for n in logits.proto.graph.node][-1] != "Softmax"
+    assert logits.proto.graph.output[0].name == "z" and logits.layers == model.layers
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    (z,) = _ort(logits.proto, {"x": x})
+    np.testing.assert_allclose(z, x @ numpy_helper.to_array(model.proto.graph.initializer[0]), rtol=1e-5)
+    assert [n.op_type for n in model.proto.graph.node][-1] == "Softmax"  # the original is untouched
+
+
+def test_logit_model_keeps_outputs_that_are_not_a_last_axis_softmax():
+    from bitq_tvm.frontend.onnx_model import logit_model
+
+    across_batch = normalize(_classifier(0), "clf0")
+    assert logit_model(across_batch) is across_batch
+    resnet = normalize(zoo.resnet18(image_size=32), "resnet18")
+    assert logit_model(resnet) is resnet

@@ -113,3 +113,28 @@ def test_candidate_parsing_and_empty_sets():
         LayerCandidates.from_specs(None, ["fc1=bfp4_b16,bfp8_b32"])
     with pytest.raises(BitqError, match="w .weight bits.*9"):
         CandidateSet.parse("w=9")
+
+
+def test_sensitivities_are_measured_on_logits_before_a_final_softmax(digits):
+    # The same network with a Softmax appended must get the same sensitivities: probabilities
+    # saturate, and a loss measured on them would not add over layers.
+    from onnx import helper
+
+    from bitq_tvm.frontend.onnx_model import normalize
+
+    model, data = digits
+    proto = type(model.proto)()
+    proto.CopyFrom(model.proto)
+    logits = proto.graph.output[0].name
+    proto.graph.node.append(helper.make_node("Softmax", [logits], ["probabilities"], axis=-1))
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info("probabilities", 1, [1, 10]))
+    with_softmax = normalize(proto, "digits+softmax")
+    table = LayerCandidates(CandidateSet((4,), (8,), (32,))).resolve([l.name for l in model.layers])
+    calib = Calibration({"input": data["calib"][:16]})
+    plain = measure_accuracy_term(model, calib, table, progress=None)
+    softmaxed = measure_accuracy_term(with_softmax, calib, table, progress=None)
+    assert [n.op_type for n in model.proto.graph.node][-1] != "Softmax"
+    for name in plain.weight_sensitivity:
+        assert softmaxed.weight_sensitivity[name] == pytest.approx(plain.weight_sensitivity[name], rel=1e-4)
+        assert softmaxed.act_sensitivity[name] == pytest.approx(plain.act_sensitivity[name], rel=1e-4)
