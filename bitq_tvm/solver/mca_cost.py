@@ -250,3 +250,25 @@ def layer_estimates(model: OnnxModel, formats: LayerFormats, estimate: ModelEsti
         if matches:
             out[layer.name] = min(k.cycles for k in matches) * g.groups
     return out
+
+
+def candidate_estimates(model: OnnxModel, candidates: Mapping[str, tuple[LayerFormats, ...]], preset: TargetPreset,
+                        progress=None) -> dict[tuple[str, str], float]:
+    """``{(layer, label): seconds}`` llvm-mca estimates of every integer BFP candidate, for the planner.
+
+    One deployed compile per distinct candidate format pair (every layer in that pair); cycles
+    to seconds at the preset's nominal clock (:data:`~bitq_tvm.targets.mca.CLOCK_GHZ`). Layers
+    whose candidate has no integer kernel (FP32, fallbacks) get no entry: the DM model prices them.
+    """
+    clock_hz = mca.CLOCK_GHZ.get(preset.name, 3.0) * 1e9
+    pairs = {c.label: c for cands in candidates.values() for c in cands
+             if c.weight is not None and c.activation is not None}
+    out = {}
+    for label, formats in sorted(pairs.items()):
+        if progress:
+            progress(f"llvm-mca estimate of {label} on {preset.name} ({mca.mca_cpu(preset)})")
+        estimate = estimate_model(model, Plan(default=LayerFormats(formats.weight, formats.activation)), preset)
+        for layer, cycles in layer_estimates(model, formats, estimate).items():
+            if any(c.label == label for c in candidates.get(layer, ())):
+                out[(layer, label)] = cycles / clock_hz
+    return out
