@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -46,7 +47,30 @@ def _model(name: str, workdir: str):
     return load_onnx(path)
 
 
-def _host_check(model, formats) -> None:
+def _kernel_times(vm, feed, repeat: int) -> dict[str, float]:
+    """Kernel symbol -> median over ``repeat`` inferences of its summed wall time per inference (VM instrument)."""
+    import tvm
+
+    runs, start, current = [], {}, {}
+
+    def instrument(func, symbol, before, ret, *args):
+        now = time.perf_counter()
+        if before:
+            start[symbol] = now
+        else:
+            current[symbol] = current.get(symbol, 0.0) + now - start[symbol]
+        return 0
+
+    vm["main"](*feed)  # warm-up
+    vm.set_instrument(tvm.runtime.convert(instrument))
+    for _ in range(repeat):
+        current.clear()
+        vm["main"](*feed)
+        runs.append(dict(current))
+    return {name: float(np.median([r.get(name, 0.0) for r in runs])) for name in runs[0]}
+
+
+def _host_check(model, formats, repeat: int = 20) -> None:
     """Spearman of znver4 estimates vs this machine's profiled per-kernel times."""
     import tvm
     from scipy.stats import spearmanr
@@ -60,21 +84,17 @@ def _host_check(model, formats) -> None:
         plan = Plan.uniform(spec) if spec else None
         estimate = estimate_model(model, plan, preset).by_name()
         deployed = compile_deployed(model, plan, preset, progress=None)
-        vm = relax.VirtualMachine(deployed.executable, tvm.cpu(), profile=True)
+        vm = relax.VirtualMachine(deployed.executable, tvm.cpu())
         feed = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal(s).astype(np.float32))
                 for s in model.input_shapes.values()]
-        vm.profile("main", *feed)  # warm-up
-        report = vm.profile("main", *feed)
-        times = {}
-        for row in report.calls:
-            name = str(row["Name"])
-            times[name] = times.get(name, 0.0) + float(row["Duration (us)"].microseconds)
+        times = _kernel_times(vm, feed, repeat)
         for name, k in estimate.items():
             if k.compute_cycles is not None and name in times:
                 est.append(k.total_cycles)
                 meas.append(times[name])
     rho = spearmanr(est, meas).statistic
-    print(f"\nhost check ({tvm.target.codegen.llvm_get_system_cpu()}, measured by the Relax VM profiler, one run) "
+    print(f"\nhost check ({tvm.target.codegen.llvm_get_system_cpu()}, wall time per kernel through a VM instrument, "
+          f"median of {repeat} runs, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'default')}) "
           f"vs llvm-mca -mcpu=znver4 estimates: Spearman {rho:.3f} over {len(est)} kernels "
           f"(FP32 + {', '.join(formats)})")
 
