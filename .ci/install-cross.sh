@@ -8,7 +8,7 @@
 # Debian's arm64 python3.11 on a private apt state folder (so no `dpkg --add-architecture arm64`,
 # no root, no change to this machine's package state) plus pip download of the aarch64 wheels.
 # It needs apt-get and dpkg (checked below), qemu-aarch64, and network access to the Debian
-# mirror in /etc/apt/sources* and to PyPI: about 20 s and 450 MB, once.
+# mirror in /etc/apt/sources* and to PyPI: about 20 s and 450 MB, once. llvm-22 gives llvm-mca-22.
 set -eu
 
 missing=""
@@ -24,6 +24,7 @@ need qemu-riscv64 qemu-user
 need cc gcc
 need dpkg dpkg                  # dpkg -x unpacks the arm64 python packages
 need apt-get apt                # apt-get download fetches them
+need llvm-mca-22 llvm-22        # the llvm-mca estimates (bitq_tvm/targets/mca.py); LLVM 14 cannot read LLVM 22 asm
 
 if [ -z "$missing" ]; then
     echo "install-cross: all tools present"

@@ -24,6 +24,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--report-dir", metavar="DIR", help="write pareto.png, bitmap.png and report.md here")
     p.add_argument("--verify", action="store_true", help="compile the plan with TVM and measure its true loss "
                    "on the calibration data (predicted vs measured)")
+    p.add_argument("--mca", action="store_true", help="price integer BFP candidates by llvm-mca estimates of the "
+                   "kernels compiled for --target (a static model, labelled as such; needs llvm-mca-22)")
     p.set_defaults(func=run)
 
 
@@ -75,7 +77,15 @@ def run_planner(args, model):
                                             model_costs=performance_term(model, preset, table_candidates).model_costs)
         print(table.report.markdown(), file=sys.stderr)
         measured = table.seconds
-    return plan_model(model, calib, goal, args.target, candidates, _ties(args), measured=measured), calib
+    estimated = None
+    if getattr(args, "mca", False):
+        from ..solver.mca_cost import candidate_estimates
+        from ..targets.presets import get_target
+
+        estimated = candidate_estimates(model, candidates.resolve([l.name for l in model.layers]),
+                                        get_target(args.target), progress=lambda m: print(m, file=sys.stderr))
+    return plan_model(model, calib, goal, args.target, candidates, _ties(args), measured=measured,
+                      estimated=estimated), calib
 
 
 def plan_for_compile(args, model):
@@ -105,8 +115,13 @@ def run(args) -> int:
     unit = result.accuracy.unit
     loss = f"{meta['predicted_loss'] * 100:.3g}%" if result.accuracy.curve else f"{meta['predicted_loss']:.3e}"
     rows = [(name, lf.info["candidate"], f"{lf.info['predicted_loss']:.3e}", f"{lf.info['dram_bytes']:,.0f}",
-             f"{lf.info['weight_bytes']:,}") for name, lf in result.plan.layers.items()]
-    print_table(["layer", "candidate", "pred. logit MSE", "DRAM bytes", "weight bytes"], rows)
+             f"{lf.info['weight_bytes']:,}", lf.info["perf_source"]) for name, lf in result.plan.layers.items()]
+    print_table(["layer", "candidate", "pred. logit MSE", "DRAM bytes", "weight bytes", "perf source"], rows)
+    perf = result.performance
+    sources = [perf.source(n, label) for n, table in perf.cost.items() for label in table]
+    print("performance term over all candidates: " + ", ".join(
+        f"{sources.count(s)} {s}" for s in ("measured", "llvm-mca estimate", "DM model")) +
+        " (llvm-mca estimates and the DM model are models, not measurements)")
     print(f"wrote {args.output}: predicted {unit} {loss}, {meta['average_weight_bits']:.2f} weight bits/param, "
           f"DRAM {meta['dram_bytes']:,.0f} B, perf {meta['perf']:.4g} {meta['perf_unit']}")
     if checks:

@@ -143,10 +143,18 @@ class PerformanceTerm:
     measured: Mapping[tuple[str, str], float]
     unit: str = MODEL_UNIT
     seconds_per_unit: float | None = None
+    estimated: Mapping[tuple[str, str], float] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+    def source(self, layer: str, label: str) -> str:
+        """Where ``cost[layer][label]`` comes from: ``measured``, ``llvm-mca estimate`` or ``DM model``."""
+        if (layer, label) in self.measured:
+            return "measured"
+        return "llvm-mca estimate" if (layer, label) in self.estimated else "DM model"
 
 
 def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping[str, tuple[LayerFormats, ...]],
-                     measured: Measured | None = None, deployed: bool = True) -> PerformanceTerm:
+                     measured: Measured | None = None, deployed: bool = True,
+                     estimated: Mapping[tuple[str, str], float] | None = None) -> PerformanceTerm:
     """DM costs of every layer's candidates on ``preset``, overridden by ``measured`` latencies.
 
     Parameters
@@ -160,6 +168,9 @@ def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping
     deployed : bool
         Price candidates as deployment runs them (module docstring: the kernels' bytes, float
         fallbacks at FP32 + fake-quant), else BitQ's nominal ``m + E / B`` loop nest.
+    estimated : mapping, optional
+        ``{(layer, label): seconds}`` of a static model (llvm-mca, :mod:`.mca_cost`): used like
+        measured latencies where no measurement exists, but labelled ``llvm-mca estimate``.
     """
     hierarchy = memory_hierarchy(preset)
     model_costs = {}
@@ -187,13 +198,18 @@ def performance_term(model: OnnxModel, preset: TargetPreset, candidates: Mapping
         unknown = [k for k in measured if k not in found]
         if unknown:
             raise BitqError(f"measured latency for {unknown[0]} names no (layer, candidate) of the problem")
-    if not found:
+    estimates = {key: float(v) for key, v in (estimated or {}).items() if key not in found}
+    known = {(layer.name, c.label) for layer in model.layers for c in candidates[layer.name]}
+    if set(estimates) - known:
+        raise BitqError(f"llvm-mca estimate for {sorted(set(estimates) - known)[0]} names no (layer, candidate)")
+    if not found and not estimates:
         cost = {name: {label: c.total for label, c in table.items()} for name, table in model_costs.items()}
         return PerformanceTerm(MappingProxyType(model_costs), MappingProxyType(cost), MappingProxyType({}))
-    model_values = np.array([model_costs[name][label].total for name, label in found])
-    seconds = np.array(list(found.values()))
+    given = {**estimates, **found}  # a measurement wins over an estimate
+    model_values = np.array([model_costs[name][label].total for name, label in given])
+    seconds = np.array(list(given.values()))
     scale = float(model_values @ seconds / (model_values @ model_values))  # least squares through 0
-    cost = {name: {label: found.get((name, label), c.total * scale) for label, c in table.items()}
+    cost = {name: {label: given.get((name, label), c.total * scale) for label, c in table.items()}
             for name, table in model_costs.items()}
     return PerformanceTerm(MappingProxyType(model_costs), MappingProxyType(cost), MappingProxyType(found),
-                           SECONDS_UNIT, scale)
+                           SECONDS_UNIT, scale, MappingProxyType(estimates))

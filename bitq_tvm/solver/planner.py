@@ -171,7 +171,8 @@ def solve_objective(problem: AllocationProblem, accuracy: AccuracyTerm, objectiv
 
 def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, target: str | TargetPreset = "host",
                candidates: LayerCandidates | None = None, ties=(), measured: Measured | None = None,
-               noise: str = "quantization", progress=say, deployed: bool = True) -> PlanResult:
+               noise: str = "quantization", progress=say, deployed: bool = True,
+               estimated: Mapping[tuple[str, str], float] | None = None) -> PlanResult:
     """Measure the accuracy and performance terms and solve for ``objective``.
 
     Parameters
@@ -188,6 +189,9 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         Groups of layers that must take the same candidate.
     measured : mapping or callable, optional
         Measured latencies overriding the DM model (see :func:`performance_term`).
+    estimated : mapping, optional
+        llvm-mca latency estimates (:func:`.mca_cost.candidate_estimates`), used where nothing
+        is measured and labelled as estimates.
     noise : {"quantization", "gaussian"}
         Noise injected to measure sensitivities.
     deployed : bool
@@ -214,9 +218,12 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         if isinstance(measured, Mapping):  # latencies of candidates deployment dropped do not apply
             kept = {(name, c.label) for name, cands in table.items() for c in cands}
             measured = {key: value for key, value in measured.items() if key in kept}
+        if estimated:
+            kept = {(name, c.label) for name, cands in table.items() for c in cands}
+            estimated = {key: value for key, value in estimated.items() if key in kept}
     accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress,
                                      budget=objective.value if objective.kind == "budget" else None)
-    performance = performance_term(model, preset, table, measured, deployed=deployed)
+    performance = performance_term(model, preset, table, measured, deployed=deployed, estimated=estimated)
     if deployed:
         table = _drop_dominated(model, table, accuracy, performance, ties, candidates.pinned(names))
     problem = build_problem(model, table, accuracy, performance, ties, deployed=deployed)
@@ -271,6 +278,7 @@ def allocation_plan(result: PlanResult, allocation: Allocation) -> Plan:
                 "weight_bytes": int(result.problem.size_bytes[index][q])}
         if (name, label) in result.performance.measured:
             info["latency_s"] = result.performance.measured[(name, label)]
+        info["perf_source"] = result.performance.source(name, label)
         layers[name] = LayerFormats(candidate.weight, candidate.activation, info)
     acc = result.accuracy
     meta = {"planner": {
