@@ -55,6 +55,9 @@ __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 _MAX_LANES = 16
 # Output pixels of one step of the conv's unrolled inner loop (at most; a divisor of the row)
 _PIXELS_PER_STEP = 8
+# Widest stage of the block-maximum tree: 16 int32 lanes fail to build for RVV (MakePackedAPI loses
+# the rfactor buffer; "int32xvscalex4 vs int32xvscalex16" at 4), 8 build everywhere.
+_TREE_LANES = 8
 # Parallel tasks: at least this many (a few threads share them evenly), each dequantizing at most
 # this many bytes of input (float32; well inside a 1 MB L2)
 _MIN_TASKS = 8
@@ -267,7 +270,7 @@ def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None
     reverse_compute_at cannot invert), the exponents and mantissas after it. Padded output
     columns keep the channels in one group (a group loop would keep the clamp in every
     group's loads)."""
-    tree = _block_max_tree(sch, lanes)  # rfactor only applies before the stages are placed
+    tree = _block_max_tree(sch, min(lanes, _TREE_LANES))  # rfactor only applies before the stages are placed
     y = sch.get_sblock("y")
     channels = geom.channels
     i, col = sch.get_loops(y)
@@ -293,7 +296,11 @@ def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None
         _vectorize_last(sch, y, lanes)
     for stage in tree:
         _vectorize_rfactor(sch, stage, depth)
-    _schedule_row(sch, sch.get_sblock("acc"), lanes)
+    acc = sch.get_sblock("acc")
+    if geom.out_width == 1:
+        # compute_at leaves no loop over a row of one pixel; _schedule_row tiles (pixel, channel, offset)
+        sch.add_unit_loop(sch.get_loops(acc)[-2])
+    _schedule_row(sch, acc, lanes)
     _dequantize_per_task(sch, task, lanes, geom.padding[1], geom.width)
 
 
