@@ -56,20 +56,22 @@ def inline_nibbles(sch: Schedule) -> bool:
 
 
 def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
-                            order: str = "columns_outer", intrinsic: str | None = None) -> None:
+                            order: str = "columns_outer", intrinsic: str | None = None,
+                            sample_task_rows: bool = False) -> None:
     """Schedule the :func:`.bfp_matmul.bfp_matmul_compute` kernel in ``sch`` with one register tile.
 
     ``rows`` x ``groups`` x 16 outputs per tile (rows dividing M); ``order`` puts column tiles
     (``"columns_outer"``, the default) or row tiles outermost; ``intrinsic`` overrides the
     variant's tensor intrinsic (the tuning tests plant a wrong one). Tuning searches the tile and
     the order (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_x86_func` uses a measured default.
+    ``sample_task_rows``: see :func:`.bfp_matmul.tile_bfp_matmul`.
     """
     if intrinsic is None:
         intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
         if variant == "avx2" and inline_nibbles(sch):
             intrinsic = BITQ_AVX2_NIBBLE_DOT_16x4
     acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
-        tile_bfp_matmul(sch, rows, groups, order)
+        tile_bfp_matmul(sch, rows, groups, order, sample_task_rows=sample_task_rows)
     s_group, s_lane = sch.split(s_col, [groups, LANES])
     for loop in (*s_row, s_group):
         sch.unroll(loop)
