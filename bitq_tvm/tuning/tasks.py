@@ -56,6 +56,8 @@ __all__ = [
     "bfp_matmul_space",
     "space_configs",
     "space_size",
+    "tuned_config",
+    "TunedConfig",
     "extract_bfp_tasks",
     "extract_fp32_tasks",
     "extract_tasks",
@@ -71,6 +73,8 @@ METASCHEDULE_VNNI_NAME = "dot_16x4_vnni"
 _X86_TILES = ((1, 2, 3, 4, 6, 8), (1, 2, 4), 8)
 _LANE_MAJOR_TILES = ((1, 2, 3, 4), (1, 2), 4)
 _LOOP_ORDERS = ("columns_outer", "rows_outer")
+# Block annotation naming a design space's point (rows x groups : order) in its trace.
+POINT_ANNOTATION = "bitq.tile"
 # Auto-unroll steps sampled for the loops outside the register tile (0: LLVM decides).
 _UNROLL_STEPS = (0, 16, 64, 512)
 TUNABLE_VARIANTS = X86_VARIANTS + LANE_MAJOR_VARIANTS
@@ -307,11 +311,45 @@ def bfp_matmul_space(task: BfpTask):
         for rows, groups, order in configs:
             copy = sch.copy()
             schedule_bfp_matmul(copy, task, rows, groups, order, sampled=True)
+            root = copy.get_sblock("root")
             step = copy.sample_categorical(list(_UNROLL_STEPS), [1 / len(_UNROLL_STEPS)] * len(_UNROLL_STEPS))
-            copy.annotate(copy.get_sblock("root"), "meta_schedule.unroll_explicit", step)
+            copy.annotate(root, "meta_schedule.unroll_explicit", step)
+            # the point, in the trace: deployment rebuilds the fused kernel with it (tuned_config)
+            copy.annotate(root, POINT_ANNOTATION, f"{rows}x{groups}:{order}")
             spaces.append(copy)
         return spaces
 
     return ms.space_generator.ScheduleFn(
         design_spaces, sch_rules=[], postprocs=[ms.postproc.RewriteParallelVectorizeUnroll()],
         mutator_probs={ms.mutator.MutateUnroll(): 0.5, ms.mutator.MutateTileSize(): 0.5})
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedConfig:
+    """The decisions of a tuned record, to rebuild the same schedule on another compute of the
+    GEMM (the fused kernel deployment runs): register tile, loop order, row tiles per parallel
+    task (None: the default), auto-unroll step."""
+
+    rows: int
+    groups: int
+    order: str
+    task_rows: int | None
+    unroll: int
+
+
+def tuned_config(trace) -> TunedConfig | None:
+    """The :class:`TunedConfig` of a trace of :func:`bfp_matmul_space`, None for other traces."""
+    point, task_rows, unroll = None, None, 0
+    for inst in trace.insts:
+        kind = inst.kind.name
+        if kind == "Annotate" and str(inst.attrs[0]) == POINT_ANNOTATION:
+            point = str(inst.inputs[1])
+        elif kind == "SamplePerfectTile":
+            task_rows = int(trace.decisions[inst][-1])
+        elif kind == "SampleCategorical":
+            unroll = int(inst.attrs[0][int(trace.decisions[inst])])
+    if point is None:
+        return None
+    tile, order = point.strip('"').split(":")
+    rows, groups = (int(v) for v in tile.split("x"))
+    return TunedConfig(rows, groups, order, task_rows, unroll)
