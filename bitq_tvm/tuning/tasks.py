@@ -286,7 +286,7 @@ def space_size(task: BfpTask) -> int:
     for rows, _groups, order in space_configs(task):
         row_tiles = task.m // rows
         chunks = (sum(1 for c in range(1, max(1, 64 // rows) + 1) if row_tiles % c == 0)
-                  if task.variant in X86_VARIANTS and order == _LOOP_ORDERS[0] else 1)
+                  if task.variant in X86_VARIANTS and order == _LOOP_ORDERS[0] and rows > 1 else 1)
         n += chunks * len(_UNROLL_STEPS)
     return n
 

@@ -51,3 +51,26 @@ def test_every_sampled_candidate_builds_and_matches_the_oracle(seed, tmp_path):
         lib = tvm.compile(sch.mod["main"].with_attr("global_symbol", TASK.name), target=target)
         assert check_kernel(TASK, kernel_runner(TASK, lib, host_preset(), str(tmp_path)), seed) <= 1.0
     assert len(decisions) == len(spaces)
+
+
+def test_every_row_tiles_decision_replays_on_the_recorded_structure():
+    """MetaSchedule mutates decisions and replays the trace: each perfect-tile decision of each
+    design space must replay (the loop counts the trace recorded must not change)."""
+    from tvm.s_tir import Schedule
+
+    _ctx, spaces = _spaces(TASK, 0)
+    replayed = 0
+    for sch in spaces:
+        trace = sch.trace
+        for inst in trace.insts:
+            if inst.kind.name != "SamplePerfectTile":
+                continue
+            extent = 1
+            for d in trace.decisions[inst]:
+                extent *= int(d)
+            for inner in (d for d in range(1, extent + 1) if extent % d == 0):
+                fresh = Schedule(tvm.IRModule({"main": TASK.prim_func()}))
+                trace.with_decision(inst, [extent // inner, inner], remove_postproc=True).apply_to_schedule(
+                    fresh, remove_postproc=True)
+                replayed += 1
+    assert replayed > 0
