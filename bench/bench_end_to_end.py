@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unfused", action="store_true", help="also deploy without fused epilogues")
     parser.add_argument("--simulation", action="store_true", help="also time the float BFP simulation")
+    parser.add_argument("--tuning-db", metavar="DIR", help="also deploy with this bitq-tvm tune work dir "
+                        "(one model: the records are that model's)")
+    parser.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         kind, path, feed_path, repeat, threads = argv[1:6]
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             model, path, calib, feed = _model(name, workdir)
-            rows = _ort_rows(path, calib, feed, workdir, args.threads, args.repeat)
+            rows = {} if args.no_ort else _ort_rows(path, calib, feed, workdir, args.threads, args.repeat)
             rows["TVM FP32"] = _tvm_row(compile_model(model, None, progress=None), workdir, f"{name} fp32",
                                         _simulation_constant_bytes(model, None))
             for spec in args.formats.split(","):
@@ -217,11 +220,19 @@ def main(argv=None) -> int:
                             f"{fused} epilogues fused" + (f"; float: {', '.join(fallbacks)}" if fallbacks else ""))
                     label = f"BFP deploy {spec}" + ("" if fuse else " unfused")
                     rows[label] = _tvm_row(deployed, workdir, f"{name} {label}", report.artifact_constant_bytes, note)
+                    if args.tuning_db and fuse:
+                        tuned = compile_deployed(model, plan, progress=None, tuning_db=args.tuning_db)
+                        t_fused = sum(d.epilogue.startswith("fused") for d in tuned.report.layers)
+                        rows[f"{label} tuned"] = _tvm_row(
+                            tuned, workdir, f"{name} {label} tuned", tuned.report.artifact_constant_bytes,
+                            f"{len(tuned.report.tuned_kernels)} tuned kernels, {t_fused} epilogues fused")
                 if args.simulation:
                     rows[f"BFP simulation {spec}"] = _tvm_row(compile_model(model, plan, progress=None), workdir,
                                                               f"{name} sim {spec}", _simulation_constant_bytes(model, plan))
             times = _time_rows(rows, feed, workdir, args.repeat, args.threads, args.processes)
-            int8_best, fp32_best = times["ORT int8 (static QDQ)"][0], times["ORT FP32"][0]
+            # without ORT rows the ratios are to TVM FP32
+            int8_best = times.get("ORT int8 (static QDQ)", times["TVM FP32"])[0]
+            fp32_best = times.get("ORT FP32", times["TVM FP32"])[0]
             fp32_bytes = sum(4 * layer.params for layer in model.layers)
             print(f"\n### {name} (batch 1, {args.threads} threads, {len(model.layers)} layers, "
                   f"{fp32_bytes:,} B FP32 layer weights)\n")

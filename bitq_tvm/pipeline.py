@@ -137,11 +137,15 @@ def _bind_params(params):
 
 
 def _tuned_kernels(work_dir: str, preset):
-    """``kernels(rows, n, k, fmt_a, fmt_w, variant)`` for LowerBFPInteger: verified tuned kernels."""
+    """``kernels(rows, n, k, fmt_a, fmt_w, variant)`` for LowerBFPInteger: verified tuned kernels,
+    carrying their record's decisions (``TUNED_CONFIG_ATTR``) where the record has them."""
+    import dataclasses
+
+    from .passes.lower_bfp_integer import TUNED_CONFIG_ATTR
     from .errors import BitqError
     from .tuning.session import open_work_dir
-    from .tuning.tasks import BfpTask
-    from .tuning.verify import tuned_prim_funcs
+    from .tuning.tasks import BfpTask, tuned_config
+    from .tuning.verify import schedule_from_record, trusted_records
 
     open_work_dir(work_dir, preset, create=False)  # a bad work dir is an error before compiling
     found: dict = {}
@@ -152,7 +156,13 @@ def _tuned_kernels(work_dir: str, preset):
         except BitqError:
             return None  # not a shape or variant tuning makes tasks of
         if task.name not in found:
-            found[task.name] = tuned_prim_funcs(work_dir, [task], preset).get(task.name)
+            record = trusted_records(work_dir, [task], preset).get(task.name)
+            func = None if record is None else schedule_from_record(task, record).mod["main"]
+            config = None if record is None else tuned_config(record.trace)
+            if config is not None:
+                # FuseBFPEpilogue rebuilds the fused kernel with the record's decisions
+                func = func.with_attr(TUNED_CONFIG_ATTR, dataclasses.asdict(config))
+            found[task.name] = func
         return found[task.name]
 
     return lookup

@@ -463,7 +463,8 @@ def row_tiles_per_task(row_tiles: int, rows: int) -> int:
     return max(c for c in range(1, max(1, 64 // rows) + 1) if row_tiles % c == 0)
 
 
-def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize: bool = True):
+def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize: bool = True,
+                    sample_task_rows: bool = False, task_rows: int | None = None):
     """The register tiling every BFP matmul schedule shares (x86, ARM, RISC-V).
 
     Parallel over tiles of ``rows`` x ``groups`` x 16 outputs, the block loop inside, the int32
@@ -472,6 +473,12 @@ def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize
     vectors when ``vectorize``) and their scales (``w_scale``). Returns the ``acc`` and
     ``block_sum`` blocks, ``acc``'s loops (tile, b, rows, groups, lanes) and ``block_sum``'s (rows
     (empty for a one-row tile), columns, K quads, K within a quad).
+
+    ``sample_task_rows``: the row tiles per parallel task (unpacked weights, columns outermost)
+    become a sampled decision (``sample_perfect_tile``, the tuning space's parallel granularity)
+    instead of :func:`row_tiles_per_task`; the split is then always made, so every decision
+    replays on the same loop structure. ``task_rows``: a fixed such split (a tuned decision
+    replayed on another compute of the same GEMM).
     """
     acc = sch.get_sblock("acc")
     i, j, b = sch.get_loops(acc)
@@ -479,7 +486,18 @@ def tile_bfp_matmul(sch: Schedule, rows: int, groups: int, order: str, vectorize
     j_outer, j_group, j_lane = sch.split(j, [None, groups, LANES])
     unpacked = has_block(sch, "w_tile")
     chunk = row_tiles_per_task(int(sch.get(i_outer).extent), rows) if unpacked and order == "columns_outer" else 1
-    if chunk > 1:
+    # one-row tiles are not sampled: a task of one row tile (factor 1) would lose the outputs'
+    # row loop (reverse_compute_at drops unit loops), so replayed decisions would change the
+    # loop structure the trace was recorded on
+    if sample_task_rows and unpacked and order == "columns_outer" and rows > 1:
+        # the unpacked panel is reused by the task's row tiles: at most ~64 rows keep it in L1
+        factors = sch.sample_perfect_tile(i_outer, n=2, max_innermost_factor=max(1, 64 // rows))
+        i_outer, i_tile = sch.split(i_outer, factors)
+        chunk = 2  # structure of a split, whatever the sampled factor (1 included)
+    elif task_rows is not None and unpacked and order == "columns_outer" and rows > 1:
+        i_outer, i_tile = sch.split(i_outer, [None, task_rows])
+        chunk = 2  # the same structure as the sampled split
+    elif chunk > 1:
         i_outer, i_tile = sch.split(i_outer, [None, chunk])
     # Column tiles outermost: one task re-reads a [rows, K] activation panel per column tile
     # (1/(16 * groups) of A per output row), instead of a [16 * groups, K] weight panel per row

@@ -87,17 +87,19 @@ def kernel_variant(target: Target) -> str:
 
 
 def bfp_matmul_func(M: int, N: int, K: int, fmt_a: BFPFormat, fmt_w: BFPFormat, variant: str,
-                    tile: tuple[int, int] | None = None, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
+                    tile: tuple[int, int] | None = None, epilogue: Epilogue | None = None,
+                    tuned=None) -> tirx.PrimFunc:
     """Hand-scheduled integer BFP matmul PrimFunc ``(qa, ea, qw, ew, C)`` of any variant.
 
     ``K`` is the real reduction length (padded to whole blocks inside); ``tile`` = (rows, groups
     of 16 columns) overrides the default register tile; ``epilogue`` fuses bias, clip and the next
     layer's activation quantization (:class:`~bitq_tvm.kernels.bfp_matmul.Epilogue`; signature
     ``(qa, ea, qw, ew, [bias,] Q, E)``). No target check: compile it for a target that has the
-    variant's instructions, or use :func:`bfp_matmul_for_target`, which checks.
+    variant's instructions, or use :func:`bfp_matmul_for_target`, which checks. ``tuned``: the
+    decisions of a verified tuned record (x86 variants; see :func:`.bfp_matmul_x86.bfp_matmul_x86_func`).
     """
     if variant in X86_VARIANTS:
-        return bfp_matmul_x86_func(M, N, K, fmt_a, fmt_w, variant, tile, epilogue)
+        return bfp_matmul_x86_func(M, N, K, fmt_a, fmt_w, variant, tile, epilogue, tuned)
     if variant not in VARIANTS:
         raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
     return bfp_matmul_arm_riscv_func(M, N, K, fmt_a, fmt_w, variant, tile, epilogue)

@@ -56,20 +56,22 @@ def inline_nibbles(sch: Schedule) -> bool:
 
 
 def schedule_bfp_matmul_x86(sch: Schedule, rows: int, groups: int, variant: str,
-                            order: str = "columns_outer", intrinsic: str | None = None) -> None:
+                            order: str = "columns_outer", intrinsic: str | None = None,
+                            sample_task_rows: bool = False, task_rows: int | None = None) -> None:
     """Schedule the :func:`.bfp_matmul.bfp_matmul_compute` kernel in ``sch`` with one register tile.
 
     ``rows`` x ``groups`` x 16 outputs per tile (rows dividing M); ``order`` puts column tiles
     (``"columns_outer"``, the default) or row tiles outermost; ``intrinsic`` overrides the
     variant's tensor intrinsic (the tuning tests plant a wrong one). Tuning searches the tile and
     the order (:mod:`bitq_tvm.tuning.tasks`); :func:`bfp_matmul_x86_func` uses a measured default.
+    ``sample_task_rows``, ``task_rows``: see :func:`.bfp_matmul.tile_bfp_matmul`.
     """
     if intrinsic is None:
         intrinsic = {"vnni": BITQ_VNNI_DOT_16x4, "avx2": BITQ_AVX2_DOT_8x4, "generic": None}[variant]
         if variant == "avx2" and inline_nibbles(sch):
             intrinsic = BITQ_AVX2_NIBBLE_DOT_16x4
     acc, block_sum, (tile_loop, b, i_inner, j_group, j_lane), (s_row, s_col, s_quad, s_lane_k) = \
-        tile_bfp_matmul(sch, rows, groups, order)
+        tile_bfp_matmul(sch, rows, groups, order, sample_task_rows=sample_task_rows, task_rows=task_rows)
     s_group, s_lane = sch.split(s_col, [groups, LANES])
     for loop in (*s_row, s_group):
         sch.unroll(loop)
@@ -109,6 +111,7 @@ def bfp_matmul_x86_func(
     variant: str = "vnni",
     tile: tuple[int, int] | None = None,
     epilogue: Epilogue | None = None,
+    tuned=None,
 ) -> tirx.PrimFunc:
     """Hand-scheduled integer BFP matmul PrimFunc (signature of :func:`.bfp_matmul.bfp_matmul_compute`).
 
@@ -119,12 +122,16 @@ def bfp_matmul_x86_func(
     16 columns) overrides the default register tile; rows must divide M, 16 * groups divide Np.
     ``epilogue``: fuse bias, clip and the next layer's activation quantization
     (:class:`.bfp_matmul.Epilogue`); the default tile then widens to whole quantization blocks.
+    ``tuned``: a :class:`bitq_tvm.tuning.tasks.TunedConfig` (tile, order, row tiles per task,
+    unroll step of a verified tuned record), replacing ``tile`` and the default order.
     """
     if variant not in VARIANTS:
         raise BitqError(f"bfp_matmul: variant {variant!r} is not one of {', '.join(VARIANTS)}")
     func = bfp_matmul_compute(M, N, K, fmt_a, fmt_w, unsigned_weights=variant in UNSIGNED_WEIGHT_VARIANTS,
                               epilogue=epilogue, inline_nibbles=reads_nibbles_inline(variant, fmt_w))
     n_tiles = padded(N, LANES) // LANES
+    if tuned is not None:
+        tile = (tuned.rows, tuned.groups)
     rows, groups = tile if tile is not None else default_tile(M, n_tiles, epilogue)
     if M % rows or n_tiles % groups:
         raise BitqError(
@@ -132,5 +139,16 @@ def bfp_matmul_x86_func(
             f"and {n_tiles} column groups"
         )
     sch = Schedule(func)
-    schedule_bfp_matmul_x86(sch, rows, groups, variant)
+    if tuned is None:
+        schedule_bfp_matmul_x86(sch, rows, groups, variant)
+        return sch.mod["main"]
+    schedule_bfp_matmul_x86(sch, rows, groups, variant, tuned.order, task_rows=tuned.task_rows)
+    if tuned.unroll:
+        # what MetaSchedule's RewriteParallelVectorizeUnroll makes of the sampled step: the
+        # outermost loop of each top-level block gets the auto-unroll pragmas
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(block)
+            if loops:
+                sch.annotate(loops[0], "pragma_auto_unroll_max_step", tuned.unroll)
+                sch.annotate(loops[0], "pragma_unroll_explicit", 1)
     return sch.mod["main"]

@@ -227,8 +227,8 @@ def _check_consumer(fusion: _Fusion, aq: dict):
         raise _NotFusible("the next layer is a grouped conv (per-group blocks)")
     if get_format(str(aq["fmt"])).rounding != Rounding.NEAREST:
         raise _NotFusible("the next layer's activations round stochastically")
-    if int(fusion.kernel.get("tuned", 0)):
-        raise _NotFusible("its kernel is a tuned one (tuning databases hold unfused kernels)")
+    if int(fusion.kernel.get("tuned", 0)) and "schedule" not in fusion.kernel:
+        raise _NotFusible("its kernel is a tuned one whose record has no design-space point to rebuild it with")
     if str(fusion.kernel.get("variant", "")) == "i8mm":
         raise _NotFusible("the i8mm kernel has no fused epilogue")
 
@@ -274,7 +274,15 @@ class _Fuser(PyExprMutator):
             geom = ConvGeometry(**{key: tuple(v) if isinstance(v, list) else v for key, v in k["geometry"].items()})
             func = bfp_depthwise_func(geom, fmt_a, fmt_w, epilogue=epilogue)
         else:
-            func = bfp_matmul_func(rows_padded, n, int(k["k"]), fmt_a, fmt_w, str(k["variant"]), epilogue=epilogue)
+            tuned = None
+            if "schedule" in k:  # a tuned kernel: its record's decisions on the fused compute
+                from ..tuning.tasks import TunedConfig
+
+                c = k["schedule"]
+                tuned = TunedConfig(int(c["rows"]), int(c["groups"]), str(c["order"]),
+                                    None if c["task_rows"] is None else int(c["task_rows"]), int(c["unroll"]))
+            func = bfp_matmul_func(rows_padded, n, int(k["k"]), fmt_a, fmt_w, str(k["variant"]), epilogue=epilogue,
+                                   tuned=tuned)
         func = opaque(func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True))
         name = f"{k['name']}_{epilogue.tag}"
         gv = self.builder_.add_func(func, name)

@@ -67,6 +67,8 @@ __all__ = ["DEPLOYMENT_ATTR", "KERNEL_ATTR", "LayerDeployment", "LowerBFPInteger
 DEPLOYMENT_ATTR = "bitq.deployment"
 # On the kernels this pass emits: what each one computes (read by FuseBFPEpilogue).
 KERNEL_ATTR = "bitq.kernel"
+# On a tuned kernel handed in by the pipeline: its record's decisions (TunedConfig fields).
+TUNED_CONFIG_ATTR = "bitq.tuned_config"
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
@@ -192,9 +194,12 @@ class _Lowerer(PyExprMutator):
             func = bfp_matmul_func(rows, packed.n, k, fmt_a, packed.fmt, self.variant)
         else:
             self.tuned_used.add(tag)
-        func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr(
-            KERNEL_ATTR, {"kind": "matmul", "name": tag, "rows": rows, "n": packed.n, "k": k, "fmt_a": fmt_a.name,
-                          "fmt_w": packed.fmt.name, "variant": self.variant, "tuned": int(tuned)})
+        info = {"kind": "matmul", "name": tag, "rows": rows, "n": packed.n, "k": k, "fmt_a": fmt_a.name,
+                "fmt_w": packed.fmt.name, "variant": self.variant, "tuned": int(tuned)}
+        if tuned and func.attrs is not None and TUNED_CONFIG_ATTR in func.attrs:
+            info["schedule"] = func.attrs[TUNED_CONFIG_ATTR]  # FuseBFPEpilogue rebuilds with it
+            func = func.without_attr(TUNED_CONFIG_ATTR)
+        func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr(KERNEL_ATTR, info)
         weights = [relax.const(packed.qw), relax.const(packed.ew)]  # the stored format, read as is
         return self._call_tir(func, tag, [qa, ea, *weights], [((rows, packed.n), "float32")])
 

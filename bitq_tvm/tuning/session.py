@@ -38,7 +38,7 @@ from ..errors import BitqError
 from ..support.atomic import write_bytes, write_json
 from ..support.progress import say_tune
 from ..targets.presets import TargetPreset
-from .tasks import BfpTask, Fp32Task, bfp_matmul_space, register_metaschedule_intrinsics, space_configs
+from .tasks import BfpTask, Fp32Task, bfp_matmul_space, register_metaschedule_intrinsics, space_size
 
 __all__ = [
     "MANIFEST_FILE",
@@ -499,7 +499,7 @@ def _tune_locked(tasks, preset, work_dir, trials, options, builder, runner, say,
     repairs = repair_database(work_dir, drop_bad_lines=repair)
     for message in repairs:
         say(f"repaired {message}")
-    caps = {t.name: len(space_configs(t)) for t in tasks if isinstance(t, BfpTask)}
+    caps = {t.name: space_size(t) for t in tasks if isinstance(t, BfpTask)}
     budget = split_trials(tasks, trials, options.min_trials_per_task, caps)
     if trials == 0:
         say(f"0 trials: nothing tuned; all {len(tasks)} tasks use the default (hand) schedules")

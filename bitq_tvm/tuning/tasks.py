@@ -55,6 +55,9 @@ __all__ = [
     "layer_gemm",
     "bfp_matmul_space",
     "space_configs",
+    "space_size",
+    "tuned_config",
+    "TunedConfig",
     "extract_bfp_tasks",
     "extract_fp32_tasks",
     "extract_tasks",
@@ -70,6 +73,10 @@ METASCHEDULE_VNNI_NAME = "dot_16x4_vnni"
 _X86_TILES = ((1, 2, 3, 4, 6, 8), (1, 2, 4), 8)
 _LANE_MAJOR_TILES = ((1, 2, 3, 4), (1, 2), 4)
 _LOOP_ORDERS = ("columns_outer", "rows_outer")
+# Block annotation naming a design space's point (rows x groups : order) in its trace.
+POINT_ANNOTATION = "bitq.tile"
+# Auto-unroll steps sampled for the loops outside the register tile (0: LLVM decides).
+_UNROLL_STEPS = (0, 16, 64, 512)
 TUNABLE_VARIANTS = X86_VARIANTS + LANE_MAJOR_VARIANTS
 
 
@@ -258,24 +265,42 @@ def space_configs(task: BfpTask) -> tuple[tuple[int, int, str], ...]:
 
 
 def schedule_bfp_matmul(sch: Schedule, task: BfpTask, rows: int, groups: int, order: str,
-                        intrinsic: str | None = None) -> None:
+                        intrinsic: str | None = None, sampled: bool = False) -> None:
     """Schedule ``task``'s kernel in ``sch`` with one register tile and loop order (see
     :func:`bitq_tvm.kernels.bfp_matmul_x86.schedule_bfp_matmul_x86` for x86 variants,
     :func:`bitq_tvm.kernels.bfp_matmul_arm_riscv.schedule_bfp_matmul_arm_riscv` for the others).
-    ``intrinsic`` replaces an x86 variant's tensor intrinsic (tests plant a wrong one)."""
+    ``intrinsic`` replaces an x86 variant's tensor intrinsic (tests plant a wrong one);
+    ``sampled`` adds the space's sampled decisions (:func:`bfp_matmul_space`)."""
     if task.variant in X86_VARIANTS:
-        schedule_bfp_matmul_x86(sch, rows, groups, task.variant, order, intrinsic)
+        schedule_bfp_matmul_x86(sch, rows, groups, task.variant, order, intrinsic, sample_task_rows=sampled)
     elif intrinsic is not None:
         raise BitqError(f"tuning task {task.name}: only x86 variants take an intrinsic override")
     else:
         schedule_bfp_matmul_arm_riscv(sch, task.variant, rows, groups, order)
 
 
-def bfp_matmul_space(task: BfpTask):
-    """MetaSchedule space generator: one design space per point of :func:`space_configs`.
+def space_size(task: BfpTask) -> int:
+    """An upper bound on the distinct candidates of the task's space: tile points x unroll
+    choices x row tiles per task (x86, the choices of ``sample_perfect_tile``)."""
+    n = 0
+    for rows, _groups, order in space_configs(task):
+        row_tiles = task.m // rows
+        chunks = (sum(1 for c in range(1, max(1, 64 // rows) + 1) if row_tiles % c == 0)
+                  if task.variant in X86_VARIANTS and order == _LOOP_ORDERS[0] and rows > 1 else 1)
+        n += chunks * len(_UNROLL_STEPS)
+    return n
 
-    The points carry no sampled decisions, so every trace replays identically in builder and
-    runner processes; the XGBoost cost model picks which points to measure.
+
+def bfp_matmul_space(task: BfpTask):
+    """MetaSchedule space generator: one design space per point of :func:`space_configs`, each
+    with sampled decisions the evolutionary search mutates and the XGBoost model ranks.
+
+    The point (register tile, loop order) fixes the loop structure and the intrinsic, so it is a
+    design space of its own; within it, ``sample_categorical`` picks the auto-unroll step of the
+    loops outside the register tile (``meta_schedule.unroll_explicit``, applied by the
+    ``RewriteParallelVectorizeUnroll`` postprocessor, mutated by ``MutateUnroll``), and on x86
+    ``sample_perfect_tile`` the row tiles per parallel task (``MutateTileSize``). Perfect tiles
+    and a fixed menu of steps keep every candidate valid; the verify gate still checks each.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -285,8 +310,46 @@ def bfp_matmul_space(task: BfpTask):
         spaces = []
         for rows, groups, order in configs:
             copy = sch.copy()
-            schedule_bfp_matmul(copy, task, rows, groups, order)
+            schedule_bfp_matmul(copy, task, rows, groups, order, sampled=True)
+            root = copy.get_sblock("root")
+            step = copy.sample_categorical(list(_UNROLL_STEPS), [1 / len(_UNROLL_STEPS)] * len(_UNROLL_STEPS))
+            copy.annotate(root, "meta_schedule.unroll_explicit", step)
+            # the point, in the trace: deployment rebuilds the fused kernel with it (tuned_config)
+            copy.annotate(root, POINT_ANNOTATION, f"{rows}x{groups}:{order}")
             spaces.append(copy)
         return spaces
 
-    return ms.space_generator.ScheduleFn(design_spaces, sch_rules=[], postprocs=[], mutator_probs={})
+    return ms.space_generator.ScheduleFn(
+        design_spaces, sch_rules=[], postprocs=[ms.postproc.RewriteParallelVectorizeUnroll()],
+        mutator_probs={ms.mutator.MutateUnroll(): 0.5, ms.mutator.MutateTileSize(): 0.5})
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedConfig:
+    """The decisions of a tuned record, to rebuild the same schedule on another compute of the
+    GEMM (the fused kernel deployment runs): register tile, loop order, row tiles per parallel
+    task (None: the default), auto-unroll step."""
+
+    rows: int
+    groups: int
+    order: str
+    task_rows: int | None
+    unroll: int
+
+
+def tuned_config(trace) -> TunedConfig | None:
+    """The :class:`TunedConfig` of a trace of :func:`bfp_matmul_space`, None for other traces."""
+    point, task_rows, unroll = None, None, 0
+    for inst in trace.insts:
+        kind = inst.kind.name
+        if kind == "Annotate" and str(inst.attrs[0]) == POINT_ANNOTATION:
+            point = str(inst.inputs[1])
+        elif kind == "SamplePerfectTile":
+            task_rows = int(trace.decisions[inst][-1])
+        elif kind == "SampleCategorical":
+            unroll = int(inst.attrs[0][int(trace.decisions[inst])])
+    if point is None:
+        return None
+    tile, order = point.strip('"').split(":")
+    rows, groups = (int(v) for v in tile.split("x"))
+    return TunedConfig(rows, groups, order, task_rows, unroll)

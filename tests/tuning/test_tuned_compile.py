@@ -32,3 +32,29 @@ def test_tune_then_compile_and_plan_with_the_database(tmp_path, capsys):
     assert main(["plan", model_path, "--calib", str(tmp_path / "calib.npz"), "--lambda", "0.2",
                  "--candidates", "w=8;a=8;b=32", "--tuning-db", db, "-o", str(tmp_path / "plan.json")]) == 0
     assert "measured" in capsys.readouterr().err
+
+
+def test_tuned_kernels_keep_their_fused_epilogues(tmp_path):
+    """A tuned record's decisions rebuild the fused kernel: deploy with the database fuses as many
+    epilogues as without it, uses tuned kernels, and computes the same numbers."""
+    from bitq_tvm.deploy import compile_deployed
+    from bitq_tvm.targets import host_preset
+    from bitq_tvm.tuning.session import TuningOptions, tune
+    from bitq_tvm.tuning.tasks import extract_bfp_tasks
+    from bitq_tvm.solver.candidates import LayerCandidates
+
+    model = load_onnx(str(zoo.bundled_model_path()))
+    plan = Plan.uniform("bfp8_b32")
+    cands = LayerCandidates.from_specs("w=8;a=8;b=32").resolve([layer.name for layer in model.layers])
+    tasks = extract_bfp_tasks(model, cands, host_preset())
+    db = str(tmp_path / "db")
+    tune(tasks, host_preset(), db, 2 * len(tasks), TuningOptions(min_trials_per_task=2, population_size=8),
+         progress=None)
+    plain = compile_deployed(model, plan, progress=None)
+    tuned = compile_deployed(model, plan, progress=None, tuning_db=db)
+    assert tuned.report.tuned_kernels
+    fused = [sum(d.epilogue.startswith("fused") for d in r.layers) for r in (plain.report, tuned.report)]
+    assert fused[0] >= 1 and fused[1] == fused[0]
+    x = zoo.bundled_test_data()["x"][:1]
+    got, want = tuned.run({"input": x})[0], plain.run({"input": x})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
