@@ -57,6 +57,7 @@ from .contract import K_QUAD, LANES, NIBBLE_MAX_MANTISSA_BITS, WEIGHT_OFFSET, ch
 from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = [
+    "TunedConfig",
     "LOOP_ORDERS",
     "EPILOGUE_OPS",
     "Epilogue",
@@ -77,6 +78,19 @@ __all__ = [
 ]
 
 LOOP_ORDERS = ("columns_outer", "rows_outer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedConfig:
+    """The schedule decisions of a tuned record (``bitq_tvm.tuning.tasks.tuned_config``), to
+    rebuild the same schedule on another compute of the GEMM (the fused kernel deployment runs): register tile, loop order, row tiles per parallel
+    task (None: the default), auto-unroll step."""
+
+    rows: int
+    groups: int
+    order: str
+    task_rows: int | None
+    unroll: int
 
 
 def _format_tag(fmt: BFPFormat) -> str:

@@ -122,7 +122,7 @@ def bfp_matmul_x86_func(
     16 columns) overrides the default register tile; rows must divide M, 16 * groups divide Np.
     ``epilogue``: fuse bias, clip and the next layer's activation quantization
     (:class:`.bfp_matmul.Epilogue`); the default tile then widens to whole quantization blocks.
-    ``tuned``: a :class:`bitq_tvm.tuning.tasks.TunedConfig` (tile, order, row tiles per task,
+    ``tuned``: a :class:`.bfp_matmul.TunedConfig` (tile, order, row tiles per task,
     unroll step of a verified tuned record), replacing ``tile`` and the default order.
     """
     if variant not in VARIANTS:

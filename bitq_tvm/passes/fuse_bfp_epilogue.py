@@ -42,7 +42,7 @@ from ..errors import BitqError
 from ..formats import Rounding, get_format
 from ..kernels.bfp_conv import ConvGeometry
 from ..kernels.bfp_depthwise import bfp_depthwise_func
-from ..kernels.bfp_matmul import Epilogue
+from ..kernels.bfp_matmul import Epilogue, TunedConfig
 from ..kernels.bfp_matmul_variants import bfp_matmul_func
 from .annotate_layers import annotated_layers, is_tensor_constant
 from .lower_bfp_integer import DEPLOYMENT_ATTR, KERNEL_ATTR, deployment_attr, opaque, plain_attr
@@ -276,8 +276,6 @@ class _Fuser(PyExprMutator):
         else:
             tuned = None
             if "schedule" in k:  # a tuned kernel: its record's decisions on the fused compute
-                from ..tuning.tasks import TunedConfig
-
                 c = k["schedule"]
                 tuned = TunedConfig(int(c["rows"]), int(c["groups"]), str(c["order"]),
                                     None if c["task_rows"] is None else int(c["task_rows"]), int(c["unroll"]))

@@ -37,7 +37,7 @@ from ..errors import BitqError
 from ..formats import BFPFormat
 from ..frontend.onnx_model import Layer, OnnxModel
 from ..plan import LayerFormats
-from ..kernels.bfp_matmul import bfp_matmul_compute, bfp_matmul_name
+from ..kernels.bfp_matmul import TunedConfig, bfp_matmul_compute, bfp_matmul_name
 from ..kernels.bfp_matmul_arm_riscv import LANE_MAJOR_VARIANTS, schedule_bfp_matmul_arm_riscv
 from ..kernels.bfp_matmul_variants import kernel_variant
 from ..kernels.bfp_matmul_x86 import UNSIGNED_WEIGHT_VARIANTS, reads_nibbles_inline
@@ -322,19 +322,6 @@ def bfp_matmul_space(task: BfpTask):
     return ms.space_generator.ScheduleFn(
         design_spaces, sch_rules=[], postprocs=[ms.postproc.RewriteParallelVectorizeUnroll()],
         mutator_probs={ms.mutator.MutateUnroll(): 0.5, ms.mutator.MutateTileSize(): 0.5})
-
-
-@dataclasses.dataclass(frozen=True)
-class TunedConfig:
-    """The decisions of a tuned record, to rebuild the same schedule on another compute of the
-    GEMM (the fused kernel deployment runs): register tile, loop order, row tiles per parallel
-    task (None: the default), auto-unroll step."""
-
-    rows: int
-    groups: int
-    order: str
-    task_rows: int | None
-    unroll: int
 
 
 def tuned_config(trace) -> TunedConfig | None:

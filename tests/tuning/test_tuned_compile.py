@@ -1,6 +1,7 @@
 """`bitq-tvm tune` then `compile --deploy --tuning-db` and `plan --tuning-db`: the loop closed."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 
@@ -11,11 +12,19 @@ from bitq_tvm.models import zoo
 from bitq_tvm.plan import Plan
 
 
-def test_tune_then_compile_and_plan_with_the_database(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tuned_db(tmp_path_factory):
+    """A `bitq-tvm tune` work dir of the bundled digits model (one session for the module)."""
+    db = str(tmp_path_factory.mktemp("tuned") / "db")
+    assert main(["tune", str(zoo.bundled_model_path()), "--trials", "8", "--work-dir", db,
+                 "--candidates", "w=8;a=8;b=32", "--no-fp32", "--min-trials-per-task", "2"]) == 0
+    return db
+
+
+def test_tune_then_compile_and_plan_with_the_database(tuned_db, tmp_path, capsys):
     model_path = str(zoo.bundled_model_path())
-    db = str(tmp_path / "db")
-    assert main(["tune", model_path, "--trials", "8", "--work-dir", db, "--candidates", "w=8;a=8;b=32",
-                 "--no-fp32", "--min-trials-per-task", "2"]) == 0
+    db = tuned_db
+    capsys.readouterr()
     out = tmp_path / "digits.so"
     assert main(["compile", model_path, "--format", "bfp8_b32", "--deploy", "--tuning-db", db, "-o", str(out)]) == 0
     err = capsys.readouterr().err
@@ -34,22 +43,14 @@ def test_tune_then_compile_and_plan_with_the_database(tmp_path, capsys):
     assert "measured" in capsys.readouterr().err
 
 
-def test_tuned_kernels_keep_their_fused_epilogues(tmp_path):
+def test_tuned_kernels_keep_their_fused_epilogues(tuned_db):
     """A tuned record's decisions rebuild the fused kernel: deploy with the database fuses as many
     epilogues as without it, uses tuned kernels, and computes the same numbers."""
     from bitq_tvm.deploy import compile_deployed
-    from bitq_tvm.targets import host_preset
-    from bitq_tvm.tuning.session import TuningOptions, tune
-    from bitq_tvm.tuning.tasks import extract_bfp_tasks
-    from bitq_tvm.solver.candidates import LayerCandidates
 
     model = load_onnx(str(zoo.bundled_model_path()))
     plan = Plan.uniform("bfp8_b32")
-    cands = LayerCandidates.from_specs("w=8;a=8;b=32").resolve([layer.name for layer in model.layers])
-    tasks = extract_bfp_tasks(model, cands, host_preset())
-    db = str(tmp_path / "db")
-    tune(tasks, host_preset(), db, 2 * len(tasks), TuningOptions(min_trials_per_task=2, population_size=8),
-         progress=None)
+    db = tuned_db
     plain = compile_deployed(model, plan, progress=None)
     tuned = compile_deployed(model, plan, progress=None, tuning_db=db)
     assert tuned.report.tuned_kernels
