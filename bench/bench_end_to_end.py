@@ -3,6 +3,7 @@
 Usage: python bench/bench_end_to_end.py [--models digits,resnet18,pplcnet_orientation]
                                         [--formats bfp8_b32,bfp4_b32] [--repeat 30] [--threads 2]
                                         [--unfused] [--simulation] [--processes 3]
+                                        [--tuning-db DIR] [--no-ort]
 
 Models: ``digits`` (bundled, trained), ``resnet18`` / ``mobilenet_v2`` / ``transformer`` (zoo,
 random weights) and
@@ -17,6 +18,7 @@ when they share a process. Rows:
 - BFP deploy <format>: ``bitq_tvm.deploy.compile_deployed`` (integer BFP kernels; layers it
   cannot run stay float simulation, counted in the row's note); ``unfused`` without
   :class:`~bitq_tvm.passes.FuseBFPEpilogue` (``--unfused``);
+- BFP deploy <format> tuned: the same with ``--tuning-db DIR`` (a ``bitq-tvm tune`` work dir);
 - BFP simulation <format>: ``bitq_tvm.api.compile_model`` with the same plan (fake quant + FP32);
 - TVM FP32: ``compile_model`` without a plan (our scheduled CPU pipeline, no tuning);
 - ORT FP32 and ORT int8: ONNX Runtime on the model's ONNX graph; int8 is static QDQ from
