@@ -4,11 +4,16 @@ Usage::
 
     TVM_NUM_THREADS=2 python bench/bench_depthwise.py [--repeat 200]
     python bench/bench_depthwise.py --weight-blocks
+    TVM_NUM_THREADS=2 python bench/bench_depthwise.py --tree-lanes [--repeat 300]
 
 ``--weight-blocks`` prints instead the SQNR of the corpus models' real depthwise weights at
 bfp8 for the block layouts considered (one exponent per weight, blocks along channels at each
 kernel offset, blocks along the KH*KW window of each channel): the measurement behind the
 depthwise block layout in ``docs/design.md``.
+
+``--tree-lanes`` times the fused kernel with its exponent-maximum tree starting at 16 lanes
+(before RVV needed 8) against 8, alternating in one process: the x86 cost of one kernel for all
+targets.
 
 Contenders, each the one kernel of a layer (no quantizer: in a deployed chain the producing
 layer's fused epilogue writes the BFP input):
@@ -153,11 +158,36 @@ def weight_blocks() -> None:
         print(f"| {name} | {len(weights)} | " + " | ".join(cells) + " |")
 
 
+def tree_lanes(repeat: int) -> None:
+    import bitq_tvm.kernels.bfp_depthwise as depthwise
+
+    print("| layer (C, HxW, stride) | tree from 16 lanes ms | tree from 8 lanes ms | 8 / 16 |")
+    print("|---|---|---|---|")
+    ratios, default = [], depthwise._TREE_LANES
+    try:
+        for channels, size, stride in SHAPES:
+            w = np.random.default_rng(channels).standard_normal((channels, 1, 3, 3)).astype(np.float32)
+            calls = []
+            for lanes in (16, 8):
+                depthwise._TREE_LANES = lanes
+                calls.append(_bfp_layer(channels, size, stride, w, fused=True))
+            t16, t8 = _median_ms(calls, repeat)
+            ratios.append(t8 / t16)
+            print(f"| {channels}, {size}x{size}, s{stride} | {t16:.4f} | {t8:.4f} | {t8 / t16:.2f}x |", flush=True)
+    finally:
+        depthwise._TREE_LANES = default
+    print(f"\ngeometric mean (8 / 16): {float(np.exp(np.mean(np.log(ratios)))):.3f}x")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--weight-blocks", action="store_true", help="SQNR of block layouts on real weights")
+    parser.add_argument("--tree-lanes", action="store_true", help="fused kernel: max tree from 16 vs 8 lanes")
     args = parser.parse_args(argv)
+    if args.tree_lanes:
+        tree_lanes(args.repeat)
+        return 0
     if args.weight_blocks:
         weight_blocks()
         return 0
