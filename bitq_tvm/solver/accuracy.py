@@ -40,7 +40,7 @@ from ..errors import BitqError
 from ..evaluation import rel_mse, top1
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes, logit_model
-from ..frontend.reference import layer_block_axes, layer_weight_blocks
+from ..frontend.reference import layer_activation_blocks, layer_weight_blocks
 from ..plan import LayerFormats
 from ..support.npz import read_npz
 from ..support.progress import Countdown, say
@@ -483,9 +483,9 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
             w_noise[layer.name], a_noise[layer.name] = {}, {}
             continue
         w = weights[layer.weight]
-        (axis, groups), _ = layer_block_axes(layer)
         w_noise[layer.name] = {f.name: noise_power(*layer_weight_blocks(layer, w, f)) for f in {c.weight for c in cands}}
-        a_noise[layer.name] = {f.name: _batched_noise_power([c[layer.name] for c in captured], f, axis, groups)
+        a_noise[layer.name] = {f.name: _batched_noise_power([c[layer.name] for c in captured],
+                                                            *layer_activation_blocks(layer, f))
                                for f in {c.activation for c in cands}}
         w_probe = _probe(w_noise[layer.name])
         a_probe = _probe(a_noise[layer.name])
@@ -494,8 +494,12 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
             w_error = _error(w_view, w_fmt, w_axis, w_noise[layer.name][w_probe.name], noise, rng).reshape(w.shape)
         else:
             w_error = None
-        a_errors = [_error(c[layer.name], a_probe, axis, a_noise[layer.name][a_probe.name], noise, rng, groups)
-                    for c in captured] if a_probe else None
+        if a_probe:
+            a_fmt, axis, groups = layer_activation_blocks(layer, a_probe)
+            a_errors = [_error(c[layer.name], a_fmt, axis, a_noise[layer.name][a_probe.name], noise, rng, groups)
+                        for c in captured]
+        else:
+            a_errors = None
         probes[layer.name] = (w_error, a_errors)
         powers[layer.name] = (w_noise[layer.name][w_probe.name] if w_probe else 0.0,
                               a_noise[layer.name][a_probe.name] if a_probe else 0.0)

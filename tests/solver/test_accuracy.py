@@ -138,3 +138,22 @@ def test_sensitivities_are_measured_on_logits_before_a_final_softmax(digits):
     for name in plain.weight_sensitivity:
         assert softmaxed.weight_sensitivity[name] == pytest.approx(plain.weight_sensitivity[name], rel=1e-4)
         assert softmaxed.act_sensitivity[name] == pytest.approx(plain.act_sensitivity[name], rel=1e-4)
+
+
+def test_depthwise_activation_blocks_equal_groups_of_one_channel_without_padding():
+    # The accuracy term quantizes a depthwise input with blocks of one value: the same numbers
+    # as blocks within groups of one channel (which pad every value to a block of B).
+    from bitq_tvm.frontend.onnx_model import Layer
+    from bitq_tvm.frontend.reference import layer_activation_blocks, layer_block_axes
+    from bitq_tvm.formats import fake_quantize_np, get_format
+
+    layer = Layer("dw", "Conv", "w", (24, 1, 3, 3), (2, 24, 5, 5), (2, 24, 5, 5), groups=24)
+    x = (np.random.default_rng(3).standard_normal(layer.input_shape) * np.logspace(-3, 3, 24)[:, None, None]
+         ).astype(np.float32)
+    fmt = get_format("bfp4_b32")
+    (axis, groups), _ = layer_block_axes(layer)
+    a_fmt, a_axis, a_groups = layer_activation_blocks(layer, fmt)
+    assert a_fmt.block_size == 1 and a_groups == 1
+    np.testing.assert_array_equal(fake_quantize_np(x, a_fmt, axis=a_axis, groups=a_groups),
+                                  fake_quantize_np(x, fmt, axis=axis, groups=groups))
+    assert noise_power(x, a_fmt, a_axis, a_groups) == noise_power(x, fmt, axis, groups) > 0
