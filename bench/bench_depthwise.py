@@ -163,19 +163,19 @@ def tree_lanes(repeat: int) -> None:
 
     print("| layer (C, HxW, stride) | tree from 16 lanes ms | tree from 8 lanes ms | 8 / 16 |")
     print("|---|---|---|---|")
-    ratios, default = [], depthwise._TREE_LANES
+    ratios, default = [], depthwise.TREE_LANES
     try:
         for channels, size, stride in SHAPES:
             w = np.random.default_rng(channels).standard_normal((channels, 1, 3, 3)).astype(np.float32)
             calls = []
             for lanes in (16, 8):
-                depthwise._TREE_LANES = lanes
+                depthwise.TREE_LANES = lanes
                 calls.append(_bfp_layer(channels, size, stride, w, fused=True))
             t16, t8 = _median_ms(calls, repeat)
             ratios.append(t8 / t16)
             print(f"| {channels}, {size}x{size}, s{stride} | {t16:.4f} | {t8:.4f} | {t8 / t16:.2f}x |", flush=True)
     finally:
-        depthwise._TREE_LANES = default
+        depthwise.TREE_LANES = default
     print(f"\ngeometric mean (8 / 16): {float(np.exp(np.mean(np.log(ratios)))):.3f}x")
 
 

@@ -74,8 +74,13 @@ def _tune(args, preset) -> int:
         if runner is not None:
             shutdown_workers(runner)
     rows = [(r.name, f"{tasks.by_name()[r.name].macs:,}", r.trials, r.failed,
-             "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}", r.source) for r in summary.results]
-    print_table(["task", "MACs", "trials", "failed", "best us", "schedule"], rows)
+             "-" if r.best_seconds is None else f"{r.best_seconds * 1e6:.2f}",
+             "-" if r.default_seconds is None else f"{r.default_seconds * 1e6:.2f}", r.source) for r in summary.results]
+    print_table(["task", "MACs", "trials", "failed", "best us", "default us", "schedule"], rows)
+    kept = sum(1 for r in summary.results if r.best_seconds is not None and r.source == "default")
+    if kept:
+        print(f"{kept} task(s) keep the default schedule: no record beat it as measured "
+              "(compile --tuning-db uses a record only where it is faster)")
     if summary.all_failed:
         raise BitqError(f"all {summary.new_trials} trial(s) of this run failed to build or run on {preset.name}; "
                         f"nothing was tuned (causes: {os.path.join(args.work_dir, 'logs', 'meta_schedule.log')})")

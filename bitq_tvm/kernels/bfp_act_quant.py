@@ -25,7 +25,7 @@ from tvm import te, tirx
 
 from ..formats import BFPFormat
 from .contract import check_block_layout
-from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
+from .float_bits import divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = ["act_quant_shapes", "bfp_act_quant_func"]
 
@@ -75,9 +75,9 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
         c = idx[-1]
         blk, within = c // block, c % block
         index, valid = source(idx[:-1], blk, within)
-        scale = power_of_two(e_out[idx[:-1] + (blk,)].astype("int32") - fmt.scale_shift)
+        shift = e_out[idx[:-1] + (blk,)].astype("int32") - fmt.scale_shift
         flat_index = sum(i * s for i, s in zip(index, strides))
-        q = tirx.Cast("int8", round_mantissa(x[index] / scale, fmt, flat_index))
+        q = tirx.Cast("int8", round_mantissa(divide_by_power_of_two(x[index], shift), fmt, flat_index))
         return q if valid is None else tirx.Select(valid, q, tirx.const(0, "int8"))
 
     q_out = te.compute(outer + (groups * nbg * block,), mantissa, name="Q")

@@ -44,7 +44,7 @@ from tvm import te, tirx
 from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from .bfp_conv import ConvGeometry
-from .bfp_matmul import Epilogue, has_block, quantized_outputs
+from .bfp_matmul import TREE_LANES, Epilogue, block_max_tree, has_block, quantized_outputs, vectorize_rfactor
 from .contract import DEPTHWISE_CHANNEL_LANES, depthwise_problem, depthwise_weight_blocks, padded
 from .float_bits import power_of_two
 
@@ -55,9 +55,6 @@ __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 _MAX_LANES = 16
 # Output pixels of one step of the conv's unrolled inner loop (at most; a divisor of the row)
 _PIXELS_PER_STEP = 8
-# Widest stage of the block-maximum tree: 16 int32 lanes fail to build for RVV (MakePackedAPI loses
-# the rfactor buffer; "int32xvscalex4 vs int32xvscalex16" at 4), 8 build everywhere.
-_TREE_LANES = 8
 # Parallel tasks: at least this many (a few threads share them evenly), each dequantizing at most
 # this many bytes of input (float32; well inside a 1 MB L2)
 _MIN_TASKS = 8
@@ -270,7 +267,7 @@ def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None
     reverse_compute_at cannot invert), the exponents and mantissas after it. Padded output
     columns keep the channels in one group (a group loop would keep the clamp in every
     group's loads)."""
-    tree = _block_max_tree(sch, min(lanes, _TREE_LANES))  # rfactor only applies before the stages are placed
+    tree = block_max_tree(sch, min(lanes, TREE_LANES))  # rfactor only applies before the stages are placed
     y = sch.get_sblock("y")
     channels = geom.channels
     i, col = sch.get_loops(y)
@@ -295,7 +292,7 @@ def _schedule_fused(sch, geom: ConvGeometry, lanes: int, out_block: int) -> None
     else:
         _vectorize_last(sch, y, lanes)
     for stage in tree:
-        _vectorize_rfactor(sch, stage, depth)
+        vectorize_rfactor(sch, stage, depth)
     acc = sch.get_sblock("acc")
     if geom.out_width == 1:
         # compute_at leaves no loop over a row of one pixel; _schedule_row tiles (pixel, channel, offset)
@@ -312,44 +309,6 @@ def _channel_group(width: int, out_block: int) -> int:
     blocks = width // out_block
     fits = [k for k in range(1, blocks + 1) if blocks % k == 0 and k * out_block * 4 < 1024]
     return max(fits) * out_block if fits else width
-
-
-def _block_max_tree(sch, lanes: int) -> list:
-    """The block maximum of the exponent fields as vector maxima of halves, lanes -> lanes/2 ->
-    ... -> 2 (rfactor stages over contiguous values, returned in order); the final stage takes
-    the max of the last two. As one scalar loop per block, LLVM turns it into gathers across the
-    blocks (32 vpgatherqd per pixel on AVX-512). Max is exact in any order."""
-    field = sch.get_sblock("exponent_field")
-    stages = []
-    width = lanes
-    if int(sch.get(sch.get_loops(field)[-1]).extent) % width:
-        return stages
-    while width > 1:
-        ri = sch.split(sch.get_loops(field)[-1], [None, width])[-1]
-        stages.append(sch.rfactor(ri, factor_axis=2))  # [pixel, block, lane]: lanes contiguous
-        width //= 2
-    return stages
-
-
-def _vectorize_rfactor(sch, stage, depth: int) -> None:
-    """Loops of a placed rfactor stage below ``depth`` reordered (block, reduction, lane), the
-    lane vectorized. reverse_compute_at orders them by the block's iterators, which rfactor
-    does not keep in one order."""
-    loops = sch.get_loops(stage)[depth:]
-    realize = sch.get(loops[-1]).body
-    loop_vars = [sch.get(loop).loop_var for loop in loops]
-    lane_var = realize.block.writes[0].region[-1].min  # the rfactor lane indexes the last axis
-    order = {}
-    for loop, var in zip(loops, loop_vars):
-        iv = next(iv for iv, value in zip(realize.block.iter_vars, realize.iter_values)
-                  if any(v.same_as(var) for v in tirx.analysis.undefined_vars(value)))
-        if iv.var.same_as(lane_var):
-            order[loop] = 2
-        else:
-            order[loop] = 1 if iv.iter_type == tirx.IterVar.CommReduce else 0
-    ordered = sorted(loops, key=lambda loop: order[loop])
-    sch.reorder(*ordered)
-    sch.vectorize(ordered[-1])
 
 
 def _vectorize_last(sch, block, lanes: int) -> None:

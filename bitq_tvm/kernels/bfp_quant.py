@@ -24,7 +24,7 @@ from tvm import te, tirx
 from ..errors import BitqError
 from ..formats import BFPFormat
 from .contract import check_block_layout
-from .float_bits import exponent_field, power_of_two, round_mantissa, shared_exponent
+from .float_bits import divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent
 
 __all__ = ["bfp_fake_quant_name", "bfp_fake_quant_func"]
 
@@ -88,9 +88,10 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
         c = index[axis]
         block_index = (c // segment, c % segment // block)
         field = block_field[index[:axis] + block_index + index[axis + 1 :]]
-        scale = power_of_two(shared_exponent(field, fmt) - fmt.scale_shift)
+        shift = shared_exponent(field, fmt) - fmt.scale_shift
+        scale = power_of_two(shift)
         flat_index = sum(i * s for i, s in zip(index, strides))
-        q = round_mantissa(x[index] / scale, fmt, flat_index)
+        q = round_mantissa(divide_by_power_of_two(x[index], shift), fmt, flat_index)
         # through int32 like the reference's integer mantissa, so -0.0 comes back as +0.0
         return tirx.Cast("float32", tirx.Cast("int32", q)) * scale
 

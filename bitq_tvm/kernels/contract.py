@@ -32,6 +32,9 @@ from ..errors import BitqError
 from ..formats import BFPFormat
 
 __all__ = [
+    "KERNEL_ATTR",
+    "kernel_key",
+    "record_key",
     "LANES",
     "K_QUAD",
     "WEIGHT_OFFSET",
@@ -286,6 +289,33 @@ def kernel_geometry(kind: str, input_shape: Sequence[int], weight_shape: Sequenc
     if kind == "conv2d" and is_depthwise(weight_shape, groups):
         return depthwise_geometry(input_shape, weight_shape, output_shape)
     return gemm_geometry(kind, input_shape, weight_shape, output_shape, block_size, groups)
+
+
+# On every integer kernel the deployment emits (fused ones too): a record of what it computes
+# (``kind``, ``rows``, ``n``, ``k`` or ``geometry``, ``fmt_a``, ``fmt_w``, ...). Passes and reports read
+# kernels through it, never by parsing kernel names.
+KERNEL_ATTR = "bitq.kernel"
+
+
+def kernel_key(geometry: GemmGeometry | DepthwiseGeometry, fmt_a: str, fmt_w: str) -> tuple:
+    """What one call of a layer's integer kernel computes, as a key that :func:`record_key` of the
+    kernel's ``bitq.kernel`` record equals (fused epilogue or not; ``fmt_*`` are format names)."""
+    if isinstance(geometry, DepthwiseGeometry):
+        return ("depthwise", geometry.rows, geometry.channels, geometry.kernel_offsets, fmt_a, fmt_w)
+    return ("matmul", geometry.rows_padded, geometry.n, geometry.k_padded, fmt_a, fmt_w)
+
+
+def record_key(record) -> tuple | None:
+    """:func:`kernel_key` of a kernel's ``bitq.kernel`` record (plain dict), None for kernels that
+    are not a layer's matmul or depthwise conv (activation quantizers)."""
+    kind = str(record["kind"]).removesuffix("_fused")
+    fmt_a, fmt_w = str(record.get("fmt_a", "")), str(record.get("fmt_w", ""))
+    if kind == "matmul":
+        return ("matmul", int(record["rows"]), int(record["n"]), int(record["k"]), fmt_a, fmt_w)
+    if kind == "depthwise":
+        kh, kw = (int(d) for d in record["geometry"]["kernel"])
+        return ("depthwise", int(record["rows"]), int(record["n"]), kh * kw, fmt_a, fmt_w)
+    return None
 
 
 def integer_weight_bytes(geometry: GemmGeometry | DepthwiseGeometry, fmt: BFPFormat) -> int:

@@ -47,6 +47,23 @@ def power_of_two(k: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.reinterpret("float32", tirx.Select(k >= _MIN_NORMAL_EXPONENT, normal, subnormal))
 
 
+def divide_by_power_of_two(x: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 ``x / 2**k``, rounded exactly as that division, for k in [-127, 149 + 127].
+
+    A multiplication by the exact reciprocal ``2**-k`` (a division costs ~5x a multiplication
+    and does not pipeline): both round the same exact quotient, so the results are identical.
+    Where ``2**-k`` is above float32's range (k < -127) it is applied as ``2**127 * 2**(-k-127)``;
+    the first product is exact (a power-of-two scaling that does not overflow, because a block's
+    values are below ``2**(e+1)``) and the second rounds the exact quotient.
+    """
+    inverse = -k
+    # 2**max(-k - 127, 0) is a normal number: its bit pattern needs no subnormal branch (whose
+    # shift the simplifier would fold out of range when it proves the exponent >= 0)
+    above = tirx.max(inverse - 127, tirx.const(0, "int32"))
+    rest = tirx.reinterpret("float32", (above + FLOAT32_EXPONENT_BIAS) << FLOAT32_MANTISSA_BITS)
+    return x * power_of_two(tirx.min(inverse, tirx.const(127, "int32"))) * rest
+
+
 def _u32(value: int) -> tirx.PrimExpr:
     return tirx.const(value % 2**32, "uint32")
 

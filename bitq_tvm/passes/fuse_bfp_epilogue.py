@@ -281,8 +281,11 @@ class _Fuser(PyExprMutator):
                                     None if c["task_rows"] is None else int(c["task_rows"]), int(c["unroll"]))
             func = bfp_matmul_func(rows_padded, n, int(k["k"]), fmt_a, fmt_w, str(k["variant"]), epilogue=epilogue,
                                    tuned=tuned)
-        func = opaque(func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True))
         name = f"{k['name']}_{epilogue.tag}"
+        # a fused kind is no producer of a further fusion; reports still find the layer's kernel
+        record = {**k, "kind": f"{k['kind']}_fused", "name": name}
+        func = opaque(func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+                      .with_attr(KERNEL_ATTR, record))
         gv = self.builder_.add_func(func, name)
         width = -(-n // fmt_q.block_size) * fmt_q.block_size
         args = [self.visit_expr(a) for a in chain.matmul_call.args[1].fields] + \

@@ -55,18 +55,17 @@ from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
 from ..kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
-from ..kernels.contract import (DEFAULT_MAX_PADDING_RATIO, depthwise_activation_format, format_problem, gemm_geometry,
+from ..kernels.contract import (DEFAULT_MAX_PADDING_RATIO, KERNEL_ATTR, depthwise_activation_format, format_problem, gemm_geometry,
                                 integer_support, is_depthwise)
 from ..kernels.packing import PackedWeights, pack_quantized, pack_weights
 from ..frontend import LAYER_NAMES_ATTR
+from ..support.attrs import plain_attr
 from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, permute_axes, resolve_formats
 
 __all__ = ["DEPLOYMENT_ATTR", "KERNEL_ATTR", "LayerDeployment", "LowerBFPInteger", "deployment_layers",
            "deployment_modes", "opaque", "plain_attr"]
 
 DEPLOYMENT_ATTR = "bitq.deployment"
-# On the kernels this pass emits: what each one computes (read by FuseBFPEpilogue).
-KERNEL_ATTR = "bitq.kernel"
 # On a tuned kernel handed in by the pipeline: its record's decisions (TunedConfig fields).
 TUNED_CONFIG_ATTR = "bitq.tuned_config"
 
@@ -108,19 +107,6 @@ class LayerDeployment:
     def from_attr(cls, record) -> "LayerDeployment":
         record = plain_attr(record)
         return cls(**{**record, "variant": record["variant"] or None})
-
-
-def plain_attr(value):
-    """An IR attribute value (Map, Array, String, IntImm) as plain Python."""
-    if isinstance(value, str):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if isinstance(value, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
-        return value.value
-    if hasattr(value, "items"):
-        return {str(k): plain_attr(v) for k, v in value.items()}
-    return [plain_attr(v) for v in value]
 
 
 def deployment_attr(func: relax.Function) -> dict | None:

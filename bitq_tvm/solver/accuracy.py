@@ -48,6 +48,8 @@ from ..support.progress import Countdown, say
 LOGIT_MSE_UNIT = "relative logit MSE"
 TOP1_UNIT = "top-1 drop"
 NOISE_KINDS = ("quantization", "gaussian")
+# Seconds between two progress lines of the noise-power phase (one per layer would flood small models).
+NOISE_PROGRESS_SECONDS = 2.0
 # Curve levels, as multiples of each tensor's probe noise power, injected at every layer at once.
 _CURVE_SCALES = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -476,7 +478,11 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
     captured = [graph.capture(b) for b in batches]
     weights = model.weights()
     w_noise, a_noise, w_sens, a_sens, probes, powers = {}, {}, {}, {}, {}, {}
-    for layer in model.layers:
+    countdown, last_line = Countdown(len(model.layers), started), time.perf_counter()
+    for index, layer in enumerate(model.layers):
+        if progress and index and time.perf_counter() - last_line > NOISE_PROGRESS_SECONDS:
+            last_line = time.perf_counter()  # a line every few seconds: small models print none
+            progress(f"noise powers {index}/{len(model.layers)} layers {countdown.suffix(index)}")
         cands = [c for c in candidates[layer.name] if not c.is_fp32]
         w_sens[layer.name] = a_sens[layer.name] = 0.0
         if not cands:  # pinned to fp32: no noise, sensitivity irrelevant

@@ -34,13 +34,13 @@ import tvm
 
 from ..errors import BitqError
 from ..frontend.onnx_model import OnnxModel
-from ..kernels.contract import gemm_geometry
+from ..kernels.contract import KERNEL_ATTR, kernel_geometry, kernel_key, record_key
 from ..plan import LayerFormats, Plan
+from ..support.attrs import plain_attr
 from ..targets import mca
 from ..targets.presets import TargetPreset
 
 ESTIMATE_SOURCE = "llvm-mca estimate"
-_BFP_MATMUL = re.compile(r"^bfp_matmul_m(\d+)_n(\d+)_k(\d+)_a(\d+)b(\d+)_w(\d+)b(\d+)_")
 _CALL = re.compile(r"call_tir\w*\((?:cls\.)?(\w+),")
 
 
@@ -57,6 +57,7 @@ class KernelEstimate:
     hot_loop_cycles: float | None = None
     hot_loop_macs: int = 0
     block_overhead: bool = False
+    key: tuple | None = None  # :func:`kernel_key` of an integer BFP kernel, None for the others
 
     @property
     def cycles(self) -> float:
@@ -101,6 +102,7 @@ class _KernelReader:
 
     def __init__(self):
         self.macs: dict[str, int] = {}
+        self.keys: dict[str, tuple] = {}
         self.arg_bytes: dict[str, int] = {}
         self.calls: dict[str, int] = {}
 
@@ -108,7 +110,17 @@ class _KernelReader:
         if info.name == "ApplyDefaultSchedule":
             for gvar, func in mod.functions.items():
                 if isinstance(func, tvm.tirx.PrimFunc):
-                    self.macs[gvar.name_hint] = tir_macs(func)
+                    name = gvar.name_hint
+                    record = None if func.attrs is None or KERNEL_ATTR not in func.attrs else \
+                        plain_attr(func.attrs[KERNEL_ATTR])
+                    key = record_key(record) if record is not None else None
+                    if key is not None:
+                        self.keys[name] = key
+                    if key is not None and key[0] == "matmul":
+                        # already tensorized when we see it: its GEMM is in its record
+                        self.macs[name] = key[1] * key[2] * key[3]
+                    else:
+                        self.macs[name] = tir_macs(func)
         elif info.name == "CallTIRRewrite" and not self.calls:
             self.calls = {}
             for name in _CALL.findall(str(mod["main"])):
@@ -162,14 +174,6 @@ def tir_macs(func) -> int:
     return total
 
 
-def _kernel_macs(name: str, tir_count: int) -> int:
-    match = _BFP_MATMUL.match(name)
-    if match:  # already scheduled (tensorized) when we see it: its GEMM is in its name
-        m, n, k = map(int, match.groups()[:3])
-        return m * n * k
-    return tir_count
-
-
 def _compute(lines, preset: TargetPreset, macs: int, triple: str, cpu: str, mattr: str):
     """(compute cycles, hot-loop cycles/iteration, MACs/iteration, block overhead priced) of one kernel."""
     loops = mca.find_loops(lines)
@@ -204,12 +208,15 @@ def estimate_model(model: OnnxModel, plan: Plan | None, preset: TargetPreset, pr
     with tvm.transform.PassContext(opt_level=3, instruments=[reader]):
         deployed = compile_deployed(model, plan, preset, progress=progress)
     asm = "\n".join(lib.inspect_source("asm") for lib in deployed.executable.mod.imports)
-    return estimate_asm(asm, reader.macs, reader.arg_bytes, reader.calls, preset, cpu, mattr)
+    return estimate_asm(asm, reader.macs, reader.arg_bytes, reader.calls, preset, cpu, mattr, reader.keys)
 
 
 def estimate_asm(asm: str, macs: Mapping[str, int], arg_bytes: Mapping[str, int], calls: Mapping[str, int],
-                 preset: TargetPreset, cpu: str, mattr: str = "") -> ModelEstimate:
-    """Per-kernel estimates from a module's assembly and the kernels' MACs, argument bytes and calls."""
+                 preset: TargetPreset, cpu: str, mattr: str = "",
+                 keys: Mapping[str, tuple] | None = None) -> ModelEstimate:
+    """Per-kernel estimates from a module's assembly and the kernels' MACs, argument bytes, calls
+    and (integer BFP kernels) :func:`~bitq_tvm.kernels.contract.kernel_key`."""
+    keys = keys or {}
     triple = preset.triple.split("-")[0]
     clock = mca.CLOCK_GHZ.get(preset.name, 3.0)
     kernels = []
@@ -217,38 +224,41 @@ def estimate_asm(asm: str, macs: Mapping[str, int], arg_bytes: Mapping[str, int]
         if not calls.get(name):
             continue  # folded at compile time (weight packing) or never called
         # SplitLayoutRewritePreproc renames a kernel whose weight layout it folds away
-        kernel_macs = _kernel_macs(name, macs.get(name, macs.get(name.removesuffix("_prepacked"), 0)))
+        kernel_macs = macs.get(name, macs.get(name.removesuffix("_prepacked"), 0))
         compute, per_iteration, loop_macs, overhead = _compute(lines, preset, kernel_macs, triple, cpu, mattr)
         memory = arg_bytes.get(name, 0) * clock / preset.dram_bandwidth_gbps
         kernels.append(KernelEstimate(name, calls[name], kernel_macs, arg_bytes.get(name, 0), compute, memory,
-                                      per_iteration, loop_macs, overhead))
+                                      per_iteration, loop_macs, overhead, keys.get(name)))
     if not kernels:
         raise BitqError(f"no kernels found in the assembly for {preset.name} (not TVM 0.27 output?)")
     return ModelEstimate(preset.name, cpu, tuple(kernels))
 
 
 def layer_estimates(model: OnnxModel, formats: LayerFormats, estimate: ModelEstimate) -> dict[str, float]:
-    """Layer -> estimated cycles of its integer BFP matmul under ``formats`` (layers whose kernel is found).
+    """Layer -> estimated cycles of its integer BFP kernel under ``formats`` (layers whose kernel is found).
 
-    A layer's kernel is the ``bfp_matmul`` of its GEMM (``m``, ``n``, ``k`` after padding) and
-    formats, with or without a fused epilogue; cycles per call x the layer's groups. FP32 layers
-    and fallbacks have no integer kernel of their own here and are left to the DM model.
+    A layer's kernel is the one whose ``bitq.kernel`` record computes the layer's GEMM (or
+    depthwise conv) in these formats (:func:`~bitq_tvm.kernels.contract.kernel_key`), with or
+    without a fused epilogue; cycles per call x the layer's groups. FP32 layers and fallbacks have
+    no integer kernel of their own here and are left to the DM model.
     """
     if formats.weight is None or formats.activation is None:
         return {}
+    by_key: dict[tuple, float] = {}
+    for k in estimate.kernels:
+        if k.key is not None:
+            by_key[k.key] = min(k.cycles, by_key.get(k.key, float("inf")))
     out = {}
     a, w = formats.activation, formats.weight
     for layer in model.layers:
         try:
-            g = gemm_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape,
-                              a.block_size, layer.groups)
+            g = kernel_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape,
+                                a.block_size, layer.groups)
         except BitqError:
             continue
-        prefix = (f"bfp_matmul_m{g.rows_padded}_n{g.n}_k{g.k_padded}_a{a.mantissa_bits}b{a.block_size}"
-                  f"_w{w.mantissa_bits}b{w.block_size}_")
-        matches = [k for k in estimate.kernels if k.name.startswith(prefix)]
-        if matches:
-            out[layer.name] = min(k.cycles for k in matches) * g.groups
+        cycles = by_key.get(kernel_key(g, a.name, w.name))
+        if cycles is not None:
+            out[layer.name] = cycles * getattr(g, "groups", 1)
     return out
 
 

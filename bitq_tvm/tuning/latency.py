@@ -32,7 +32,7 @@ from ..kernels.contract import LANES, padded
 from ..plan import LayerFormats
 from ..targets.presets import TargetPreset
 from ..support.tables import format_table
-from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
+from .session import FAILED_RUN_SECS, default_seconds, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, extract_bfp_tasks
 
 __all__ = ["FEATURE_NAMES", "LatencyEntry", "LatencyReport", "LatencyTable", "task_features",
@@ -125,11 +125,17 @@ class LatencyTable:
 
 def measured_task_seconds(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset,
                           verified: bool = True) -> dict[str, float]:
-    """Task name -> best measured seconds (failed trials ignored; verified records only if asked)."""
+    """Task name -> best measured seconds (failed trials ignored; verified records only if asked).
+
+    With ``verified``: the kernel deployment runs, i.e. the trusted tuned record, or the default
+    schedule's measurement where that beat every record (:func:`.verify.trusted_records`).
+    """
     if verified and (preset.is_native or preset.emulator is not None):
         from .verify import trusted_records
 
-        return {name: record_seconds(r) for name, r in trusted_records(work_dir, tasks, preset).items()}
+        trusted = {name: record_seconds(r) for name, r in trusted_records(work_dir, tasks, preset).items()}
+        defaults = default_seconds(work_dir)
+        return {**{t.name: defaults[t.name] for t in tasks if t.name in defaults}, **trusted}
     found = records_by_task(open_database(work_dir), tasks)
     best = {}
     for name, records in found.items():

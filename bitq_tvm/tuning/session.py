@@ -3,7 +3,9 @@
 The work dir holds MetaSchedule's JSON database (``database_workload.json``,
 ``database_tuning_record.json``), a manifest (``bitq_manifest.json``: target, bitq-tvm and TVM
 versions; a work dir from another target or version is refused, never mixed), the tasks whose
-search space ran out (``bitq_exhausted.json``, so a resume does not search them again), and logs.
+search space ran out (``bitq_exhausted.json``, so a resume does not search them again), the
+default (hand) schedule of every tuned BFP task measured by the same builder and runner
+(``bitq_default_seconds.json``: deployment uses a tuned record only when it beats it), and logs.
 
 Resuming: MetaSchedule appends one JSON line per workload and per measured trial. A run killed
 while writing leaves at most a partial last line, which :func:`repair_database` truncates before
@@ -44,6 +46,7 @@ __all__ = [
     "MANIFEST_FILE",
     "WORKLOAD_FILE",
     "RECORD_FILE",
+    "DEFAULTS_FILE",
     "FAILED_RUN_SECS",
     "TuningOptions",
     "TaskResult",
@@ -56,6 +59,7 @@ __all__ = [
     "workload_key",
     "records_by_task",
     "record_seconds",
+    "default_seconds",
     "tune",
     "shutdown_workers",
     "tuning_target",
@@ -66,6 +70,8 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 # Tasks whose search space ran out of unmeasured candidates, with their trial count then.
 EXHAUSTED_FILE = "bitq_exhausted.json"
+# Task -> mean seconds of its default (hand) schedule, measured like its records.
+DEFAULTS_FILE = "bitq_default_seconds.json"
 LOCK_FILE = "bitq_tune.lock"
 # A task is measured in at least this many MetaSchedule batches (when its budget allows), so that a
 # kill inside a task loses at most about 1/BATCHES_PER_TASK of its trials.
@@ -111,11 +117,17 @@ class TaskResult:
     failed: int
     best_seconds: float | None
     tuning_seconds: float
+    default_seconds: float | None = None
 
     @property
     def source(self) -> str:
-        """``tuned`` when a measured schedule exists, else ``default`` (the hand schedule)."""
-        return "tuned" if self.best_seconds is not None else "default"
+        """``tuned`` when a measured schedule exists and beats the default (hand) schedule measured
+        the same way, else ``default``."""
+        if self.best_seconds is None:
+            return "default"
+        if self.default_seconds is not None and self.best_seconds >= self.default_seconds:
+            return "default"
+        return "tuned"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +437,45 @@ def record_seconds(record) -> float:
     return sum(secs) / len(secs)
 
 
+def default_seconds(work_dir: str) -> dict[str, float]:
+    """Task name -> measured seconds of its default schedule (:data:`DEFAULTS_FILE`), {} if none."""
+    path = os.path.join(work_dir, DEFAULTS_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise BitqError(f"{path}: not a table of default schedule seconds ({err}); delete it to re-measure") from None
+
+
+def measure_default(task: BfpTask, target, builder, runner) -> float | None:
+    """Mean seconds of ``task``'s default (hand) schedule, built and run by the session's own
+    builder and runner (same evaluator, same device), so its records compare with it; None when
+    it fails to build or run there."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..kernels.bfp_matmul_variants import bfp_matmul_func
+
+    func = bfp_matmul_func(task.m, task.n, task.k, task.fmt_a, task.fmt_w, task.variant)
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", task.name)})
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg is not None:
+        return None
+    try:
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type=device,
+                                                      args_info=ms.arg_info.TensorInfo.from_prim_func(func))])
+        result = future.result()
+    finally:
+        ms.utils.remove_build_dir(built.artifact_path)
+    secs = [float(s) for s in result.run_secs or ()]
+    if result.error_msg is not None or not secs or any(s >= FAILED_RUN_SECS for s in secs):
+        return None
+    return sum(secs) / len(secs)
+
+
 def _quiet_metaschedule_logs(work_dir: str) -> None:
     """MetaSchedule logs to stdout by default: send it to work_dir/logs instead."""
     log_dir = os.path.join(work_dir, "logs")
@@ -552,6 +603,8 @@ def _tune_each(tasks, budget, before, target, options, builder, runner, database
     if os.path.exists(exhausted_path):
         with open(exhausted_path) as f:
             exhausted = json.load(f)
+    defaults_path = os.path.join(work_dir, DEFAULTS_FILE)
+    defaults = default_seconds(work_dir)
     results = []
     for index, task in enumerate(tasks, 1):
         remaining = max(0, budget[task.name] - before[task.name])
@@ -575,10 +628,20 @@ def _tune_each(tasks, budget, before, target, options, builder, runner, database
             _write_json(exhausted_path, exhausted)
         seconds = [record_seconds(r) for r in records]
         good = [s for s in seconds if s < FAILED_RUN_SECS]
+        if remaining and good and isinstance(task, BfpTask) and task.name not in defaults:
+            # measured in the session that measured the records: same machine, same conditions
+            default = measure_default(task, target, builder, runner)
+            if default is not None:
+                defaults[task.name] = default
+                _write_json(defaults_path, defaults)
         result = TaskResult(task.name, budget[task.name], before[task.name], len(records),
-                            len(seconds) - len(good), min(good) if good else None, time.perf_counter() - started)
+                            len(seconds) - len(good), min(good) if good else None, time.perf_counter() - started,
+                            defaults.get(task.name))
         results.append(result)
         best = f"best {result.best_seconds * 1e6:.2f} us" if good else "no working schedule: default kept"
+        if good and result.default_seconds is not None:
+            best += (f" vs default {result.default_seconds * 1e6:.2f} us"
+                     + (": default kept" if result.source == "default" else ""))
         say(f"task {index}/{len(tasks)} {task.name}: {result.trials} trial(s), {result.failed} failed, {best}"
             + (f", {result.tuning_seconds:.1f} s" if remaining else " (budget already met)"))
     return results

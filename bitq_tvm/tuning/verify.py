@@ -29,7 +29,7 @@ from ..kernels.oracle import bfp_matmul_ref, bfp_matmul_tolerance, quantize_acti
 from ..kernels.packing import pack_weights
 from ..support.atomic import write_json
 from ..targets.presets import TargetPreset
-from .session import FAILED_RUN_SECS, open_database, record_seconds, records_by_task
+from .session import FAILED_RUN_SECS, default_seconds, open_database, record_seconds, records_by_task
 from .tasks import BfpTask, register_metaschedule_intrinsics
 
 __all__ = ["VERIFIED_FILE", "KERNEL_INPUTS", "Verdict", "random_bfp_inputs", "check_kernel", "kernel_runner", "schedule_from_record",
@@ -170,9 +170,13 @@ def verify_tasks(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset, 
 
 
 def trusted_records(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset) -> dict[str, object]:
-    """Task name -> its fastest verified record (tasks without one are left out)."""
+    """Task name -> its fastest verified record, when it beats the task's default schedule as the
+    session measured it (:func:`~.session.default_seconds`; work dirs without that measurement keep
+    the record). Tasks left out compile with the default schedule: a database never slows one down
+    as measured."""
+    defaults = default_seconds(work_dir)
     return {name: record for name, (record, _) in verify_tasks(work_dir, tasks, preset).items()
-            if record is not None}
+            if record is not None and record_seconds(record) < defaults.get(name, FAILED_RUN_SECS)}
 
 
 def tuned_prim_funcs(work_dir: str, tasks: Sequence[BfpTask], preset: TargetPreset) -> dict[str, object]:

@@ -106,6 +106,7 @@ def test_fused_epilogue_quantizes_like_the_reference(channels):
     (1, 144, 12, 1, "bfp8_b32"),  # padded output columns (144 -> 160) with many channel vectors
     (1, 96, 1, 1, "bfp8_b32"),    # a one-pixel output row (MobileNetV2 at 32x32): no pixel loop
     (2, 96, 2, 2, "bfp8_b32"),    # the same at stride 2, two images
+    (1, 64, 9, 1, "bfp8_b1"),     # into another depthwise conv: an exponent per value
 ])
 def test_fused_epilogue_other_task_shapes(batch, channels, size, stride, out_name):
     fmt, out_fmt = get_format("bfp8_b32"), get_format(out_name)

@@ -62,6 +62,9 @@ CASES = [
     (7, 40, 64, "bfp6_b16", "bfp4_b16", "generic"),
     (3, 10, 48, "bfp8_b8", "bfp8_b8", "avx2"),
     (1, 96, 64, "bfp2_b32", "bfp5_b32", "generic"),
+    # next block 1 (a depthwise conv's input, an exponent per value): elementwise exponent stages
+    (8, 64, 64, "bfp8_b32", "bfp8_b1", "avx2"),
+    (7, 40, 64, "bfp8_b16", "bfp4_b1", "generic"),
 ]
 
 
@@ -70,7 +73,8 @@ CASES = [
 CASES += [(1, 48, 96, "bfp8_b32", "bfp8_b32", v) for v in ("avx2", "generic")] + [
     pytest.param(c, marks=pytest.mark.host_cpu("avx512vnni"))
     for c in [(1, 48, 96, "bfp8_b32", "bfp8_b32", "vnni"), (8, 64, 100, "bfp4_b32", "bfp8_b32", "vnni"),
-              (3, 10, 48, "bfp8_b8", "bfp8_b8", "vnni"), (1, 96, 64, "bfp8_b32", "bfp8_b16", "vnni")]]
+              (3, 10, 48, "bfp8_b8", "bfp8_b8", "vnni"), (1, 96, 64, "bfp8_b32", "bfp8_b16", "vnni"),
+              (4, 96, 64, "bfp8_b32", "bfp8_b1", "vnni")]]
 
 
 def _case_id(c):

@@ -76,3 +76,18 @@ def test_infeasible_budget_stops_early_with_eta(digits):
         measure_accuracy_term(model, calib, table, progress=lines.append, budget=1e-9)
     measured = [line for line in lines if line.startswith("accuracy term")]
     assert len(measured) == 1 and "ETA" in measured[0]
+
+
+def test_noise_power_phase_reports_progress_with_eta(digits, monkeypatch):
+    """The noise-power phase (minutes on a large model before the fix of its depthwise blocks)
+    prints a line per layer with an ETA once it runs longer than the throttle."""
+    import bitq_tvm.solver.accuracy as accuracy
+
+    model, calib = digits
+    table = LayerCandidates(CandidateSet((4, 8), (8,), (16,))).resolve([l.name for l in model.layers])
+    monkeypatch.setattr(accuracy, "NOISE_PROGRESS_SECONDS", 0.0)
+    lines = []
+    measure_accuracy_term(model, calib, table, progress=lines.append)
+    noise = [line for line in lines if line.startswith("noise powers ") and "/" in line.split()[2]]
+    assert [line.split()[2] for line in noise] == [f"{i}/{len(model.layers)}" for i in range(1, len(model.layers))]
+    assert all("ETA" in line for line in noise)

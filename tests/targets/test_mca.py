@@ -130,3 +130,40 @@ def test_estimate_grows_with_k_and_bfp4_moves_fewer_bytes(tmp_path):
     assert k4.memory_cycles < k8.memory_cycles
     formats = Plan.uniform("bfp8_b32").default
     assert layer_estimates(small, formats, est8) == {"fc": k8.cycles}
+
+
+def _pointwise_depthwise_model(tmp_path):
+    """pw (1x1 conv, ReLU, its epilogue fuses the depthwise input's quantization) -> dw 3x3."""
+    rng = np.random.default_rng(1)
+    init = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+            for n, s in (("w_pw", (32, 16, 1, 1)), ("w_dw", (32, 1, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w_pw"], ["a"], name="pw"),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w_dw"], ["y"], name="dw", group=32, pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])], init)
+    path = tmp_path / "pw_dw.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return load_onnx(str(path))
+
+
+@needs_mca
+def test_fused_and_depthwise_kernels_are_found_by_their_records(tmp_path):
+    """Layers find their kernels through the kernels' ``bitq.kernel`` records: the pointwise
+    conv's fused kernel (its name carries the epilogue) and the depthwise conv's kernel."""
+    from bitq_tvm.kernels.contract import kernel_geometry, kernel_key
+    from bitq_tvm.solver.mca_cost import estimate_model, layer_estimates
+
+    model = _pointwise_depthwise_model(tmp_path)
+    estimate = estimate_model(model, Plan.uniform("bfp8_b32"), get_target("cortex-a76"))
+    formats = Plan.uniform("bfp8_b32").default
+    found = layer_estimates(model, formats, estimate)
+    assert set(found) == {"pw", "dw"}
+    by_key = {k.key: k for k in estimate.kernels if k.key is not None}
+    for layer in model.layers:
+        geometry = kernel_geometry(layer.kind, layer.input_shape, layer.weight_shape, layer.output_shape, 32,
+                                   layer.groups)
+        kernel = by_key[kernel_key(geometry, "bfp8_b32", "bfp8_b32")]
+        assert found[layer.name] == kernel.cycles and kernel.compute_cycles
+    assert any(k.name.startswith("bfp_matmul") and k.key and k.name != "bfp_matmul" and "_qa8b1" in k.name
+               for k in estimate.kernels)

@@ -9,7 +9,9 @@ No wall-clock expectation: the wait for the first record is bounded only by KILL
 bound against a hang far above any loaded machine's duration, not a speed requirement.
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from bitq_tvm.solver.candidates import CandidateSet, LayerCandidates
 from bitq_tvm.solver.performance import SECONDS_UNIT, performance_term
 from bitq_tvm.targets import host_preset
 from bitq_tvm.tuning.latency import latency_table, measured_task_seconds
-from bitq_tvm.tuning.session import FAILED_RUN_SECS, RECORD_FILE, TuningOptions, tune
+from bitq_tvm.tuning.session import DEFAULTS_FILE, FAILED_RUN_SECS, RECORD_FILE, TuningOptions, tune
 from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
 from bitq_tvm.tuning.tasks import BfpTask, extract_bfp_tasks, schedule_bfp_matmul
 from bitq_tvm.tuning.verify import tuned_prim_funcs, verify_tasks
@@ -89,7 +91,14 @@ def tuned(tmp_path_factory):
     with open(records, "ab") as f:  # what a kill in the middle of an append leaves
         f.write(b'[0,[[["GetSBlock",[],["a_u8"')
     summary = tune([TASK], host_preset(), work, TRIALS, OPTIONS, progress=None)
-    return {"work": work, "before_kill": before_kill, "summary": summary}
+    # the default schedule's measurement decides whether deployment uses a record, by timing; the
+    # tests below check records and verification, so they run without it (a work dir without the
+    # measurement keeps its records); test_default_schedule_* puts it back in a copy
+    defaults_path = os.path.join(work, DEFAULTS_FILE)
+    with open(defaults_path) as f:
+        defaults = json.load(f)
+    os.remove(defaults_path)
+    return {"work": work, "before_kill": before_kill, "summary": summary, "defaults": defaults}
 
 
 def test_killed_run_resumes_keeping_records(tuned):
@@ -106,6 +115,24 @@ def test_killed_run_resumes_keeping_records(tuned):
     again = tune([TASK], host_preset(), tuned["work"], TRIALS, OPTIONS, progress=None)
     assert again.results[0].trials == TRIALS
     assert len(_lines(os.path.join(tuned["work"], RECORD_FILE))) == TRIALS
+
+
+def test_default_schedule_is_measured_and_wins_where_records_are_slower(tuned, tmp_path):
+    """The session measures the task's default (hand) schedule with its own builder and runner;
+    deployment (trusted records, tuned kernels, the latency table) uses a record only where it is
+    faster than that, so a database never slows a kernel down as measured."""
+    (result,) = tuned["summary"].results
+    default = tuned["defaults"][TASK.name]
+    assert 0 < default < 1e-2 and result.default_seconds == default
+    assert result.source == ("tuned" if result.best_seconds < default else "default")
+    for factor, used in ((0.5, False), (2.0, True)):
+        work = str(tmp_path / f"copy{factor}")
+        shutil.copytree(tuned["work"], work)
+        with open(os.path.join(work, DEFAULTS_FILE), "w") as f:
+            json.dump({TASK.name: result.best_seconds * factor}, f)
+        assert (TASK.name in tuned_prim_funcs(work, [TASK], host_preset())) is used
+        seconds = measured_task_seconds(work, [TASK], host_preset(), verified=True)[TASK.name]
+        assert seconds == pytest.approx(result.best_seconds * (factor if not used else 1.0))
 
 
 # the host kernel's operand types: uint8 weights on VNNI, int8 on AVX2/generic
