@@ -56,6 +56,7 @@ def _tune(args, preset) -> int:
     from ..tuning.remote import remote_builder_runner
     from ..tuning.session import TuningOptions, repair_database, shutdown_workers, tune
     from ..tuning.tasks import extract_tasks
+    from ..tuning.verify import trusted_records, verify_tasks
 
     for message in repair_database(args.work_dir, drop_bad_lines=args.repair):  # a broken database fails now
         say_tune(f"repaired {message}")
@@ -85,11 +86,17 @@ def _tune(args, preset) -> int:
         raise BitqError(f"all {summary.new_trials} trial(s) of this run failed to build or run on {preset.name}; "
                         f"nothing was tuned (causes: {os.path.join(args.work_dir, 'logs', 'meta_schedule.log')})")
     if args.trials and (preset.is_native or preset.emulator is not None):
-        seconds = measured_task_seconds(args.work_dir, tasks.bfp, preset, verified=True)
+        # verified records (verdicts are cached in the work dir: the calls below reuse them)
+        verified = {name for name, (record, _) in verify_tasks(args.work_dir, tasks.bfp, preset).items()
+                    if record is not None}
+        used = trusted_records(args.work_dir, tasks.bfp, preset)
         rejected = sum(1 for r in summary.results if r.best_seconds is not None and r.name.startswith("bfp_")
-                       and r.name not in seconds)
-        print(f"\n{len(seconds)} BFP task(s) have a verified tuned kernel"
+                       and r.name not in verified)
+        print(f"\n{len(used)} BFP task(s) deploy a verified tuned kernel"
+              + (f"; {len(verified) - len(used)} keep the faster default" if len(verified) > len(used) else "")
               + (f"; {rejected} task(s) had only records with wrong numbers (excluded)" if rejected else ""))
+        # measured latencies of the kernels deployment runs (tuned, or the default where it won)
+        seconds = measured_task_seconds(args.work_dir, tasks.bfp, preset, verified=True)
         if seconds:
             from ..solver.performance import performance_term
 

@@ -48,13 +48,13 @@ def power_of_two(k: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 def divide_by_power_of_two(x: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
-    """float32 ``x / 2**k``, rounded exactly as that division, for k in [-127, 149 + 127].
+    """float32 ``x / 2**k``, bit for bit as that division, for k in [-254, 149].
 
     A multiplication by the exact reciprocal ``2**-k`` (a division costs ~5x a multiplication
     and does not pipeline): both round the same exact quotient, so the results are identical.
-    Where ``2**-k`` is above float32's range (k < -127) it is applied as ``2**127 * 2**(-k-127)``;
-    the first product is exact (a power-of-two scaling that does not overflow, because a block's
-    values are below ``2**(e+1)``) and the second rounds the exact quotient.
+    Where ``2**-k`` is above float32's range (k < -127) it is applied as ``2**127 * 2**(-k-127)``:
+    the first product is exact unless it overflows, and then the quotient overflows too (inf
+    either way); the second rounds the exact quotient.
     """
     inverse = -k
     # 2**max(-k - 127, 0) is a normal number: its bit pattern needs no subnormal branch (whose
