@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BitqError
-from ..kernels.contract import is_depthwise
+from ..kernels.contract import is_depthwise, is_window_blocked
 
 #: ONNX ops whose constant second input is a weight BFP quantizes.
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
@@ -56,6 +56,10 @@ class Layer:
     output_shape: tuple[int, ...]
     groups: int = 1
     trans_b: bool = False
+    # a conv's strides, pads (top, left, bottom, right; auto_pad resolved) and dilations
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
 
     @property
     def kind(self) -> str:
@@ -71,6 +75,11 @@ class Layer:
     @property
     def is_depthwise(self) -> bool:
         return self.kind == "conv2d" and is_depthwise(self.weight_shape, self.groups)
+
+    def is_window_blocked(self, block_size: int) -> bool:
+        """Blocks along each output pixel's whole window at ``block_size`` (a stem:
+        :func:`~bitq_tvm.kernels.contract.is_window_blocked`)."""
+        return self.kind == "conv2d" and is_window_blocked(self.weight_shape, self.groups, block_size)
 
     @property
     def macs(self) -> int:
@@ -91,6 +100,8 @@ class Layer:
             return 4 * self.params
         if self.is_depthwise:  # one block per channel's window (kernels.contract.depthwise_weight_blocks)
             blocks = int(self.weight_shape[0])
+        elif self.is_window_blocked(fmt.block_size):  # blocks along each output channel's window
+            blocks = int(self.weight_shape[0]) * fmt.num_blocks(self.params // int(self.weight_shape[0]))
         else:
             blocks = self.params // self.reduction * fmt.num_blocks(self.reduction)
         return -(-(self.params * fmt.mantissa_bits + blocks * fmt.exponent_bits) // 8)
@@ -603,10 +614,36 @@ def _find_layers(proto, path) -> tuple[list[Layer], list[FP32Node]]:
             raise BitqError(f"{path}: node '{name}' ({node.op_type}): ONNX shape inference left the shape of "
                             f"'{tensor}' unknown{origin}, even with the inputs pinned to "
                             f"{_pinned(graph)}")
+        window = _conv_window(name, attrs, weight.shape, in_shape, out_shape) if node.op_type == "Conv" else {}
         layers.append(Layer(name=name, onnx_op=node.op_type, weight=node.input[1],
                             weight_shape=tuple(weight.shape), input_shape=in_shape, output_shape=out_shape,
-                            groups=int(attrs.get("group", 1)), trans_b=bool(attrs.get("transB", 0))))
+                            groups=int(attrs.get("group", 1)), trans_b=bool(attrs.get("transB", 0)), **window))
     return layers, fp32_nodes
+
+
+def _conv_window(name: str, attrs: dict, weight_shape, in_shape, out_shape) -> dict:
+    """strides, pads (top, left, bottom, right, ``auto_pad`` resolved) and dilations of a 2-D Conv."""
+    if len(weight_shape) != 4:
+        return {}
+    strides = tuple(int(v) for v in attrs.get("strides", (1, 1)))
+    dilations = tuple(int(v) for v in attrs.get("dilations", (1, 1)))
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for axis in range(2):
+            extent = dilations[axis] * (int(weight_shape[2 + axis]) - 1) + 1
+            total = max(0, (int(out_shape[2 + axis]) - 1) * strides[axis] + extent - int(in_shape[2 + axis]))
+            small, large = total // 2, total - total // 2
+            pads[axis], pads[2 + axis] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    elif auto_pad == "NOTSET":
+        pads = [int(v) for v in attrs.get("pads", (0, 0, 0, 0))]
+    else:
+        raise BitqError(f"Conv node '{name}': auto_pad {auto_pad!r} is not an ONNX value")
+    # ONNX orders pads (y_begin, x_begin, y_end, x_end): the same as (top, left, bottom, right)
+    return {"strides": strides, "pads": tuple(pads), "dilations": dilations}
 
 
 def _pinned(graph) -> str:

@@ -13,11 +13,16 @@ zero padding get mantissas 0 (an all-zero block: its term is 0 whatever its expo
 Weights ``W [O, C/G, KH, KW]`` quantized along axis 1 give mantissas ``[O, KH, KW, nbg, B]``,
 the same K order, so ``conv = A @ Wg.T`` per group (:meth:`ConvGeometry.gemm`), computed by
 :func:`~bitq_tvm.kernels.bfp_matmul_variants.bfp_matmul_func`.
+
+A window-blocked conv (a stem, :func:`~bitq_tvm.kernels.contract.is_window_blocked`) is quantized
+after im2col, not before: :func:`window_im2col_func` gathers the float32 rows ``[M, KH*KW*C]``
+(same (kh, kw, c) order), which the activation quantizer then blocks like a matmul's K.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import tvm
 from tvm import te, tirx
@@ -26,7 +31,7 @@ from ..errors import BitqError
 from ..formats import BFPFormat
 from .contract import GemmGeometry, conv_channels_padded, gemm_geometry
 
-__all__ = ["ConvGeometry", "bfp_im2col_func"]
+__all__ = ["ConvGeometry", "bfp_im2col_func", "window_im2col_func", "window_im2col_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +87,55 @@ class ConvGeometry:
                              (self.batch, self.out_channels, self.out_height, self.out_width), block_size, self.groups)
 
 
+def _window_source(geom: ConvGeometry, rows: int, m, offset):
+    """(n, iy, ix, inside) of kernel ``offset`` (kh * KW + kw) in output row ``m``'s window:
+    clamped input indices (the masked-out load stays in bounds) and whether the pixel is real."""
+    oh, ow = geom.out_height, geom.out_width
+    kw = geom.kernel[1]
+    n, y, x = m // (oh * ow), m // ow % oh, m % ow
+    iy = y * geom.strides[0] + offset // kw * geom.dilation[0] - geom.padding[0]
+    ix = x * geom.strides[1] + offset % kw * geom.dilation[1] - geom.padding[1]
+    inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
+    if rows > geom.rows:
+        inside = tirx.all(inside, m < geom.rows)
+    iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
+    ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
+    return n, iy_c, ix_c, inside
+
+
+def window_im2col_func(geom: ConvGeometry, rows: int | None = None) -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(X, P)``: the float32 im2col rows of a one-group conv's NCHW input.
+
+    ``X [N, C, H, W] -> P [rows, KH*KW*C]`` in (kh, kw, c) order, zeros outside the image and
+    in rows past M = N*OH*OW (``rows`` >= M, default M). The simulation fake-quantizes the rows
+    and the deployment quantizes them for the integer matmul (a window-blocked conv).
+    """
+    if geom.groups != 1:
+        raise BitqError(f"window_im2col_func: {geom.groups} groups (window blocks take one)")
+    rows = geom.rows if rows is None else rows
+    if rows < geom.rows:
+        raise BitqError(f"window_im2col_func: rows={rows} < {geom.rows} output pixels")
+    c = geom.channels
+    x = te.placeholder((geom.batch, c, geom.height, geom.width), "float32", name="X")
+
+    def gather(m, k):
+        n, iy, ix, inside = _window_source(geom, rows, m, k // c)
+        return tirx.Select(inside, x[n, k % c, iy, ix], tirx.const(0.0, "float32"))
+
+    p = te.compute((rows, geom.kernel[0] * geom.kernel[1] * c), gather, name="P")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, p]))
+    sch.parallel(sch.get_loops(sch.get_sblock("P"))[0])
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+
+
+def window_im2col_name(geom: ConvGeometry, rows: int) -> str:
+    """Kernel name of :func:`window_im2col_func` (shapes spelled out: deterministic, never shared
+    by two geometries)."""
+    return (f"bfp_window_im2col_{geom.batch}x{geom.channels}x{geom.height}x{geom.width}_k{geom.kernel[0]}x"
+            f"{geom.kernel[1]}_s{geom.strides[0]}x{geom.strides[1]}_p{'x'.join(map(str, geom.padding))}"
+            f"_d{geom.dilation[0]}x{geom.dilation[1]}_r{rows}")
+
+
 def bfp_im2col_func(geom: ConvGeometry, fmt: BFPFormat, group: int, rows: int | None = None) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(Q, E, A, EA)``: im2col of one group's quantized activations.
 
@@ -99,21 +153,10 @@ def bfp_im2col_func(geom: ConvGeometry, fmt: BFPFormat, group: int, rows: int | 
     cg_p = geom.group_channels_padded(fmt)
     nbg = cg_p // block
     kh, kw = geom.kernel
-    oh, ow = geom.out_height, geom.out_width
     q = te.placeholder((geom.batch, geom.height, geom.width, geom.groups * cg_p), "int8", name="Q")
     e = te.placeholder((geom.batch, geom.height, geom.width, geom.groups * nbg), "int8", name="E")
 
-    def source(m, offset):
-        n, y, x = m // (oh * ow), m // ow % oh, m % ow
-        iy = y * geom.strides[0] + offset // kw * geom.dilation[0] - geom.padding[0]
-        ix = x * geom.strides[1] + offset % kw * geom.dilation[1] - geom.padding[1]
-        inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
-        if rows > geom.rows:
-            inside = tirx.all(inside, m < geom.rows)
-        # clamped indices keep the masked-out load in bounds
-        iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
-        ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
-        return n, iy_c, ix_c, inside
+    source = functools.partial(_window_source, geom, rows)
 
     def gather_mantissa(m, k):
         n, iy, ix, inside = source(m, k // cg_p)

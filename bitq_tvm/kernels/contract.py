@@ -16,7 +16,9 @@
 - Where BFP blocks run in a layer's tensors (:func:`block_axes`), shared by the simulation, the
   NumPy reference and the planner: along the reduction; a depthwise conv's reduction has one
   channel, so its activations get one exponent per value (:func:`depthwise_activation_format`)
-  and each channel's weight window is one block (:func:`depthwise_weight_blocks`).
+  and each channel's weight window is one block (:func:`depthwise_weight_blocks`); a conv with
+  so few input channels that channel blocks would be mostly padding (a 3-channel stem,
+  :func:`is_window_blocked`) blocks along each output pixel's whole window instead.
 
 Everything here works on plain shapes, attributes and formats (no TVM, no ONNX), so the planner
 can ask before anything is compiled.
@@ -52,6 +54,8 @@ __all__ = [
     "conv_problem",
     "DEPTHWISE_CHANNEL_LANES",
     "is_depthwise",
+    "is_window_blocked",
+    "WINDOW_WEIGHT_AXES",
     "depthwise_problem",
     "integer_support",
     "packed_nbytes",
@@ -81,8 +85,11 @@ NIBBLE_MAX_MANTISSA_BITS = 4
 # Channels per vector of the depthwise kernel (8 float32 lanes on AVX2, two NEON registers): a
 # depthwise conv's channel count must be a multiple.
 DEPTHWISE_CHANNEL_LANES = 8
-# Largest padded/real in-group channel ratio a conv may have and still run as an integer kernel.
+# Largest padded/real reduction ratio a conv may have and still run as an integer kernel.
 DEFAULT_MAX_PADDING_RATIO = 2.0
+# A conv whose channels padded to whole blocks exceed this many times the real ones blocks
+# along its whole window instead (:func:`is_window_blocked`). A numeric rule, not a knob.
+WINDOW_BLOCK_PADDING = 2.0
 
 
 def padded(n: int, multiple: int) -> int:
@@ -132,10 +139,42 @@ def conv_channels_padded(group_channels: int, fmt: BFPFormat) -> int:
     return padded(group_channels, fmt.block_size)
 
 
-def conv_problem(group_channels: int, groups: int, fmt: BFPFormat,
+def is_window_blocked(weight_shape: Sequence[int], groups: int, block_size: int) -> bool:
+    """A conv whose BFP blocks run along each output pixel's whole window, not along channels.
+
+    That is a conv with one group, a window larger than 1x1 and so few input channels C that
+    blocks of B along them would be more than half padding (``pad(C, B) > 2 C``: a 3-channel stem
+    pads to 32, 10.7x the work). Its reduction is then the im2col row, K = KH*KW*C in (kh, kw, c)
+    order, blocked like a matmul's K (one exponent per B values of a pixel's window, the last
+    block zero-padded; 27 -> 32 for an RGB 3x3 stem), and so is its weight (each output channel's
+    ``[KH, KW, C]`` window, flattened the same way). Each input value is quantized once per window
+    it falls in. The rule depends on shapes and B only: the simulation, the NumPy reference and the
+    kernels apply it alike.
+    """
+    if len(weight_shape) != 4 or groups != 1:
+        return False
+    _, channels, kh, kw = (int(d) for d in weight_shape)
+    return kh * kw > 1 and padded(channels, block_size) > WINDOW_BLOCK_PADDING * channels
+
+
+# A window-blocked conv's OIHW weight as ``[O, KH*KW*C]``: transposed by these axes to
+# ``[O, KH, KW, C]``, then flattened (the im2col row's (kh, kw, c) order).
+WINDOW_WEIGHT_AXES = (0, 2, 3, 1)
+
+
+def conv_problem(weight_shape: Sequence[int], groups: int, fmt: BFPFormat,
                  max_padding_ratio: float = DEFAULT_MAX_PADDING_RATIO) -> str | None:
     """Why the im2col + GEMM kernel does not run a (non-depthwise: :func:`integer_support` sends
-    those to :func:`depthwise_problem`) conv of this grouping in ``fmt`` (None: it does)."""
+    those to :func:`depthwise_problem`) conv with OIHW ``weight_shape`` and ``groups`` in ``fmt``
+    (None: it does): its padded reduction may be at most ``max_padding_ratio`` times the real one."""
+    _, group_channels, kh, kw = (int(d) for d in weight_shape)
+    if is_window_blocked(weight_shape, groups, fmt.block_size):
+        k = kh * kw * group_channels
+        k_p = padded(k, fmt.block_size)
+        if k_p > max_padding_ratio * k:
+            return (f"{k} values per window (blocked along the window: {group_channels} input channels) "
+                    f"padded to {k_p} (block {fmt.block_size}): the integer kernel would do {k_p / k:.1f}x the work")
+        return None
     cg_p = conv_channels_padded(group_channels, fmt)
     if cg_p > max_padding_ratio * group_channels:
         return (f"{group_channels} input channels per group padded to {cg_p} (block {fmt.block_size}): "
@@ -179,7 +218,7 @@ def integer_support(kind: str, weight_shape, groups: int, weight: BFPFormat | No
             f"matmul by a {len(weight_shape)}-D weight (kernel: 2-D weights)")
     if is_depthwise(weight_shape, groups):
         return depthwise_problem(weight_shape, groups)
-    return conv_problem(int(weight_shape[1]), groups, weight, max_padding_ratio)
+    return conv_problem(weight_shape, groups, weight, max_padding_ratio)
 
 
 def packed_nbytes(n: int, k_padded: int, fmt: BFPFormat) -> int:
@@ -201,8 +240,9 @@ class GemmGeometry:
     rows the kernel computes (:func:`padded_rows`); ``n`` outputs per group; ``k`` the real
     reduction per group (``KH * KW * C/G``, or in features) and ``k_padded`` the kernel's
     (``KH * KW * pad(C/G, B)``: each kernel offset pads its channels to whole blocks, or
-    ``pad(K, B)``); ``group_channels_padded`` is ``pad(C/G, B)`` for a conv, ``k_padded`` for a
-    matmul; ``block_size`` is B.
+    ``pad(K, B)`` for a matmul and a window-blocked conv, :func:`is_window_blocked`);
+    ``group_channels_padded`` is ``pad(C/G, B)`` for a channel-blocked conv, else ``k_padded``;
+    ``block_size`` is B.
     """
 
     rows: int
@@ -247,6 +287,9 @@ def gemm_geometry(kind: str, input_shape: Sequence[int], weight_shape: Sequence[
                             "(depthwise_geometry)")
         o, cg, kh, kw = (int(d) for d in weight_shape)
         rows = int(output_shape[0]) * int(output_shape[2]) * int(output_shape[3])
+        if is_window_blocked(weight_shape, groups, block_size):  # the im2col row is one reduction
+            k_p = padded(kh * kw * cg, block_size)
+            return GemmGeometry(rows, padded_rows(rows), o, kh * kw * cg, k_p, 1, k_p, block_size)
         cg_p = padded(cg, block_size)
         return GemmGeometry(rows, padded_rows(rows), o // groups, kh * kw * cg, kh * kw * cg_p, groups, cg_p,
                             block_size)
@@ -337,7 +380,9 @@ def block_axes(kind: str, act_ndim: int, weight_ndim: int, groups: int = 1,
     (:func:`is_depthwise`) reduces over one channel per group: its activation blocks hold one
     value (a group of one channel, the same numbers as :func:`depthwise_activation_format`); its
     weight axis is axis 1 of the ``[C, KH*KW]`` view of :func:`depthwise_weight_blocks` (one block
-    per channel), which callers must apply.
+    per channel), which callers must apply. A window-blocked conv (:func:`is_window_blocked`) has
+    no such axis: its blocks run along the im2col rows of the input and the
+    :data:`WINDOW_WEIGHT_AXES` view of the weight, which callers build.
     """
     if kind == "conv2d":
         return ((1, groups), (1, 1))

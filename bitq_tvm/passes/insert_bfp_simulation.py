@@ -8,7 +8,10 @@ by ``call_tir`` of the BFP fake-quant kernel (:mod:`bitq_tvm.kernels.bfp_quant`)
 the op's reduction axis: input channels within a group (per kernel offset) for convs, K for
 matmuls; a depthwise conv's input has one value per block and its weight one block per
 channel's window (the contract's :func:`~bitq_tvm.kernels.contract.block_axes`,
-:func:`~bitq_tvm.kernels.contract.depthwise_weight_blocks`). Once the weights are bound, ``FoldConstant`` runs the weight kernels at compile time, so
+:func:`~bitq_tvm.kernels.contract.depthwise_weight_blocks`); a window-blocked conv (a stem,
+:func:`~bitq_tvm.kernels.contract.is_window_blocked`) becomes im2col
+(:func:`~bitq_tvm.kernels.bfp_conv.window_im2col_func`), fake quantization of the rows and a
+matmul by the weight's ``[O, KH*KW*C]`` view, quantized along its rows. Once the weights are bound, ``FoldConstant`` runs the weight kernels at compile time, so
 only activations are quantized at run time. The output simulates BFP inference in FP32 arithmetic and equals the NumPy reference of
 the same plan up to float32 summation order.
 """
@@ -22,14 +25,30 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
 from ..kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
-from ..kernels.contract import block_axes, depthwise_weight_blocks, is_depthwise
+from ..kernels.bfp_conv import ConvGeometry, window_im2col_func, window_im2col_name
+from ..kernels.contract import WINDOW_WEIGHT_AXES, block_axes, depthwise_weight_blocks, is_depthwise, is_window_blocked
 from .annotate_layers import annotated_layers, layer_weight, permute_axes, resolve_formats
-from .lower_bfp_integer import DEPLOYMENT_ATTR, deployment_modes
+from .lower_bfp_integer import DEPLOYMENT_ATTR, deployment_modes, opaque
 
 
 def _is_depthwise(call: relax.Call) -> bool:
     return call.op.name == "relax.nn.conv2d" and is_depthwise([int(d) for d in call.args[1].ty.shape],
                                                                int(call.attrs.groups))
+
+
+def _is_window_blocked(call: relax.Call, fmt) -> bool:
+    return call.op.name == "relax.nn.conv2d" and is_window_blocked([int(d) for d in call.args[1].ty.shape],
+                                                                    int(call.attrs.groups), fmt.block_size)
+
+
+def conv_geometry(call: relax.Call) -> ConvGeometry:
+    """The :class:`~bitq_tvm.kernels.bfp_conv.ConvGeometry` of an NCHW/OIHW ``relax.nn.conv2d`` call."""
+    attrs = call.attrs
+    n, c, h, w = (int(d) for d in call.args[0].ty.shape)
+    o, _, kh, kw = (int(d) for d in call.args[1].ty.shape)
+    return ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
+                        tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation),
+                        int(attrs.groups))
 
 
 def _block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -79,6 +98,29 @@ class _Simulator(PyExprMutator):
         quantized = self._fake_quant(flat, window, 1, 1, name)
         return self.builder_.emit(relax.op.reshape(quantized, shape), f"{name}_w")
 
+    def _quantize_window_weight(self, weight: relax.Expr, fmt, name: str) -> relax.Expr:
+        """Blocks along each output channel's window: the ``[O, KH*KW*C]`` view along axis 1,
+        back in OIHW (the contract's :data:`~bitq_tvm.kernels.contract.WINDOW_WEIGHT_AXES`)."""
+        o, c, kh, kw = (int(d) for d in weight.ty.shape)
+        rows = self.builder_.emit(relax.op.reshape(relax.op.permute_dims(weight, list(WINDOW_WEIGHT_AXES)),
+                                                   [o, kh * kw * c]), f"{name}_rows")
+        quantized = self._fake_quant(rows, fmt, 1, 1, name)
+        ohwi = self.builder_.emit(relax.op.reshape(quantized, [o, kh, kw, c]), f"{name}_ohwi")
+        return self.builder_.emit(relax.op.permute_dims(ohwi, [0, 3, 1, 2]), f"{name}_w")
+
+    def _window_conv(self, call: relax.Call, x: relax.Expr, weight: relax.Expr, fmt, name: str) -> relax.Expr:
+        """The conv with its input quantized along im2col rows: rows @ weight view -> NCHW."""
+        geom = conv_geometry(call)
+        rows_name = window_im2col_name(geom, geom.rows)
+        gv = self.builder_.add_func(opaque(window_im2col_func(geom)), rows_name)  # FuseOps keeps its schedule
+        k = geom.kernel[0] * geom.kernel[1] * geom.channels
+        rows = self.builder_.emit(relax.call_tir(gv, [x], relax.TensorType([geom.rows, k], "float32")), rows_name)
+        rows = self._fake_quant(rows, fmt, 1, 1, f"{name}_act_bfp")
+        w_rows = relax.op.reshape(relax.op.permute_dims(weight, list(WINDOW_WEIGHT_AXES)), [geom.out_channels, k])
+        out = self.builder_.emit(relax.op.matmul(rows, relax.op.permute_dims(w_rows, [1, 0])), f"{name}_rows")
+        out = relax.op.reshape(out, [geom.batch, geom.out_height, geom.out_width, geom.out_channels])
+        return relax.op.permute_dims(out, [0, 3, 1, 2])
+
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         layer = self.var_to_layer.get(binding.var.name)
         lf = self.formats.get(layer) if layer is not None else None
@@ -92,13 +134,19 @@ class _Simulator(PyExprMutator):
         except BitqError as err:
             raise BitqError(f"layer '{layer}': {err}") from None
         args = list(call.args)
-        if lf.activation is not None:
+        window = lf.activation is not None and _is_window_blocked(call, lf.activation)
+        if lf.activation is not None and not window:
             args[0] = self._fake_quant(args[0], lf.activation, a_axis, a_groups, f"{binding.var.name}_act_bfp")
         if lf.weight is not None and _is_depthwise(call):
             args[1] = self._quantize_depthwise_weight(args[1], lf.weight, f"{binding.var.name}_w_bfp")
+        elif lf.weight is not None and _is_window_blocked(call, lf.weight):
+            args[1] = self._quantize_window_weight(args[1], lf.weight, f"{binding.var.name}_w_bfp")
         elif lf.weight is not None:
             args[1] = self._quantize_weight(value.args[1], args[1], lf.weight, w_axis, f"{binding.var.name}_w_bfp")
-        new_call = relax.Call(call.op, args, call.attrs, call.ty_args)
+        if window:
+            new_call = self._window_conv(call, args[0], args[1], lf.activation, binding.var.name)
+        else:
+            new_call = relax.Call(call.op, args, call.attrs, call.ty_args)
         if isinstance(binding.var, relax.DataflowVar):
             new_var = self.builder_.emit(new_call, binding.var.name)
         else:

@@ -19,6 +19,11 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
    layer's epilogue (bias add, ReLU, residual add): those are not part of the integer kernel,
    whose scaled float32 output they read once.
 
+A window-blocked conv (a stem, :func:`~bitq_tvm.kernels.contract.is_window_blocked`) swaps steps
+1 and 2: ``call_tir`` of the float32 im2col (:func:`~bitq_tvm.kernels.bfp_conv.window_im2col_func`),
+then the activation quantizer along its rows, then steps 3 and 4 against the weight's
+``[O, KH*KW*C]`` view, packed like a matmul's.
+
 A depthwise conv (:func:`~bitq_tvm.kernels.contract.is_depthwise`) is step 1 with an exponent
 per value (:func:`~bitq_tvm.kernels.contract.depthwise_activation_format`, NHWC), then
 ``call_tir`` of the depthwise kernel (:mod:`~bitq_tvm.kernels.bfp_depthwise`, on the quantized
@@ -51,14 +56,15 @@ from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
 from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func
+from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func, window_im2col_func, window_im2col_name
 from ..kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
 from ..kernels.contract import (DEFAULT_MAX_PADDING_RATIO, KERNEL_ATTR, depthwise_activation_format, format_problem, gemm_geometry,
-                                integer_support, is_depthwise)
+                                integer_support, is_depthwise, is_window_blocked)
 from ..kernels.packing import PackedWeights, pack_quantized, pack_weights
 from ..frontend import LAYER_NAMES_ATTR
+from ..frontend.reference import window_weight_rows
 from ..support.attrs import plain_attr
 from .annotate_layers import annotated_layers, is_tensor_constant, layer_weight, permute_axes, resolve_formats
 
@@ -211,7 +217,8 @@ class _Lowerer(PyExprMutator):
         if rows_p != rows:
             flat = self._emit(relax.op.nn.pad(flat, [0, rows_p - rows, 0, 0]), f"{name}_padded")
         qa, ea = self._quantize_activation(flat, lf.activation, 1, 1, name)
-        out = self._matmul(qa, ea, packed, rows_p, k, lf.activation, name)
+        # the padded K: the kernel's name and record say what it computes, as tuning keys it
+        out = self._matmul(qa, ea, packed, rows_p, geometry.k_padded, lf.activation, name)
         if rows_p != rows:
             out = self._emit(relax.op.strided_slice(out, [0], [0], [rows]), f"{name}_unpadded")
         if len(x_shape) != 2:
@@ -236,6 +243,8 @@ class _Lowerer(PyExprMutator):
             return None, reason
         if is_depthwise((o, cg, kh, kw), geom.groups):
             return self._lower_depthwise(call, const.value.numpy(), geom, lf, name)
+        if is_window_blocked((o, cg, kh, kw), geom.groups, lf.weight.block_size):
+            return self._lower_window_conv(call, const.value.numpy(), geom, lf, name)
         geometry = geom.gemm(lf.weight.block_size)
         cg_p = geometry.group_channels_padded
         stored = const.value.numpy()
@@ -274,6 +283,25 @@ class _Lowerer(PyExprMutator):
             out = self._emit(relax.op.strided_slice(out, [0], [0], [geom.rows]), f"{name}_unpadded")
         out = self._emit(relax.op.reshape(out, [n, geom.out_height, geom.out_width, o]), f"{name}_nhwc")
         return (relax.op.permute_dims(out, [0, 3, 1, 2]), sum(p.nbytes for p in packs)), None
+
+    def _lower_window_conv(self, call: relax.Call, stored: np.ndarray, geom: ConvGeometry, lf: LayerFormats,
+                           name: str):
+        try:  # blocks along each output channel's window, formed on the [O, KH*KW*C] view
+            packed = pack_weights(window_weight_rows(stored), lf.weight, self.weight_name)
+        except BitqError as err:
+            return None, str(err)
+        geometry = geom.gemm(lf.weight.block_size)
+        rows = geometry.rows_padded
+        tag = window_im2col_name(geom, rows)
+        patches = self._call_tir(window_im2col_func(geom, rows), tag, [call.args[0]],
+                                 [((rows, geometry.k), "float32")])
+        qa, ea = self._quantize_activation(patches, lf.activation, 1, 1, name)
+        out = self._matmul(qa, ea, packed, rows, geometry.k_padded, lf.activation, name)
+        if rows != geom.rows:
+            out = self._emit(relax.op.strided_slice(out, [0], [0], [geom.rows]), f"{name}_unpadded")
+        out = self._emit(relax.op.reshape(out, [geom.batch, geom.out_height, geom.out_width, geom.out_channels]),
+                         f"{name}_nhwc")
+        return (relax.op.permute_dims(out, [0, 3, 1, 2]), packed.nbytes), None
 
     def _lower_depthwise(self, call: relax.Call, stored: np.ndarray, geom: ConvGeometry, lf: LayerFormats,
                          name: str):

@@ -40,7 +40,7 @@ from ..errors import BitqError
 from ..evaluation import rel_mse, top1
 from ..formats import BFPFormat, fake_quantize_np
 from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes, logit_model
-from ..frontend.reference import layer_activation_blocks, layer_weight_blocks
+from ..frontend.reference import layer_activation_blocks, layer_weight_blocks, weight_from_blocks, window_rows
 from ..plan import LayerFormats
 from ..support.npz import read_npz
 from ..support.progress import Countdown, say
@@ -490,19 +490,21 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
             continue
         w = weights[layer.weight]
         w_noise[layer.name] = {f.name: noise_power(*layer_weight_blocks(layer, w, f)) for f in {c.weight for c in cands}}
-        a_noise[layer.name] = {f.name: _batched_noise_power([c[layer.name] for c in captured],
-                                                            *layer_activation_blocks(layer, f))
+        a_noise[layer.name] = {f.name: _activation_noise_power(layer, [c[layer.name] for c in captured], f)
                                for f in {c.activation for c in cands}}
         w_probe = _probe(w_noise[layer.name])
         a_probe = _probe(a_noise[layer.name])
         if w_probe:
             w_view, w_fmt, w_axis = layer_weight_blocks(layer, w, w_probe)
-            w_error = _error(w_view, w_fmt, w_axis, w_noise[layer.name][w_probe.name], noise, rng).reshape(w.shape)
+            w_error = weight_from_blocks(layer, _error(w_view, w_fmt, w_axis, w_noise[layer.name][w_probe.name],
+                                                       noise, rng), w_probe)
         else:
             w_error = None
         if a_probe:
             a_fmt, axis, groups = layer_activation_blocks(layer, a_probe)
-            a_errors = [_error(c[layer.name], a_fmt, axis, a_noise[layer.name][a_probe.name], noise, rng, groups)
+            # a window-blocked conv quantizes im2col rows, not its input: Gaussian error of their power
+            a_kind = "gaussian" if layer.is_window_blocked(a_probe.block_size) else noise
+            a_errors = [_error(c[layer.name], a_fmt, axis, a_noise[layer.name][a_probe.name], a_kind, rng, groups)
                         for c in captured]
         else:
             a_errors = None
@@ -552,6 +554,14 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
                         weight_sensitivity=MappingProxyType(w_sens), act_sensitivity=MappingProxyType(a_sens),
                         n_samples=used, fp32_top1=fp32_top1, curve=curve, noise_kind=noise,
                         measured_curve=measured_curve)
+
+
+def _activation_noise_power(layer: Layer, xs, fmt: BFPFormat) -> float:
+    """Mean squared quantization error of ``layer``'s input activations ``xs`` (one per batch) in
+    ``fmt``: along its contract blocks, or a window-blocked conv's im2col rows."""
+    if fmt is not None and layer.is_window_blocked(fmt.block_size):
+        return _batched_noise_power([window_rows(layer, x) for x in xs], fmt, 1, 1)
+    return _batched_noise_power(xs, *layer_activation_blocks(layer, fmt))
 
 
 def _batched_noise_power(xs, fmt, axis, groups) -> float:

@@ -60,8 +60,8 @@ def deployed_cost(layer: Layer, candidate: LayerFormats,
     nbytes = integer_weight_bytes(geometry, candidate.weight)
     if isinstance(geometry, DepthwiseGeometry):  # int8 mantissa + int8 exponent per value
         act_bits = 8.0 + fmt.exponent_bits
-    else:  # int8 mantissas and int8 exponents, each (group's) channels padded to whole blocks
-        act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * geometry.group_channels_padded / layer.reduction
+    else:  # int8 mantissas and int8 exponents, the reduction (each group's channels) padded to whole blocks
+        act_bits = (8.0 + fmt.exponent_bits / fmt.block_size) * geometry.k_padded / geometry.k
     return DeployedCost("integer", "", nbytes, 8.0 * nbytes / layer.params, act_bits)
 
 

@@ -10,7 +10,9 @@ never re-derived here. The layer is a chain of stages (:class:`StageCost`):
 
 * ``act_quant``: reads the float32 input once, writes int8 mantissas (1 byte each whatever the
   activation's m; NHWC for a conv, each group's channels padded to whole blocks) + one int8
-  exponent per block (a matmul whose rows :func:`padded_rows` pads first copies its float32 rows);
+  exponent per block (a matmul whose rows :func:`padded_rows` pads first copies its float32 rows;
+  a window-blocked conv, :func:`~bitq_tvm.kernels.contract.is_window_blocked`, first writes its
+  float32 im2col rows ``rows_padded x k`` and quantizes those: no int8 ``im2col`` stage);
 * ``im2col`` (convs that are not pointwise, or whose rows are padded): reads the quantized input,
   writes ``rows_padded x k_padded`` int8 + ``rows_padded x blocks`` exponents per group;
 * ``matmul`` per group: the packed weight (``packed_nbytes``: N padded to 16 lanes, K to whole
@@ -665,7 +667,7 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
     totals (module docstring); ``scale_ops`` counts the matmul's per-block scalings (a depthwise
     conv's: one per product).
     """
-    from ..kernels.contract import DepthwiseGeometry, integer_weight_bytes, kernel_geometry
+    from ..kernels.contract import DepthwiseGeometry, integer_weight_bytes, is_window_blocked, kernel_geometry
 
     capacities = [level.size_bytes for level in hierarchy.levels]
     in_elems = float(math.prod(int(d) for d in input_shape))
@@ -677,18 +679,23 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
             raise BitqError(f"kernel_layer_costs: formats {fmt_w}, {fmt_a} do not run as integer kernels")
         g = kernel_geometry(kind, input_shape, weight_shape, output_shape, fmt_a.block_size, groups)
         depthwise = isinstance(g, DepthwiseGeometry)
+        window = kind == "conv2d" and is_window_blocked(weight_shape, groups, fmt_a.block_size)
         stages, operands = [], {}
-        # activation quantizer (+ the float32 row padding of a matmul)
+        # activation quantizer (+ the float32 row padding of a matmul, the float32 im2col of a
+        # window-blocked conv, which the quantizer then reads)
         t = _Traffic(capacities)
         t.produced(in_elems * FP32_BYTES)
         quant_in = in_elems
         if kind == "matmul" and g.rows_padded != g.rows:
             quant_in = in_elems * g.rows_padded / g.rows
             t.produced(2 * quant_in * FP32_BYTES, resident=quant_in * FP32_BYTES)
+        if window:
+            quant_in = float(g.rows_padded * g.k)
+            t.produced(quant_in * FP32_BYTES)
         if depthwise:
             pixels = float(input_shape[0]) * float(input_shape[2]) * float(input_shape[3])
             q_elems = q_exps = pixels * g.channels
-        elif kind == "conv2d":
+        elif kind == "conv2d" and not window:
             pixels = float(input_shape[0]) * float(input_shape[2]) * float(input_shape[3])
             q_elems = pixels * g.groups * g.group_channels_padded
             q_exps = pixels * g.groups * (g.group_channels_padded // g.block_size)
@@ -706,7 +713,7 @@ def kernel_layer_costs(kind: str, input_shape, weight_shape, output_shape, group
             operands["output"] = float(g.rows * g.channels * FP32_BYTES)
             scale_ops = float(g.rows * g.channels * g.kernel_offsets)
         else:
-            pointwise = (kind == "matmul" or (tuple(weight_shape[2:]) == (1, 1) and g.groups == 1
+            pointwise = (kind == "matmul" or window or (tuple(weight_shape[2:]) == (1, 1) and g.groups == 1
                                               and tuple(input_shape[2:]) == tuple(output_shape[2:])
                                               and g.rows_padded == g.rows))
             a_bytes = float(g.rows_padded * (g.k_padded + g.blocks))

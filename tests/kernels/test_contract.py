@@ -13,7 +13,7 @@ from bitq_tvm.kernels.bfp_matmul_variants import available_variants, kernel_vari
 from bitq_tvm.kernels.bfp_depthwise import pack_depthwise_weights
 from bitq_tvm.kernels.contract import (DepthwiseGeometry, block_axes, block_size_problem, check_block_layout,
                                        depthwise_activation_format, depthwise_weight_blocks, format_problem, gemm_geometry, integer_support,
-                                       integer_weight_bytes, is_depthwise, kernel_geometry)
+                                       integer_weight_bytes, is_depthwise, is_window_blocked, kernel_geometry)
 from bitq_tvm.kernels.packing import pack_weights
 
 
@@ -31,7 +31,14 @@ def test_integer_support_from_shapes():
     assert "2 outputs per channel" in integer_support("conv2d", (64, 1, 3, 3), 32, fmt, fmt)
     assert "multiples of 8" in integer_support("conv2d", (12, 1, 3, 3), 12, fmt, fmt)
     assert integer_support("conv2d", (8, 1, 3, 3), 8, BFPFormat(8, 32), BFPFormat(8, 32)) is None  # no padding
-    assert "padded to 16" in integer_support("conv2d", (8, 3, 3, 3), 1, fmt, fmt)
+    # a 3-channel stem blocks along its 27-value window (32 at B = 16), not 3 channels padded to 16
+    assert integer_support("conv2d", (8, 3, 3, 3), 1, fmt, fmt) is None
+    # one channel, 3x3 at B = 32: 9 values padded to 32 is still too much padding
+    b32 = BFPFormat(8, 32)
+    assert "9 values per window" in integer_support("conv2d", (8, 1, 3, 3), 1, b32, b32)
+    # 1x1 or grouped convs keep channel blocks, and say so when they pad too much
+    assert "3 input channels per group padded to 16" in integer_support("conv2d", (8, 3, 1, 1), 1, fmt, fmt)
+    assert "3 input channels per group padded to 16" in integer_support("conv2d", (8, 3, 3, 3), 2, fmt, fmt)
     assert integer_support("conv2d", (8, 16, 3, 3), 1, fmt, fmt) is None
     assert "3-D weight" in integer_support("matmul", (2, 16, 8), 1, fmt, fmt)
 
@@ -50,6 +57,23 @@ def test_gemm_geometry_of_a_conv_and_a_matmul():
         gemm_geometry("pool", (1,), (1,), (1,), 8)
     with pytest.raises(BitqError, match="depthwise"):
         gemm_geometry("conv2d", (1, 24, 10, 14), (24, 1, 3, 3), (1, 24, 10, 14), 8, groups=24)
+
+
+def test_window_blocked_rule_and_geometry():
+    # the rule: one group, a window larger than 1x1, channels padded to B more than twice the real ones
+    assert is_window_blocked((32, 3, 3, 3), 1, 32) and is_window_blocked((16, 1, 5, 5), 1, 8)
+    assert not is_window_blocked((32, 3, 1, 1), 1, 32)  # 1x1: the window is the channels
+    assert not is_window_blocked((32, 16, 3, 3), 1, 32)  # 16 padded to 32: exactly twice
+    assert is_window_blocked((32, 12, 3, 3), 1, 32) and not is_window_blocked((32, 12, 3, 3), 1, 16)
+    assert not is_window_blocked((32, 3, 3, 3), 3, 32) and not is_window_blocked((32, 1, 3, 3), 32, 32)
+    # MobileNetV2's stem: 112x112 outputs, K = 27 -> 32, one block per row, packed like a matmul
+    g = gemm_geometry("conv2d", (1, 3, 224, 224), (32, 3, 3, 3), (1, 32, 112, 112), 32)
+    assert (g.rows, g.n, g.k, g.k_padded, g.groups, g.group_channels_padded, g.blocks) == (
+        12544, 32, 27, 32, 1, 32, 1)
+    assert g.kernel_offsets == 1
+    fmt = BFPFormat(4, 32)
+    w = np.random.default_rng(0).standard_normal((32, 27)).astype(np.float32)
+    assert integer_weight_bytes(g, fmt) == pack_weights(w, fmt).nbytes
 
 
 def test_depthwise_geometry_and_stored_bytes():

@@ -40,13 +40,20 @@ def test_candidates_follow_the_deployment_rule(digits):
     model, _ = digits
     table = GRID.resolve([l.name for l in model.layers])
     restricted, notes = deployable_candidates(model, table)
-    # conv1 has one input channel: every block would be mostly padding, so it deploys as FP32
-    assert [c.label for c in restricted["conv1"]] == ["fp32"] and "padded" in notes["conv1"]
-    # conv2 (16 input channels) deploys at block 16, not 64 (4x padding)
-    assert {c.block_size for c in restricted["conv2"]} == {16}
+    # conv1 has one input channel: it blocks along its 3x3 windows, 9 values padded to 16 (not to
+    # 64: 7.1x the work), so it deploys at block 16 only, and the dropped candidates say why
+    assert {c.block_size for c in restricted["conv1"]} == {16} and "9 values per window" in notes["conv1"]
+    # conv2 (16 input channels, 3x3) deploys at block 16 along channels and at block 64 along its
+    # 144-value windows (192 padded, not 9 x 64 = 576 along channels)
+    assert {c.block_size for c in restricted["conv2"]} == {16, 64}
+    conv2 = model.layers[1]
+    assert conv2.is_window_blocked(64) and not conv2.is_window_blocked(16)
+    assert deployed_cost(conv2, LayerFormats.bfp(8, 8, 64)).weight_bytes == 32 * 192 + 32 * 3
     conv1 = model.layers[0]
-    fallback = deployed_cost(conv1, LayerFormats.bfp(8, 8, 16))
+    fallback = deployed_cost(conv1, LayerFormats.bfp(8, 8, 64))
     assert fallback.mode == "simulation" and fallback.weight_bytes == 4 * conv1.params
+    integer = deployed_cost(conv1, LayerFormats.bfp(8, 8, 16))  # 16 lanes x 16 K values + 16 exponents
+    assert integer.mode == "integer" and integer.weight_bytes == 16 * 16 + 16
     # pinned layers keep their pin, priced at their fallback cost
     kept, _ = deployable_candidates(model, table, pinned={"conv1"})
     assert kept["conv1"] == table["conv1"]
@@ -69,9 +76,10 @@ def test_planned_bytes_equal_deployed_artifact_bytes(digits):
 
 
 def test_measured_latencies_of_dropped_candidates_are_ignored(digits):
-    # a tuning database measures what the user's grid asked for; conv1's BFP kernels never deploy
+    # a tuning database measures what the user's grid asked for; conv1's block-64 kernels never deploy
     model, calib = digits
     label = GRID.default.candidates[0].label
-    measured = {("conv1", label): 1e-4, ("fc1", label): 1e-3}
+    dropped = next(c.label for c in GRID.default.candidates if c.block_size == 64)
+    measured = {("conv1", dropped): 1e-4, ("fc1", label): 1e-3}
     result = plan_model(model, calib, Objective("lambda", 1.0), candidates=GRID, measured=measured, progress=None)
     assert result.performance.measured == {("fc1", label): 1e-3}

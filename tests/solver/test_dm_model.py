@@ -380,8 +380,9 @@ def test_fallback_layers_cost_fp32_plus_simulation():
     from bitq_tvm.targets import get_target
 
     preset = get_target("avx2")
-    stem = Layer("stem", "Conv", "w", (16, 3, 3, 3), (1, 3, 28, 28), (1, 16, 28, 28))
-    shape = ConvShape(1, 16, 3, 3, 3, 28, 28)
+    # a 3-channel 1x1 conv keeps channel blocks: 3 padded to 16 stays float simulation
+    stem = Layer("stem", "Conv", "w", (16, 3, 1, 1), (1, 3, 28, 28), (1, 16, 28, 28))
+    shape = ConvShape(1, 16, 3, 1, 1, 28, 28)
     bfp = LayerFormats.bfp(8, 8, 16)
     assert "padded to 16" in integer_support("conv2d", stem.weight_shape, 1, bfp.weight, bfp.activation)
     fp32, simulated = deployed_layer_costs(stem, shape, (FP32, bfp), preset)

@@ -33,9 +33,9 @@ def _candidates(model, spec):
 
 def test_digits_tasks_have_expected_shapes_and_names(digits):
     tasks = extract_tasks(digits, _candidates(digits, "w=4,8;a=8;b=32"), host_preset())
-    # conv1 (1 -> 16 channels, 3x3, 8x8 output): K = 9 offsets x 1 channel padded to a 32-block
+    # conv1 (1 -> 16 channels, 3x3, 8x8 output): blocked along its 9-value windows, padded to 32
     # conv2 (16 -> 32): 9 x 16 -> 9 x 32; fc1 512 -> 64; fc2 64 -> 10
-    shapes = {"conv1": "m64_n16_k288", "conv2": "m64_n32_k288", "fc1": "m1_n64_k512", "fc2": "m1_n10_k64"}
+    shapes = {"conv1": "m64_n16_k32", "conv2": "m64_n32_k288", "fc1": "m1_n64_k512", "fc2": "m1_n10_k64"}
     expected = sorted(f"bfp_matmul_{shape}_a8b32_w{w}b32_{HOST_VARIANT}" for shape in shapes.values() for w in (4, 8))
     assert [t.name for t in tasks.bfp] == expected
     users = {u for t in tasks.bfp for u in t.users}
