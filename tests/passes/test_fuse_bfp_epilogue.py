@@ -75,6 +75,14 @@ CASES += [(1, 48, 96, "bfp8_b32", "bfp8_b32", v) for v in ("avx2", "generic")] +
     for c in [(1, 48, 96, "bfp8_b32", "bfp8_b32", "vnni"), (8, 64, 100, "bfp4_b32", "bfp8_b32", "vnni"),
               (3, 10, 48, "bfp8_b8", "bfp8_b8", "vnni"), (1, 96, 64, "bfp8_b32", "bfp8_b16", "vnni"),
               (4, 96, 64, "bfp8_b32", "bfp8_b1", "vnni")]]
+# MobileNetV2's ragged projections at B' = 32 (N = 16, 24; 144 of an expansion): one pass over the
+# rows with the vector tree of block maxima and y's columns partitioned at N (the real part loads
+# contiguously, the padding reads the clamped last channel)
+CASES += [(8, 16, 64, "bfp8_b32", "bfp8_b32", "avx2"), (12, 24, 160, "bfp8_b32", "bfp8_b32", "generic"),
+          (4, 144, 64, "bfp8_b32", "bfp8_b32", "avx2")] + [
+    pytest.param(c, marks=pytest.mark.host_cpu("avx512vnni"))
+    for c in [(8, 16, 64, "bfp8_b32", "bfp8_b32", "vnni"), (12, 24, 160, "bfp8_b32", "bfp8_b32", "vnni"),
+              (4, 144, 64, "bfp8_b32", "bfp8_b32", "vnni"), (4, 40, 64, "bfp8_b32", "bfp8_b32", "vnni")]]
 
 
 def _case_id(c):
@@ -99,7 +107,25 @@ def test_fused_epilogue_equals_quantized_unfused_output(case, ops):
                              np.random.default_rng(N + K))
     np.testing.assert_array_equal(q, want.mantissas.reshape(M, -1))
     np.testing.assert_array_equal(e, want.exponents.reshape(M, -1))
-    assert np.count_nonzero(q) > q.size // 4  # a zero kernel would not match a nonzero reference
+    real = q[:, :N]  # (the padded columns are zero: N = 16 pads to 32)
+    assert np.count_nonzero(real) > real.size // 4  # a zero kernel would not match a nonzero reference
+
+
+def test_ragged_epilogue_is_one_vectorized_pass_over_the_rows():
+    """Padded outputs (N = 24 at B' = 32): y, the block-maximum tree, E and Q all under one
+    parallel row loop after the matmul (one launch, the row in L1), no scalar block maximum."""
+    func = bfp_matmul_func(64, 24, 160, BFPFormat(8, 32), get_format("bfp8_b32"), "avx2",
+                           epilogue=Epilogue.clipped(get_format("bfp8_b32"), bias=True, low=0.0, high=6.0))
+    sch = tvm.s_tir.Schedule(func)
+    row = sch.get(sch.get_loops(sch.get_sblock("E"))[0])
+    assert row.kind == tvm.tirx.ForKind.PARALLEL and int(row.extent) == 64
+    for name in ("exponent_field", "Q"):
+        assert sch.get(sch.get_loops(sch.get_sblock(name))[0]).same_as(row), name
+    for name in ("y_j0", "y_j1", "y_j2"):  # y's columns partitioned at 16 and N
+        sch.get_sblock(name)
+    script = func.script()
+    assert script.count("T.parallel(") == 2  # the matmul's tiles, the epilogue's rows (was 5 loops)
+    assert "exponent_field_rf" in script  # the vector tree, not a scalar loop per block
 
 
 @pytest.mark.parametrize("variant", ["avx2", "generic"])
