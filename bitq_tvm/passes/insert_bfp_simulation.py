@@ -25,10 +25,10 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from ..errors import BitqError
 from ..kernels.bfp_quant import bfp_fake_quant_func, bfp_fake_quant_name
-from ..kernels.bfp_conv import ConvGeometry, window_im2col_func, window_im2col_name
+from ..kernels.bfp_conv import window_im2col_func, window_im2col_name
 from ..kernels.contract import WINDOW_WEIGHT_AXES, block_axes, depthwise_weight_blocks, is_depthwise, is_window_blocked
 from .annotate_layers import annotated_layers, layer_weight, permute_axes, resolve_formats
-from .lower_bfp_integer import DEPLOYMENT_ATTR, deployment_modes, opaque
+from .lower_bfp_integer import DEPLOYMENT_ATTR, conv_geometry, deployment_modes, opaque
 
 
 def _is_depthwise(call: relax.Call) -> bool:
@@ -39,16 +39,6 @@ def _is_depthwise(call: relax.Call) -> bool:
 def _is_window_blocked(call: relax.Call, fmt) -> bool:
     return call.op.name == "relax.nn.conv2d" and is_window_blocked([int(d) for d in call.args[1].ty.shape],
                                                                     int(call.attrs.groups), fmt.block_size)
-
-
-def conv_geometry(call: relax.Call) -> ConvGeometry:
-    """The :class:`~bitq_tvm.kernels.bfp_conv.ConvGeometry` of an NCHW/OIHW ``relax.nn.conv2d`` call."""
-    attrs = call.attrs
-    n, c, h, w = (int(d) for d in call.args[0].ty.shape)
-    o, _, kh, kw = (int(d) for d in call.args[1].ty.shape)
-    return ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
-                        tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation),
-                        int(attrs.groups))
 
 
 def _block_axes(call: relax.Call) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -137,6 +137,16 @@ def _shape(expr: relax.Expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
 
 
+def conv_geometry(call: relax.Call) -> ConvGeometry:
+    """The :class:`~bitq_tvm.kernels.bfp_conv.ConvGeometry` of an NCHW/OIHW ``relax.nn.conv2d`` call."""
+    attrs = call.attrs
+    n, c, h, w = _shape(call.args[0])
+    o, _, kh, kw = _shape(call.args[1])
+    return ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
+                        tuple(int(p) for p in attrs.padding), tuple(int(d) for d in attrs.dilation),
+                        int(attrs.groups))
+
+
 @expr_functor.mutator
 class _Lowerer(PyExprMutator):
     def __init__(self, mod: IRModule, variant: str, max_padding_ratio: float, kernels):
@@ -235,8 +245,7 @@ class _Lowerer(PyExprMutator):
         n, c, h, w = _shape(call.args[0])
         o, cg, kh, kw = _shape(call.args[1])
         pad = [int(p) for p in attrs.padding]
-        geom = ConvGeometry(n, c, h, w, o, (kh, kw), tuple(int(s) for s in attrs.strides),
-                            tuple(pad), tuple(int(d) for d in attrs.dilation), int(attrs.groups))
+        geom = conv_geometry(call)
         reason = integer_support("conv2d", (o, cg, kh, kw), geom.groups, lf.weight, lf.activation,
                                  self.max_padding_ratio)
         if reason is not None:
