@@ -10,8 +10,10 @@ PrimFunc is not its kind. :func:`default_cpu_rules` orders them from specific to
    tile lives in registers, and fused epilogues are computed per tile.
 2. :class:`SpatialInnerReduction`: depthwise/grouped conv2d and pooling (the output's innermost
    axis also walks the data contiguously): reductions hoisted out, that axis vectorised.
-3. :class:`LastAxisReduction` (TVM's ``dlight.cpu.Reduction``): softmax, layer norm.
-4. :class:`ParallelVectorizeFallback`: everything else, block by block.
+3. :class:`OuterAxisReduction`: reductions over an outer axis (softmax over channels): lanes
+   along the innermost output axis, the reduction loops outside them.
+4. :class:`LastAxisReduction` (TVM's ``dlight.cpu.Reduction``): softmax, layer norm.
+5. :class:`ParallelVectorizeFallback`: everything else, block by block.
 
 :func:`cpu_pipeline` is TVM's default CPU Relax pipeline with these rules applied after FuseTIR.
 """
@@ -236,13 +238,17 @@ def _single_reduction(func, target: Target, config: "CPUScheduleConfig | None"):
     return sch, reductions[0], config or CPUScheduleConfig.for_target(target)
 
 
-class _SingleReductionRule(dlight.ScheduleRule):
-    """A rule for an LLVM PrimFunc with one reduction block: ``_match(sch, main)`` returns the
-    block's axis roles (or None: not this rule's), ``_schedule(sch, main, *roles, config)`` the
-    schedule (or None); a schedule primitive that fails means the rule does not apply."""
+class _ConfiguredRule(dlight.ScheduleRule):
+    """A rule holding an optional :class:`CPUScheduleConfig` (None: derived from the target)."""
 
     def __init__(self, config: CPUScheduleConfig | None = None):
         self.config = config
+
+
+class _SingleReductionRule(_ConfiguredRule):
+    """A rule for an LLVM PrimFunc with one reduction block: ``_match(sch, main)`` returns the
+    block's axis roles (or None: not this rule's), ``_schedule(sch, main, *roles, config)`` the
+    schedule (or None); a schedule primitive that fails means the rule does not apply."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         found = _single_reduction(func, target, self.config)
@@ -533,25 +539,38 @@ class SpatialInnerReduction(_SingleReductionRule):
         return sch
 
 
-class ParallelVectorizeFallback(dlight.ScheduleRule):
-    """Any other PrimFunc: inline injective chains, then per root block parallel + vectorise."""
+def _unscheduled_root(func, target: Target, config: "CPUScheduleConfig | None"):
+    """(schedule, config) of an unscheduled LLVM PrimFunc with a root block, else None."""
+    if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return None
+    return sch, config or CPUScheduleConfig.for_target(target)
 
-    def __init__(self, config: CPUScheduleConfig | None = None):
-        self.config = config
+
+class _UnscheduledRootRule(_ConfiguredRule):
+    """A rule for an unscheduled LLVM PrimFunc with a root block: ``_schedule_root(sch, config)``
+    returns the schedule or None (not this rule's)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
+        found = _unscheduled_root(func, target, self.config)
+        if found is None:
             return None
-        config = self.config or CPUScheduleConfig.for_target(target)
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
-            return None
+        return self._schedule_root(*found)
+
+
+class ParallelVectorizeFallback(_UnscheduledRootRule):
+    """Any other PrimFunc: inline injective chains, then per root block parallel + vectorise."""
+
+    def _schedule_root(self, sch: s_tir.Schedule, config: CPUScheduleConfig) -> s_tir.Schedule | None:
         # Step 1. Fewer, fatter loop nests: inline every injective block that allows it, keeping
         # the outputs.
+        untouched = sch.copy()
         try:
             _inline_injective_except(sch, set())
         except _SCHEDULE_ERRORS:
-            sch = s_tir.Schedule(func)
+            sch = untouched
         # Step 2. Each remaining nest independently; a nest that resists keeps its serial loops.
         for block in _root_blocks(sch):
             name = sch.get(block).name_hint
@@ -560,6 +579,70 @@ class ParallelVectorizeFallback(dlight.ScheduleRule):
                 _schedule_spatial_block(sch, sch.get_sblock(name), config)
             except _SCHEDULE_ERRORS:
                 sch = snapshot
+        return sch
+
+
+def _outer_axis_reduction_inner(block) -> int | None:
+    """Position of a reduction block's innermost spatial iterator when it walks the innermost
+    axis of the output and of every input (the reduced axis is an outer one), else None."""
+    kinds = [iv.iter_type for iv in block.iter_vars]
+    spatial = next((i for i, kind in enumerate(kinds) if kind != tirx.IterVar.DataPar), len(kinds))
+    if spatial == 0 or spatial == len(kinds) or any(kind != tirx.IterVar.CommReduce for kind in kinds[spatial:]):
+        return None
+    inner = block.iter_vars[spatial - 1].var
+    if len(block.writes) != 1 or not block.writes[0].region[-1].min.same_as(inner):
+        return None
+    for read in block.reads:
+        if inner in _region_vars(read) and not read.region[-1].min.same_as(inner):
+            return None
+    return spatial - 1
+
+
+class OuterAxisReduction(_UnscheduledRootRule):
+    """Reductions over an outer axis (softmax over channels, as YOLOv8's box head does over its
+    16 distance bins): the reduction loops move outside a vectorised run of the innermost output
+    axis, so the lanes load neighbouring elements instead of striding along the reduced axis.
+
+    Applies to an LLVM PrimFunc whose every reduction block reduces over axes that are not the
+    innermost one of any buffer it touches (see :func:`_outer_axis_reduction_inner`); a
+    last-axis reduction is :class:`LastAxisReduction`'s.
+    """
+
+    def _schedule_root(self, sch: s_tir.Schedule, config: CPUScheduleConfig) -> s_tir.Schedule | None:
+        blocks = [sch.get(b) for b in _root_blocks(sch)]
+        reductions = [b for b in blocks if any(iv.iter_type != tirx.IterVar.DataPar for iv in b.iter_vars)]
+        if not reductions or any(_outer_axis_reduction_inner(b) is None for b in reductions):
+            return None
+        try:
+            _inline_injective_except(sch, set())
+            for block in _root_blocks(sch):
+                stmt = sch.get(block)
+                inner = _outer_axis_reduction_inner(stmt)
+                if inner is None:
+                    _schedule_spatial_block(sch, block, config)
+                    continue
+                loops = sch.get_loops(block)
+                if len(loops) != len(stmt.iter_vars):
+                    return None
+                extent = _const_extent(sch, loops[inner])
+                lanes = config.vector_lanes
+                # Lane multiples first; else the longest run LLVM still spreads over whole and
+                # partial registers (YOLOv8's 2100 anchors per distance: 60).
+                tile = None if extent is None else _largest_divisor(
+                    extent, (4 * lanes, 2 * lanes, lanes, *range(config.max_vector_extent, lanes, -1))
+                )
+                if tile is None:
+                    return None
+                row_outer, row = sch.split(loops[inner], factors=[None, tile])
+                outer = [*loops[:inner], row_outer]
+                reduction_loops = list(loops[inner + 1:])
+                sch.reorder(*outer, *reduction_loops, row)
+                _parallelize_leading(sch, outer, config)
+                sch.vectorize(row)
+                init = sch.decompose_reduction(block, reduction_loops[0])
+                _vectorize_last(sch, init, config)
+        except _SCHEDULE_ERRORS:
+            return None
         return sch
 
 
@@ -593,6 +676,7 @@ def default_cpu_rules(target: Target, config: CPUScheduleConfig | None = None) -
     return [
         RegisterTiledContraction(config),
         SpatialInnerReduction(config),
+        OuterAxisReduction(config),
         LastAxisReduction(),
         ParallelVectorizeFallback(config),
     ]

@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 from bitq_tvm.errors import BitqError
 from bitq_tvm.kernels.cpu import (
     CPUScheduleConfig,
+    OuterAxisReduction,
     ParallelVectorizeFallback,
     RegisterTiledContraction,
     SpatialInnerReduction,
@@ -140,6 +141,9 @@ _ODD_CASES = {
     "batched_matmul_prime_n": ("MatMul", [], {"x": [2, 3, 7, 9], "w": [2, 3, 9, 17]}, {}),
     "matmul_broadcast_weight": ("MatMul", [(33, 40)], {"x": [3, 7, 33]}, {}),
     "avg_pool": ("AveragePool", [], {"x": [1, 6, 100, 100]}, dict(kernel_shape=[3, 3], pads=[1] * 4)),
+    # YOLOv8's box head: softmax over 16 distance bins, 2100 anchors innermost (no lane multiple).
+    "softmax_outer_axis_2100": ("Softmax", [], {"x": [1, 16, 4, 2100]}, dict(axis=1)),
+    "softmax_outer_axis_batch2": ("Softmax", [], {"x": [2, 16, 4, 64]}, dict(axis=1)),
 }
 
 
@@ -218,6 +222,25 @@ def test_rules_pick_the_intended_families():
     # 3 dense conv PrimFuncs (3x3, 3x3 stride 2, 1x1) + the Gemm; depthwise, grouped and max pool.
     assert len(dense_convs) >= 4 and any("matmul" in name for name in dense_convs), taken
     assert any("pool" in name for name in spatial) and len(spatial) >= 3, taken
+
+
+def test_softmax_over_an_outer_axis_runs_lanes_along_the_inner_axis():
+    model = _single_op_model("Softmax", [], {"x": [1, 16, 4, 2100]}, axis=1)
+    legalized, scheduled = _scheduled_module(model, {"x": [1, 16, 4, 2100]})
+    softmax = [(gvar.name_hint, func) for gvar, func in legalized.functions_items() if "softmax" in gvar.name_hint]
+    assert len(softmax) == 1, [gvar.name_hint for gvar, _ in legalized.functions_items()]
+    name, func = softmax[0]
+    assert _rule_taking(func) == "OuterAxisReduction"
+    kinds = _loop_kinds(scheduled[name])
+    assert int(tirx.ForKind.PARALLEL) in kinds and int(tirx.ForKind.VECTORIZED) in kinds
+
+
+def test_outer_axis_reduction_declines_a_last_axis_softmax():
+    model = _single_op_model("Softmax", [], {"x": [4, 24, 64]}, axis=-1)
+    legalized, _ = _scheduled_module(model, {"x": [4, 24, 64]})
+    funcs = [func for gvar, func in legalized.functions_items() if "softmax" in gvar.name_hint]
+    assert funcs and OuterAxisReduction().apply(funcs[0], HOST, False) is None
+    assert _rule_taking(funcs[0]) == "LastAxisReduction"
 
 
 def test_constant_weights_are_packed_at_compile_time():
