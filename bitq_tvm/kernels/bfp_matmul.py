@@ -53,6 +53,7 @@ from tvm.s_tir import Schedule
 
 from ..errors import BitqError
 from ..formats import BFPFormat, Rounding
+from . import float_math
 from .contract import K_QUAD, LANES, NIBBLE_MAX_MANTISSA_BITS, WEIGHT_OFFSET, check_block_size, padded
 from .float_bits import divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent
 
@@ -329,7 +330,7 @@ def quantized_outputs(acc: te.Tensor, M: int, N: int, epilogue: Epilogue):
         if head == "clip":  # topi.clip: max(min(x, high), low)
             return tirx.max(tirx.min(args[0], tirx.const(float(expr[3]), "float32")),
                             tirx.const(float(expr[2]), "float32"))
-        return {"sigmoid": tirx.sigmoid, "tanh": tirx.tanh, "erf": tirx.erf}[head](args[0])
+        return {"sigmoid": float_math.sigmoid, "tanh": tirx.tanh, "erf": tirx.erf}[head](args[0])
 
     # Padded columns (width > N) repeat column N - 1 in y and are masked where they are consumed:
     # a Select(j < N, ...) around the read would let the simplifier drop the min() and read past

@@ -33,6 +33,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
 from bitq_tvm.errors import BitqError
+from bitq_tvm.kernels import float_math
 
 # Both spellings: TVM 0.27 writes "tirx.is_scheduled", our other kernels may carry the old one.
 _SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
@@ -705,6 +706,8 @@ def cpu_pipeline(target: Target, extra_passes_before=()) -> tvm.transform.Pass:
             passes = [
                 *extra_passes_before,
                 *cpu_generic.library_dispatch_passes(target),
+                # float32 exp/sigmoid/softmax as vectorisable arithmetic, not scalar expf calls
+                relax.transform.LegalizeOps(customize_legalize_map=float_math.legalize_map()),
                 *cpu_generic.legalize_passes(target),
                 dlight.ApplyDefaultSchedule(*rules),
                 # Weight packing blocks become PrimFuncs of their own, folded on constant weights.
