@@ -16,7 +16,7 @@ with bb.function("main", [x]):
         y = bb.emit_output(relax.op.nn.softmax(x, axis=axis))
     bb.emit_func_output(y)
 mod = bb.get()
-from bitq_tvm.pipeline import resolve_target; target = resolve_target("avx512-vnni")[1]
+from bitq_tvm.pipeline import resolve_target; target = resolve_target("host")[1]
 ex = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
 dev = tvm.cpu()
 vm = relax.VirtualMachine(ex, dev)

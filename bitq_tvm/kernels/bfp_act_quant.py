@@ -25,9 +25,10 @@ from tvm import te, tirx
 
 from ..formats import BFPFormat
 from .contract import check_block_layout
-from .float_bits import divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent
+from .float_bits import (divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent,
+                         zero_unless)
 
-__all__ = ["act_quant_shapes", "bfp_act_quant_func"]
+__all__ = ["act_quant_shapes", "act_quant_stages", "bfp_act_quant_func", "schedule_act_quant"]
 
 
 def act_quant_shapes(shape, fmt: BFPFormat, axis: int, groups: int = 1):
@@ -39,14 +40,16 @@ def act_quant_shapes(shape, fmt: BFPFormat, axis: int, groups: int = 1):
     return outer + (groups * nbg * fmt.block_size,), outer + (groups * nbg,)
 
 
-def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> tirx.PrimFunc:
+def act_quant_stages(x: te.Tensor, fmt: BFPFormat, axis: int, groups: int = 1) -> tuple[te.Tensor, te.Tensor]:
+    """The TE stages ``(Q, E)`` quantizing tensor ``x`` (a placeholder, or a computed tensor that
+    :func:`schedule_act_quant` is then given to inline) along ``axis`` (see module doc)."""
+    shape = tuple(int(d) for d in x.shape)
     block = fmt.block_size
     segment = shape[axis] // groups
     nbg = -(-segment // block)
     ragged = segment % block != 0
     outer = shape[:axis] + shape[axis + 1:]
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    x = te.placeholder(shape, "float32", name="X")
 
     def source(outer_index, block_index, within):
         """(X element, in-segment flag) for position ``within`` of flattened block ``block_index``."""
@@ -63,7 +66,7 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
         index, valid = source(idx[:-1], idx[-1], within_r)
         field = exponent_field(x[index])
         if valid is not None:
-            field = tirx.Select(valid, field, 0)  # padding is zero, whose field is 0
+            field = zero_unless(valid, field)  # padding is zero, whose field is 0
         return te.max(field, axis=within_r)
 
     field = te.compute(outer + (groups * nbg,), max_exponent_field, name="exponent_field")
@@ -78,14 +81,16 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
         shift = e_out[idx[:-1] + (blk,)].astype("int32") - fmt.scale_shift
         flat_index = sum(i * s for i, s in zip(index, strides))
         q = tirx.Cast("int8", round_mantissa(divide_by_power_of_two(x[index], shift), fmt, flat_index))
-        return q if valid is None else tirx.Select(valid, q, tirx.const(0, "int8"))
+        return q if valid is None else zero_unless(valid, q)
 
     q_out = te.compute(outer + (groups * nbg * block,), mantissa, name="Q")
-    return te.create_prim_func([x, q_out, e_out])
+    return q_out, e_out
 
 
-def _schedule(func: tirx.PrimFunc, fmt: BFPFormat, strided: bool) -> tirx.PrimFunc:
+def schedule_act_quant(func: tirx.PrimFunc, fmt: BFPFormat, strided: bool,
+                       inline: tuple[str, ...] = ()) -> tirx.PrimFunc:
     """Two parallel passes: block exponents (E, an output, cannot nest under Q), then mantissas.
+    The blocks named in ``inline`` (stages computing the quantizer's input) are inlined first.
 
     Contiguous blocks (``axis`` last): both passes parallel over (rows, blocks), a block's B
     mantissas vectorised. Strided blocks (NCHW activations, C-strided elements per block): both
@@ -95,6 +100,8 @@ def _schedule(func: tirx.PrimFunc, fmt: BFPFormat, strided: bool) -> tirx.PrimFu
     pass runs.
     """
     sch = tvm.s_tir.Schedule(func)
+    for name in inline:
+        sch.compute_inline(sch.get_sblock(name))
     e_block = sch.get_sblock("E")
     e_loops = sch.get_loops(e_block)
     q_block = sch.get_sblock("Q")
@@ -128,5 +135,7 @@ def bfp_act_quant_func(shape, fmt: BFPFormat, axis: int, groups: int = 1) -> tir
     """
     shape = tuple(int(d) for d in shape)
     axis = check_block_layout(shape, axis, groups, "bfp_act_quant_func")
-    func = _schedule(_build(shape, fmt, axis, groups), fmt, strided=axis < len(shape) - 1)
+    x = te.placeholder(shape, "float32", name="X")
+    func = te.create_prim_func([x, *act_quant_stages(x, fmt, axis, groups)])
+    func = schedule_act_quant(func, fmt, strided=axis < len(shape) - 1)
     return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)

@@ -16,7 +16,8 @@ the same K order, so ``conv = A @ Wg.T`` per group (:meth:`ConvGeometry.gemm`), 
 
 A window-blocked conv (a stem, :func:`~bitq_tvm.kernels.contract.is_window_blocked`) is quantized
 after im2col, not before: :func:`window_im2col_func` gathers the float32 rows ``[M, KH*KW*C]``
-(same (kh, kw, c) order), which the activation quantizer then blocks like a matmul's K.
+(same (kh, kw, c) order), which the activation quantizer then blocks like a matmul's K; the
+deployment runs both as one kernel (:func:`window_act_quant_func`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from tvm import te, tirx
 
 from ..errors import BitqError
 from ..formats import BFPFormat
+from .bfp_act_quant import act_quant_stages, schedule_act_quant
 from .contract import GemmGeometry, conv_channels_padded, gemm_geometry
+from .float_bits import zero_unless
 
-__all__ = ["ConvGeometry", "bfp_im2col_func", "window_im2col_func", "window_im2col_name"]
+__all__ = ["ConvGeometry", "bfp_im2col_func", "window_act_quant_func", "window_act_quant_name", "window_im2col_func",
+           "window_im2col_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +93,17 @@ class ConvGeometry:
 
 def _window_source(geom: ConvGeometry, rows: int, m, offset):
     """(n, iy, ix, inside) of kernel ``offset`` (kh * KW + kw) in output row ``m``'s window:
-    clamped input indices (the masked-out load stays in bounds) and whether the pixel is real."""
+    clamped input indices (the masked-out load stays in bounds) and whether the pixel is real;
+    mask with :func:`~bitq_tvm.kernels.float_bits.zero_unless`, not a Select around the load."""
     oh, ow = geom.out_height, geom.out_width
     kw = geom.kernel[1]
     n, y, x = m // (oh * ow), m // ow % oh, m % ow
     iy = y * geom.strides[0] + offset // kw * geom.dilation[0] - geom.padding[0]
     ix = x * geom.strides[1] + offset % kw * geom.dilation[1] - geom.padding[1]
     inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
-    if rows > geom.rows:
+    if rows > geom.rows:  # padding rows past M read the last image
         inside = tirx.all(inside, m < geom.rows)
+        n = tirx.min(n, geom.batch - 1)
     iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
     ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
     return n, iy_c, ix_c, inside
@@ -110,22 +116,44 @@ def window_im2col_func(geom: ConvGeometry, rows: int | None = None) -> tirx.Prim
     in rows past M = N*OH*OW (``rows`` >= M, default M). The simulation fake-quantizes the rows
     and the deployment quantizes them for the integer matmul (a window-blocked conv).
     """
-    if geom.groups != 1:
-        raise BitqError(f"window_im2col_func: {geom.groups} groups (window blocks take one)")
     rows = geom.rows if rows is None else rows
+    x, p = _window_rows(geom, rows)
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, p]))
+    sch.parallel(sch.get_loops(sch.get_sblock("P"))[0])
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+
+
+def _window_rows(geom: ConvGeometry, rows: int) -> tuple[te.Tensor, te.Tensor]:
+    """(X placeholder, P stage) of :func:`window_im2col_func`."""
+    if geom.groups != 1:
+        raise BitqError(f"window im2col: {geom.groups} groups (window blocks take one)")
     if rows < geom.rows:
-        raise BitqError(f"window_im2col_func: rows={rows} < {geom.rows} output pixels")
+        raise BitqError(f"window im2col: rows={rows} < {geom.rows} output pixels")
     c = geom.channels
     x = te.placeholder((geom.batch, c, geom.height, geom.width), "float32", name="X")
 
     def gather(m, k):
         n, iy, ix, inside = _window_source(geom, rows, m, k // c)
-        return tirx.Select(inside, x[n, k % c, iy, ix], tirx.const(0.0, "float32"))
+        return zero_unless(inside, x[n, k % c, iy, ix])
 
-    p = te.compute((rows, geom.kernel[0] * geom.kernel[1] * c), gather, name="P")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([x, p]))
-    sch.parallel(sch.get_loops(sch.get_sblock("P"))[0])
-    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+    return x, te.compute((rows, geom.kernel[0] * geom.kernel[1] * c), gather, name="P")
+
+
+def window_act_quant_func(geom: ConvGeometry, fmt: BFPFormat, rows: int | None = None) -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(X, Q, E)``: :func:`window_im2col_func`'s rows BFP-quantized in the
+    same kernel, ``Q [rows, nbg*B]``/``E [rows, nbg]`` as :func:`~bitq_tvm.kernels.bfp_act_quant.
+    bfp_act_quant_func` of those rows along axis 1 gives, bit for bit (the same stages with the
+    gather inlined), without the float32 rows going through memory.
+    """
+    x, p = _window_rows(geom, geom.rows if rows is None else rows)
+    func = te.create_prim_func([x, *act_quant_stages(p, fmt, axis=1)])
+    func = schedule_act_quant(func, fmt, strided=False, inline=("P",))
+    return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+
+
+def window_act_quant_name(geom: ConvGeometry, fmt: BFPFormat, rows: int) -> str:
+    """Kernel name of :func:`window_act_quant_func` (a quantizer's ``bfp_aq`` prefix)."""
+    return f"bfp_aq_{fmt.name}_{window_im2col_name(geom, rows).removeprefix('bfp_')}"
 
 
 def window_im2col_name(geom: ConvGeometry, rows: int) -> str:
@@ -160,11 +188,12 @@ def bfp_im2col_func(geom: ConvGeometry, fmt: BFPFormat, group: int, rows: int | 
 
     def gather_mantissa(m, k):
         n, iy, ix, inside = source(m, k // cg_p)
-        return tirx.Select(inside, q[n, iy, ix, group * cg_p + k % cg_p], tirx.const(0, "int8"))
+        return zero_unless(inside, q[n, iy, ix, group * cg_p + k % cg_p])
 
-    def gather_exponent(m, k):
+    def gather_exponent(m, k):  # emin outside the image
         n, iy, ix, inside = source(m, k // nbg)
-        return tirx.Select(inside, e[n, iy, ix, group * nbg + k % nbg], tirx.const(fmt.emin, "int8"))
+        above_emin = e[n, iy, ix, group * nbg + k % nbg].astype("int32") - fmt.emin
+        return (zero_unless(inside, above_emin) + fmt.emin).astype("int8")
 
     a = te.compute((rows, kh * kw * cg_p), gather_mantissa, name="A")
     ea = te.compute((rows, kh * kw * nbg), gather_exponent, name="EA")

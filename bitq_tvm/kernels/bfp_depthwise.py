@@ -46,7 +46,7 @@ from ..formats import BFPFormat, quantize_np
 from .bfp_conv import ConvGeometry
 from .bfp_matmul import TREE_LANES, Epilogue, block_max_tree, has_block, quantized_outputs, vectorize_rfactor
 from .contract import DEPTHWISE_CHANNEL_LANES, depthwise_problem, depthwise_weight_blocks, padded
-from .float_bits import power_of_two
+from .float_bits import power_of_two, zero_unless
 
 __all__ = ["bfp_depthwise_func", "pack_depthwise_weights"]
 
@@ -118,15 +118,12 @@ def bfp_depthwise_func(geom: ConvGeometry, fmt_a: BFPFormat, fmt_w: BFPFormat,
     def dequantized(n, y, x, ch):
         iy, ix = y - top, x - left
         inside = tirx.all(iy >= 0, iy < geom.height, ix >= 0, ix < geom.width)
-        # clamped indices keep the loads in bounds, the padding is masked to a zero mantissa.
-        # The mask is an AND outside the loads: as Select(inside, qa[clamped], 0) the simplifier
-        # drops the clamps (inside the true branch they are no-ops) and the vectorised Select
-        # loads a row above and below qa (docs/tvm-0.27-notes.md); if_then_else does not
-        # vectorise for RVV (scalable lanes mismatch).
+        # clamped indices keep the loads in bounds, the padding is masked to a zero mantissa
+        # (zero_unless: an AND, not a Select, which would lose the clamps; if_then_else does not
+        # vectorise for RVV, scalable lanes mismatch)
         iy_c = tirx.max(tirx.min(iy, geom.height - 1), 0)
         ix_c = tirx.max(tirx.min(ix, geom.width - 1), 0)
-        mask = tirx.Select(inside, tirx.const(-1, "int8"), tirx.const(0, "int8"))
-        q = tirx.bitwise_and(qa[n, iy_c, ix_c, ch], mask)
+        q = zero_unless(inside, qa[n, iy_c, ix_c, ch])
         return q.astype("float32") * a_scale[n, iy_c, ix_c, ch]
 
     a_value = te.compute(padded_shape, dequantized, name="a_value")

@@ -24,7 +24,8 @@ from tvm import te, tirx
 from ..errors import BitqError
 from ..formats import BFPFormat
 from .contract import check_block_layout
-from .float_bits import divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent
+from .float_bits import (divide_by_power_of_two, exponent_field, power_of_two, round_mantissa, shared_exponent,
+                         zero_unless)
 
 __all__ = ["bfp_fake_quant_name", "bfp_fake_quant_func"]
 
@@ -74,10 +75,12 @@ def _build(shape: tuple[int, ...], fmt: BFPFormat, axis: int, groups: int) -> ti
         # the exact floor(log2) would.
         g, b = index[axis], index[axis + 1]
         pos = b * block + within
-        element = x[index[:axis] + (g * segment + pos,) + index[axis + 2 :]]
-        field = exponent_field(element)
-        if segment % block:
-            field = tirx.Select(pos < segment, field, 0)
+        ragged = segment % block != 0
+        # a padding position reads the segment's last element (in bounds) and is masked out
+        channel = g * segment + (tirx.min(pos, segment - 1) if ragged else pos)
+        field = exponent_field(x[index[:axis] + (channel,) + index[axis + 2 :]])
+        if ragged:
+            field = zero_unless(pos < segment, field)
         return te.max(field, axis=within)
 
     block_field = te.compute(

@@ -64,6 +64,25 @@ def divide_by_power_of_two(x: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
     return x * power_of_two(tirx.min(inverse, tirx.const(127, "int32"))) * rest
 
 
+def zero_unless(keep: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``value`` where ``keep`` holds, else 0 (+0.0 for float32), as an AND of its bits.
+
+    For padding read through clamped indices. ``Select(keep, x[clamped], 0)`` is not safe: inside
+    the true branch the simplifier may assume ``keep`` and drop the clamps, and LLVM's select
+    evaluates both branches, so the load runs out of bounds (seen in the im2col and ragged
+    quantizer kernels, caught by TVM's ``OOBChecker``). Here the load sits outside any branch.
+    """
+    if hasattr(value, "asobject"):  # a te tensor element
+        value = value.asobject()
+    dtype = str(value.ty)
+    if dtype == "float32":
+        bits = tirx.reinterpret("int32", value)
+        return tirx.reinterpret("float32", tirx.bitwise_and(bits, tirx.Select(keep, tirx.const(-1, "int32"),
+                                                                             tirx.const(0, "int32"))))
+    mask = tirx.Select(keep, tirx.const(-1, dtype), tirx.const(0, dtype))
+    return tirx.bitwise_and(value, mask)
+
+
 def _u32(value: int) -> tirx.PrimExpr:
     return tirx.const(value % 2**32, "uint32")
 

@@ -20,8 +20,8 @@ Each planned ``matmul``/``conv2d`` whose formats the integer kernel supports bec
    whose scaled float32 output they read once.
 
 A window-blocked conv (a stem, :func:`~bitq_tvm.kernels.contract.is_window_blocked`) swaps steps
-1 and 2: ``call_tir`` of the float32 im2col (:func:`~bitq_tvm.kernels.bfp_conv.window_im2col_func`),
-then the activation quantizer along its rows, then steps 3 and 4 against the weight's
+1 and 2 and runs them as one kernel (:func:`~bitq_tvm.kernels.bfp_conv.window_act_quant_func`):
+the float32 im2col rows, quantized along each row, then steps 3 and 4 against the weight's
 ``[O, KH*KW*C]`` view, packed like a matmul's.
 
 A depthwise conv (:func:`~bitq_tvm.kernels.contract.is_depthwise`) is step 1 with an exponent
@@ -56,7 +56,7 @@ from ..errors import BitqError
 from ..formats import BFPFormat, quantize_np
 from ..plan import LayerFormats
 from ..kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
-from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func, window_im2col_func, window_im2col_name
+from ..kernels.bfp_conv import ConvGeometry, bfp_im2col_func, window_act_quant_func, window_act_quant_name
 from ..kernels.bfp_depthwise import bfp_depthwise_func, pack_depthwise_weights
 from ..kernels.bfp_matmul import bfp_matmul_name
 from ..kernels.bfp_matmul_variants import VARIANTS, bfp_matmul_func
@@ -301,10 +301,12 @@ class _Lowerer(PyExprMutator):
             return None, str(err)
         geometry = geom.gemm(lf.weight.block_size)
         rows = geometry.rows_padded
-        tag = window_im2col_name(geom, rows)
-        patches = self._call_tir(window_im2col_func(geom, rows), tag, [call.args[0]],
-                                 [((rows, geometry.k), "float32")])
-        qa, ea = self._quantize_activation(patches, lf.activation, 1, 1, name)
+        fmt_a = lf.activation
+        q_shape, e_shape = act_quant_shapes((rows, geometry.k), fmt_a, 1)
+        both = self._call_tir(window_act_quant_func(geom, fmt_a, rows), window_act_quant_name(geom, fmt_a, rows),
+                              [call.args[0]], [(q_shape, "int8"), (e_shape, "int8")])
+        qa = self._emit(relax.TupleGetItem(both, 0), f"{name}_qa")
+        ea = self._emit(relax.TupleGetItem(both, 1), f"{name}_ea")
         out = self._matmul(qa, ea, packed, rows, geometry.k_padded, lf.activation, name)
         if rows != geom.rows:
             out = self._emit(relax.op.strided_slice(out, [0], [0], [geom.rows]), f"{name}_unpadded")

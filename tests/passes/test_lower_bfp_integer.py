@@ -31,7 +31,9 @@ from bitq_tvm.kernels.bfp_matmul_variants import kernel_variant
 from bitq_tvm.kernels.contract import padded_rows
 from bitq_tvm.targets.presets import get_target
 from bitq_tvm.plan import Plan
+from bitq_tvm.frontend.reference import window_patches_np
 from bitq_tvm.kernels.bfp_act_quant import act_quant_shapes, bfp_act_quant_func
+from bitq_tvm.kernels.bfp_conv import ConvGeometry, window_act_quant_func
 from bitq_tvm.kernels.packing import pack_quantized
 from bitq_tvm.targets.presets import get_target
 
@@ -71,6 +73,28 @@ def test_act_quant_bit_exact(shape, axis, groups, fmt):
     _, q, e = _run_prim(bfp_act_quant_func(shape, fmt, axis, groups), x,
                         np.zeros(q_shape, np.int8), np.zeros(e_shape, np.int8))
     ref = quantize_np(x, fmt, axis=axis, groups=groups)
+    np.testing.assert_array_equal(q, ref.mantissas.reshape(q_shape))
+    np.testing.assert_array_equal(e, ref.exponents.reshape(e_shape))
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding, rows, fmt", [
+    ((1, 3, 9, 11), (3, 3), (2, 2), (1, 1, 1, 1), 32, "bfp8_b32"),   # a stem: K = 27 -> one block of 32
+    ((2, 3, 7, 6), (3, 3), (1, 1), (0, 1, 1, 0), 88, "bfp4_b16"),   # batch 2, asymmetric pads, 2 blocks
+    ((1, 4, 6, 6), (2, 2), (2, 2), (0, 0, 0, 0), 9, "bfp6_b16_sr3"),  # stochastic: hash of the rows' index
+])
+def test_window_act_quant_is_the_im2col_rows_quantized(shape, kernel, strides, padding, rows, fmt):
+    fmt = get_format(fmt)
+    x = _spread(np.random.default_rng(3), shape)
+    geom = ConvGeometry(*shape, out_channels=5, kernel=kernel, strides=strides, padding=padding, dilation=(1, 1),
+                        groups=1)
+    assert rows >= geom.rows
+    k = kernel[0] * kernel[1] * shape[1]
+    q_shape, e_shape = act_quant_shapes((rows, k), fmt, 1)
+    _, q, e = _run_prim(window_act_quant_func(geom, fmt, rows), x, np.zeros(q_shape, np.int8),
+                        np.zeros(e_shape, np.int8))
+    patches = np.zeros((rows, k), np.float32)  # (kh, kw, c) order, rows past M zero
+    patches[:geom.rows] = window_patches_np(x, kernel, strides, padding, (1, 1))
+    ref = quantize_np(patches, fmt, axis=1)
     np.testing.assert_array_equal(q, ref.mantissas.reshape(q_shape))
     np.testing.assert_array_equal(e, ref.exponents.reshape(e_shape))
 
