@@ -225,18 +225,29 @@ def _schedule_spatial_block(sch: s_tir.Schedule, block, config: CPUScheduleConfi
         _parallelize_leading(sch, loops[:num_spatial], config)
 
 
-def _single_reduction(func, target: Target, config: "CPUScheduleConfig | None"):
-    """(schedule, the one reduction block, config) of an unscheduled LLVM PrimFunc, else None."""
+def _unscheduled_root(func, target: Target, config: "CPUScheduleConfig | None"):
+    """(schedule, config) of an unscheduled LLVM PrimFunc with a root block, else None."""
     if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
         return None
     sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return None
+    return sch, config or CPUScheduleConfig.for_target(target)
+
+
+def _single_reduction(func, target: Target, config: "CPUScheduleConfig | None"):
+    """(schedule, the one reduction block, config) of an unscheduled LLVM PrimFunc, else None."""
+    found = _unscheduled_root(func, target, config)
+    if found is None:
+        return None
+    sch, config = found
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
     reductions = [info for info in infos if not info.is_injective()]
     if len(reductions) != 1:
         return None
-    return sch, reductions[0], config or CPUScheduleConfig.for_target(target)
+    return sch, reductions[0], config
 
 
 class _ConfiguredRule(dlight.ScheduleRule):
@@ -538,16 +549,6 @@ class SpatialInnerReduction(_SingleReductionRule):
                 sch.unroll(loop)
         sch.decompose_reduction(block, reduction_loops[0])
         return sch
-
-
-def _unscheduled_root(func, target: Target, config: "CPUScheduleConfig | None"):
-    """(schedule, config) of an unscheduled LLVM PrimFunc with a root block, else None."""
-    if not isinstance(func, tirx.PrimFunc) or _is_prescheduled(func) or target.kind.name != "llvm":
-        return None
-    sch = s_tir.Schedule(func)
-    if not _has_root(sch):
-        return None
-    return sch, config or CPUScheduleConfig.for_target(target)
 
 
 class _UnscheduledRootRule(_ConfiguredRule):

@@ -9,8 +9,10 @@ range reduction plus a degree-7 polynomial (Cephes ``expf``), built from multipl
 
 Accuracy (``tests/kernels/test_float_math.py`` checks it on every 211th float32): within 1 ulp
 of the correctly rounded exp, subnormal results included, and exact where that is special
-(``inf`` above ~88.72, 0 below ~-103.97, NaN in -> NaN out). ONNX Runtime's own ``Exp``/``Sigmoid`` are approximations of the same order, and
-a BFP network's output moves more from one ulp at its input (``docs/tvm-0.27-notes.md``).
+(``inf`` above ~88.72, 0 below ~-103.97, NaN in -> NaN out). ONNX Runtime's own
+``Exp``/``Sigmoid`` are approximations of the same order, and a BFP network's output moves more
+from one ulp at its input (``docs/tvm-0.27-notes.md``). ``bench/bench_float_math.py`` prints the
+accuracy and the speed against TVM's lowering.
 
 :func:`legalize_map` is the ``LegalizeOps`` customisation that :func:`~bitq_tvm.kernels.cpu.cpu_pipeline`
 uses for float32 ``exp``, ``sigmoid`` and ``softmax``; the fused BFP epilogues call
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import tvm
 from tvm import te, tirx
+
+from .float_bits import FLOAT32_EXPONENT_BIAS, FLOAT32_MANTISSA_BITS
 
 _LOG2E = 1.4426950408889634
 # ln 2 = _LN2_HI + _LN2_LO; _LN2_HI has 9 significant bits, so n * _LN2_HI is exact for |n| < 2**15
@@ -40,8 +44,9 @@ def _f32(value: float) -> tirx.PrimExpr:
 
 
 def _power_of_two(k: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2**k for int32 k in [-126, 127] from its bit pattern."""
-    return tirx.reinterpret("float32", (k + 127) << 23)
+    """2**k for int32 k in [-126, 127] from its bit pattern (``float_bits.power_of_two`` without
+    its subnormal Select, which does not vectorise inside a larger expression for RVV)."""
+    return tirx.reinterpret("float32", (k + FLOAT32_EXPONENT_BIAS) << FLOAT32_MANTISSA_BITS)
 
 
 def _times_power_of_two(y: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:

@@ -171,6 +171,11 @@ class _Lowerer(PyExprMutator):
         out = [relax.TensorType(list(s), d) for s, d in out_shapes_dtypes]
         return self._emit(relax.call_tir(gv, args, out if len(out) > 1 else out[0]), name)
 
+    def _mantissas_exponents(self, quantized: relax.Expr, name: str):
+        """The (Q, E) outputs of a quantizer's call_tir, bound as ``<name>_qa``/``<name>_ea``."""
+        return (self._emit(relax.TupleGetItem(quantized, 0), f"{name}_qa"),
+                self._emit(relax.TupleGetItem(quantized, 1), f"{name}_ea"))
+
     def _quantize_activation(self, x: relax.Expr, fmt: BFPFormat, axis: int, groups: int, name: str):
         # q/k/v projections read one input: quantize it once
         key = (x, fmt, axis, groups)
@@ -183,8 +188,7 @@ class _Lowerer(PyExprMutator):
                               "groups": groups})
             both = self._call_tir(func, tag, [x],
                                   [(q_shape, "int8"), (e_shape, "int8")])
-            self._act_cache[key] = (self._emit(relax.TupleGetItem(both, 0), f"{name}_qa"),
-                                    self._emit(relax.TupleGetItem(both, 1), f"{name}_ea"))
+            self._act_cache[key] = self._mantissas_exponents(both, name)
         return self._act_cache[key]
 
     def _matmul(self, qa, ea, packed: PackedWeights, rows: int, k: int, fmt_a, name: str):
@@ -305,8 +309,7 @@ class _Lowerer(PyExprMutator):
         q_shape, e_shape = act_quant_shapes((rows, geometry.k), fmt_a, 1)
         both = self._call_tir(window_act_quant_func(geom, fmt_a, rows), window_act_quant_name(geom, fmt_a, rows),
                               [call.args[0]], [(q_shape, "int8"), (e_shape, "int8")])
-        qa = self._emit(relax.TupleGetItem(both, 0), f"{name}_qa")
-        ea = self._emit(relax.TupleGetItem(both, 1), f"{name}_ea")
+        qa, ea = self._mantissas_exponents(both, name)
         out = self._matmul(qa, ea, packed, rows, geometry.k_padded, lf.activation, name)
         if rows != geom.rows:
             out = self._emit(relax.op.strided_slice(out, [0], [0], [geom.rows]), f"{name}_unpadded")
