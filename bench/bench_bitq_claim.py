@@ -40,7 +40,7 @@ def resnet(image_size=32, calib_n=32, eval_n=128):
     calib = Calibration(synthetic_inputs(model.proto, calib_n, seed=1))
     x = synthetic_inputs(model.proto, eval_n, seed=2)
     graph = NoiseGraph(model)
-    labels = np.array([graph.run({"input": x["input"][i:i + 1]}).argmax() for i in range(eval_n)])
+    labels = np.array([graph.run({"input": x["input"][i:i + 1]})[0].argmax() for i in range(eval_n)])
     return model, calib, Calibration(x, labels)
 
 

@@ -11,8 +11,9 @@ solves two matched points:
   allocation's (equal bytes: does it keep more boxes?).
 
 Every allocation is compiled with ``compile_deployed`` and run on test inputs (seed 1); its boxes
-are matched to ONNX Runtime FP32's (``models.detection.detection_agreement``). Prints a markdown
-table and the command:
+are matched to ONNX Runtime FP32's (``models.detection.detection_agreement``), and its loss is
+measured in the planner's unit (``evaluation.head_rel_mse`` over ``loss_view``'s heads). Prints a
+markdown table and the command:
 
     python bench/bench_detector_plan.py --model yolov8n_nudenet --calib 32 --test 32
 """
@@ -43,8 +44,18 @@ def _fewest_bytes(problem, loss: float):
         if hi is not None and hi - lo <= 1e-3 * hi:
             break
     return best
-from bitq_tvm.evaluation import rel_mse, stored_weight_bytes
+from bitq_tvm.evaluation import head_rel_mse, stored_weight_bytes
 from bitq_tvm.support.tables import print_table
+
+
+def _heads(view, outputs):
+    """One sample's model outputs as the accuracy term's heads (``loss_view``): YOLOv8's single
+    ``[1, 4 + classes, anchors]`` split back into its Concat's inputs (axis 1)."""
+    shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in view.proto.graph.output]
+    if len(shapes) == len(outputs):
+        return tuple(outputs)
+    (out,) = outputs
+    return tuple(np.split(out, np.cumsum([s[1] for s in shapes])[:-1], axis=1))
 
 
 def main(argv=None) -> int:
@@ -54,10 +65,13 @@ def main(argv=None) -> int:
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--uniforms", default="w8a8_b32,w6a8_b32,w4a8_b32",
                         help="uniform allocations to compare (the first and last get matched planned points)")
+    parser.add_argument("--loss-fractions", default="",
+                        help="more fewest-bytes points at these fractions of the first uniform's predicted loss "
+                             "(e.g. 0.5,0.25: where does a planned allocation reach its F1?)")
     args = parser.parse_args(argv)
 
     from bitq_tvm.deploy import compile_deployed
-    from bitq_tvm.frontend.onnx_model import load_onnx
+    from bitq_tvm.frontend.onnx_model import load_onnx, loss_view
     from bitq_tvm.models import corpus
     from bitq_tvm.models.detection import decode, detection_agreement
     from bitq_tvm.models.detection_data import detector_samples
@@ -86,12 +100,16 @@ def main(argv=None) -> int:
     fp32_out = [session.run(None, {entry.input_name: test[i:i + 1]}) for i in range(len(test))]
     fp32 = [d for o in fp32_out for d in decode(entry.detector, o, hw)]
     fp32_bytes = 4 * sum(layer.params for layer in model.layers)
+    view = loss_view(model)
 
     best, cheapest = uniforms[labels[0]], uniforms[labels[-1]]
     points = [(f"uniform {label}", uniforms[label]) for label in labels]
     points.append((f"planned at uniform {labels[0]}'s loss",
                    solve_objective(result.problem, result.accuracy, Objective("budget", result.predicted(best)))))
     points.append((f"planned at uniform {labels[0]}'s loss, fewest bytes", _fewest_bytes(result.problem, best.acc_loss)))
+    for fraction in (float(f) for f in args.loss_fractions.split(",") if f):
+        points.append((f"planned at {fraction:g}x uniform {labels[0]}'s loss, fewest bytes",
+                       _fewest_bytes(result.problem, fraction * best.acc_loss)))
     points.append((f"planned at uniform {labels[-1]}'s bytes",
                    solve_objective(result.problem, result.accuracy,
                                    Objective("size_budget", cheapest.size_bytes / BYTES_PER_MB))))
@@ -102,7 +120,7 @@ def main(argv=None) -> int:
         stored = stored_weight_bytes(deployed.report)
         out = [deployed.run({entry.input_name: test[i:i + 1]}) for i in range(len(test))]
         agreement = detection_agreement(fp32, [d for o in out for d in decode(entry.detector, o, hw)])
-        mse = rel_mse([np.concatenate(o) for o in zip(*out)], [np.concatenate(o) for o in zip(*fp32_out)])
+        mse = head_rel_mse([_heads(view, o) for o in out], [_heads(view, o) for o in fp32_out])
         rows.append((name, f"{len(deployed.report.integer_layers)}/{len(model.layers)}", f"{stored:,}",
                      f"{stored / fp32_bytes:.3f}x", f"{agreement['candidate']}", f"{agreement['f1']:.1%}",
                      f"{agreement['mean_iou']:.3f}", f"{agreement['score_drift']:.3f}",
@@ -112,7 +130,7 @@ def main(argv=None) -> int:
           f"accuracy term and plan took {plan_seconds:.1f} s")
     print()
     print_table(["allocation", "integer layers", "deployed weight bytes", "vs FP32", "boxes", "F1 vs FP32",
-                 "mean IoU (matched)", "score drift (matched)", "predicted rel. MSE", "measured rel. MSE"], rows)
+                 "mean IoU (matched)", "score drift (matched)", "predicted loss", "measured loss"], rows)
     print()
     print("command: python bench/bench_detector_plan.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0

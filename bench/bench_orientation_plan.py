@@ -37,14 +37,14 @@ def main(argv=None):
     import onnxruntime as ort
 
     from bitq_tvm.deploy import compile_deployed
-    from bitq_tvm.frontend.onnx_model import load_onnx, logit_model
+    from bitq_tvm.frontend.onnx_model import load_onnx, loss_view
     from bitq_tvm.models.corpus import fetch
     from bitq_tvm.models.orientation_data import orientation_samples
     from bitq_tvm.solver.accuracy import Calibration
     from bitq_tvm.solver.planner import Objective, allocation_plan, plan_model, solve_objective
 
     path = str(fetch("pplcnet_orientation"))
-    model = logit_model(load_onnx(path, {"x": (1, 3, 224, 224)}))
+    model = loss_view(load_onnx(path, {"x": (1, 3, 224, 224)}))
     budgets = sorted(float(b) for b in args.budgets.split(","))
     xc, yc = orientation_samples(args.calib, seed=0)
     xt, yt = orientation_samples(args.test, seed=1)

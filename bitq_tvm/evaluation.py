@@ -12,9 +12,9 @@
   (averaged over N and T). Trailing size-1 axes are ignored (``[N, C, 1, 1]`` is ``[N, C]``).
 - :func:`top_k` scores an output against integer labels (``[N]`` for ``[N, C]``, ``[N, T]``
   for ``[N, T, C]``); top-5 only where there are at least 5 classes.
-- :func:`rel_mse`, :func:`top1` and :func:`argmax_agreement` are the planner's metrics (its loss
-  unit, over batches, each sample's output flattened); :func:`compare`'s rel-L2 is the root of
-  :func:`rel_mse`.
+- :func:`head_rel_mse`, :func:`top1` and :func:`argmax_agreement` are the planner's metrics (its
+  loss unit: :func:`rel_mse` of each output head, averaged over heads; over batches, each sample's
+  output flattened); :func:`compare`'s rel-L2 is the root of :func:`rel_mse`.
 - :func:`weight_bytes` and :func:`stored_weight_bytes`: the layer weight bytes a set of formats
   or an integer deployment stores.
 """
@@ -70,6 +70,20 @@ def rel_mse(outputs, reference) -> float:
     diff = np.concatenate([np.ravel(o) - np.ravel(r) for o, r in zip(outputs, reference)]).astype(np.float64)
     ref = np.concatenate([np.ravel(r) for r in reference]).astype(np.float64)
     return float(np.dot(diff, diff) / max(np.dot(ref, ref), 1e-300))
+
+
+def head_rel_mse(outputs, reference) -> float:
+    """The planner's loss: :func:`rel_mse` of each output head on its own, averaged over the heads.
+
+    ``outputs`` and ``reference`` hold one entry per batch, each a sequence of head arrays (a bare
+    array is one head). Each head is normalised by its own power, so a head of small values (scores
+    in 0..1) counts as much as one of large values (box pixels) beside it; with one head this is
+    :func:`rel_mse`.
+    """
+    outputs = [(o,) if isinstance(o, np.ndarray) else tuple(o) for o in outputs]
+    reference = [(r,) if isinstance(r, np.ndarray) else tuple(r) for r in reference]
+    heads = len(reference[0])
+    return float(np.mean([rel_mse([o[h] for o in outputs], [r[h] for r in reference]) for h in range(heads)]))
 
 
 def _flat_argmax(outputs) -> np.ndarray:

@@ -296,34 +296,70 @@ def normalize(proto: onnx.ModelProto, path: str, input_shapes=None) -> OnnxModel
     return OnnxModel(path=path, proto=proto, input_shapes=shapes, layers=tuple(layers), fp32_nodes=tuple(fp32_nodes))
 
 
-def logit_model(model: OnnxModel) -> OnnxModel:
-    """``model`` with its first output read before a final Softmax over the last axis: the logits.
+def loss_view(model: OnnxModel) -> OnnxModel:
+    """``model`` with the outputs the accuracy term compares: logits and heads, not their wrappers.
 
-    The accuracy term compares outputs by relative MSE. Probabilities saturate: a confident class
-    sits near 1 whatever its logit margin, so noise that moves the logits far barely moves the
-    probabilities until it flips a prediction, and a loss measured on them neither adds over
-    layers nor grows with the noise as the top-1 drop does. Top-1 is the same on both. Any other
-    model comes back unchanged.
+    The accuracy term compares outputs by relative MSE, each output (head) normalised on its own
+    and the heads averaged (:func:`~bitq_tvm.evaluation.head_rel_mse`). Two wrappers defeat that:
+
+    * A final Softmax over the last axis: probabilities saturate (a confident class sits near 1
+      whatever its logit margin), so a loss measured on them neither adds over layers nor grows
+      with the noise as the top-1 drop does. The output is read before it; top-1 is the same.
+    * A final Concat along a non-batch axis (YOLOv8's ``[N, 4 + classes, anchors]``: box
+      coordinates in pixels beside scores in 0..1): one relative MSE over the concatenation is
+      the box pixels' alone, blind to noise on the scores. Each Concat input becomes an output.
+
+    Outputs read by other nodes, or whose inner tensor has no inferred shape, stay as they are;
+    a model with neither wrapper comes back unchanged (the same object).
     """
     graph = model.proto.graph
-    output = graph.output[0].name
-    producer = next((node for node in graph.node if output in node.output), None)
-    if producer is None or producer.op_type != "Softmax":
-        return model
     shapes = {vi.name: vi for vi in (*graph.value_info, *graph.output)}
-    logits = shapes.get(producer.input[0])
-    rank = len(graph.output[0].type.tensor_type.shape.dim)
+    producers = {o: node for node in graph.node for o in node.output}
+    read = {name for node in graph.node for name in node.input}
     opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 13)
-    axis = _attrs(producer).get("axis", -1 if opset >= 13 else 1)
-    read_elsewhere = any(output in node.input for node in graph.node)
-    if logits is None or axis % rank != rank - 1 or read_elsewhere:
+    outputs, dropped, changed = [], set(), False
+    for out in graph.output:
+        producer = producers.get(out.name)
+        rank = len(out.type.tensor_type.shape.dim)
+        inner = []
+        if producer is not None and out.name not in read and rank:
+            axis = _attrs(producer).get("axis", -1 if opset >= 13 else 1)
+            if producer.op_type == "Softmax" and axis % rank == rank - 1:
+                inner = [producer.input[0]]
+            elif producer.op_type == "Concat" and axis % rank != 0:
+                inner = list(dict.fromkeys(producer.input))
+        if inner and all(name in shapes and name in producers for name in inner):
+            outputs.extend(shapes[name] for name in inner)
+            dropped.add(id(producer))
+            changed = True
+        else:
+            outputs.append(out)
+    if not changed:
         return model
     proto = _copy(model.proto)
-    nodes = [node for node in proto.graph.node if output not in node.output]
+    kept = [_copy_node(node) for node in graph.node if id(node) not in dropped]
+    seen, unique = set(), []
+    for vi in outputs:
+        if vi.name not in seen:
+            seen.add(vi.name)
+            unique.append(_copy_value_info(vi))
     del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    proto.graph.output[0].CopyFrom(logits)
+    proto.graph.node.extend(kept)
+    del proto.graph.output[:]
+    proto.graph.output.extend(unique)
     return dataclasses.replace(model, proto=proto)
+
+
+def _copy_node(node):
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    return out
+
+
+def _copy_value_info(vi):
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(vi)
+    return out
 
 
 def _first_line(err) -> str:

@@ -7,18 +7,19 @@ For every layer l and candidate q the predicted loss is
 * ``P_w``, ``P_a``: the exact mean squared error the NumPy reference quantizer puts on the layer's
   real weight (whole tensor) and on its real input activations over the calibration set. The
   activations are captured with onnxruntime by exposing every layer input as a graph output.
-* ``S_w``, ``S_a``: the network's measured sensitivity, the relative logit MSE
-  ``sum (y_noisy - y)^2 / sum y^2`` of the first graph output (read before a final Softmax:
-  :func:`~bitq_tvm.frontend.onnx_model.logit_model`) per unit of noise power injected at that
-  tensor alone. Noise enters through extra graph inputs (``W + n_w`` in front of the weight,
+* ``S_w``, ``S_a``: the network's measured sensitivity, the relative output MSE
+  ``sum (y_noisy - y)^2 / sum y^2`` of each output head, averaged over the heads
+  (:func:`~bitq_tvm.evaluation.head_rel_mse`; logits before a final Softmax, a final Concat's
+  inputs as heads of their own: :func:`~bitq_tvm.frontend.onnx_model.loss_view`), per unit of
+  noise power injected at that tensor alone. Noise enters through extra graph inputs (``W + n_w`` in front of the weight,
   ``x + n_a`` in front of the layer's input only), so one onnxruntime session serves every layer.
   The injected noise is either white Gaussian, or (default) the probe format's own quantization
   error: for the activations it is exact, because with noise at layer l alone l's input is the
   clean captured activation.
 
 Losses add over layers (independent small errors add in power), so the predicted loss of a plan,
-in relative logit MSE, is the sum of its layers' losses. With labels, a measured curve maps it to
-the top-1 drop: noise scaled to several levels is injected at every layer at once and the drop in
+in relative logit MSE, is the sum of its layers' losses. With labels (of the first head), a
+measured curve maps it to the top-1 drop: noise scaled to several levels is injected at every layer at once and the drop in
 top-1 accuracy recorded against the measured logit MSE. Where too few samples flip to resolve a
 drop, a margin model fitted to the resolved points stands in (a top-1 count saturates at 0 for
 small noise, which would make every cheap plan look free); the curve is made monotone and
@@ -37,9 +38,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import BitqError
-from ..evaluation import rel_mse, top1
+from ..evaluation import head_rel_mse, top1
 from ..formats import BFPFormat, fake_quantize_np
-from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes, logit_model
+from ..frontend.onnx_model import LAYER_OPS, Layer, OnnxModel, cast_input, input_dtypes, loss_view
 from ..frontend.reference import layer_activation_blocks, layer_weight_blocks, weight_from_blocks, window_rows
 from ..plan import LayerFormats
 from ..support.npz import read_npz
@@ -217,6 +218,12 @@ def _boundary(model: OnnxModel, start: int) -> list[str]:
     return needed
 
 
+def _computed_before(model: OnnxModel, start: int, names) -> list[str]:
+    """Those of ``names`` that no node from ``start`` on computes."""
+    late = {t for node in model.proto.graph.node[start:] for t in node.output}
+    return [name for name in names if name not in late]
+
+
 class SuffixNoiseGraphs:
     """Noise probes that reuse the FP32 activations: one onnxruntime session per layer group.
 
@@ -235,13 +242,15 @@ class SuffixNoiseGraphs:
         self.group_of = {name: g for g, group in enumerate(self.groups) for name in group}
         self.starts = [nodes[group[0]] for group in self.groups]
         self.boundaries = [_boundary(model, start) for start in self.starts]
-        self.output = model.proto.graph.output[0].name
+        self.outputs = [o.name for o in model.proto.graph.output]
+        # outputs complete before a group's cut carry no noise of its layers: served from capture
+        self.early = [_computed_before(model, start, self.outputs) for start in self.starts]
         self._current = None
         self._values = None
 
     def capture(self, batches) -> None:
         """Run the FP32 model once per batch and keep every cut's crossing tensors."""
-        names = list(dict.fromkeys(n for b in self.boundaries for n in b))
+        names = list(dict.fromkeys([n for b in self.boundaries for n in b] + [n for e in self.early for n in e]))
         inputs = set(self.model.input_shapes)
         outputs = [n for n in names if n not in inputs]
         proto = onnx.ModelProto()
@@ -289,11 +298,11 @@ class SuffixNoiseGraphs:
         for noise, zeros in noise_inputs.values():
             graph.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, list(zeros.shape)))
         del graph.output[:]
-        graph.output.extend([o for o in graph_src.output[:1]])
+        graph.output.extend([o for o in graph_src.output if o.name not in self.early[g]])
         return _session(self.model, proto), noise_inputs
 
-    def run(self, b_index: int, noise: Mapping) -> np.ndarray:
-        """The first output on batch ``b_index`` with ``noise[("w"|"a", layer)]`` (one group's layers)."""
+    def run(self, b_index: int, noise: Mapping) -> tuple[np.ndarray, ...]:
+        """The outputs on batch ``b_index`` with ``noise[("w"|"a", layer)]`` (one group's layers)."""
         if self._values is None:
             raise BitqError("SuffixNoiseGraphs.run before capture")
         groups = {self.group_of[name] for _, name in noise}
@@ -308,14 +317,16 @@ class SuffixNoiseGraphs:
             feeds[name] = zeros
         for key, value in noise.items():
             feeds[noise_inputs[key][0]] = np.asarray(value, np.float32)
-        return session.run([self.output], feeds)[0]
+        late = [o for o in self.outputs if o not in self.early[g]]
+        values = dict(zip(late, session.run(late, feeds)))
+        return tuple(values[o] if o in values else self._values[b_index][o] for o in self.outputs)
 
 
 class NoiseGraph:
     """The model in onnxruntime with a noise input in front of every layer's weight and input.
 
-    ``run(batch, noise)`` adds ``noise[("w"|"a", layer)]`` (others zero) and returns the first
-    output; ``capture(batch)`` returns the layers' input activations.
+    ``run(batch, noise)`` adds ``noise[("w"|"a", layer)]`` (others zero) and returns the outputs
+    (a tuple, graph order); ``capture(batch)`` returns the layers' input activations.
     """
 
     def __init__(self, model: OnnxModel):
@@ -346,15 +357,15 @@ class NoiseGraph:
         del graph.node[:]
         graph.node.extend(new_nodes)
         self.session = _session(model, proto)
-        self.output = model.proto.graph.output[0].name
+        self.outputs = [o.name for o in model.proto.graph.output]
 
-    def run(self, batch: dict[str, np.ndarray], noise: Mapping | None = None) -> np.ndarray:
+    def run(self, batch: dict[str, np.ndarray], noise: Mapping | None = None) -> tuple[np.ndarray, ...]:
         feeds = dict(batch)
         for key, (name, zeros) in self.noise_inputs.items():
             feeds[name] = zeros
         for key, value in (noise or {}).items():
             feeds[self.noise_inputs[key][0]] = np.asarray(value, np.float32)
-        return self.session.run([self.output], feeds)[0]
+        return tuple(self.session.run(self.outputs, feeds))
 
     def capture(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self.capture_outputs)
@@ -456,7 +467,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
 
     if noise not in NOISE_KINDS:
         raise BitqError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-    model = logit_model(model)  # losses compare logits, not saturating probabilities
+    model = loss_view(model)  # logits, not saturating probabilities; heads, not their concatenation
     batches = calib.batches(model)
     labels = calib.used_labels(model)
     used = sum(len(next(iter(b.values()))) for b in batches)
@@ -471,8 +482,8 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
     rng = np.random.default_rng(seed)
     reference = [graph.run(b) for b in batches]
     if labels is not None:
-        check_labels(calib, labels, int(np.prod(reference[0].shape[1:])) if reference[0].ndim == 2
-                     else int(reference[0].shape[-1]))
+        first = reference[0][0]
+        check_labels(calib, labels, int(np.prod(first.shape[1:])) if first.ndim == 2 else int(first.shape[-1]))
         if progress and len(np.unique(labels)) < 2:
             progress("warning: every calibration label is the same class: the top-1 curve says little")
     captured = [graph.capture(b) for b in batches]
@@ -516,7 +527,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         progress(f"noise powers of {len(probes)} layers in {time.perf_counter() - started:.1f} s")
     curve, measured_curve, fp32_top1 = (), (), None
     if labels is not None:
-        fp32_top1 = top1(reference, labels)
+        fp32_top1 = top1([r[0] for r in reference], labels)
         curve, measured_curve = _top1_curve(graph, batches, reference, labels, probes, fp32_top1)
         if progress:
             progress("top-1 drop vs relative logit MSE, measured: "
@@ -534,10 +545,10 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         w_power, a_power = powers[name]
         if w_error is not None and w_power > 0:
             outputs = [suffix.run(b, {("w", name): w_error}) for b in range(len(batches))]
-            w_sens[name] = rel_mse(outputs, reference) / w_power
+            w_sens[name] = head_rel_mse(outputs, reference) / w_power
         if a_errors is not None and a_power > 0:
             outputs = [suffix.run(b, {("a", name): a_errors[b]}) for b in range(len(batches))]
-            a_sens[name] = rel_mse(outputs, reference) / a_power
+            a_sens[name] = head_rel_mse(outputs, reference) / a_power
         best_so_far += min(w_sens[name] * w_noise[name][c.weight.name] + a_sens[name] * a_noise[name][c.activation.name]
                            if not c.is_fp32 else 0.0 for c in candidates[name])
         if progress:
@@ -592,7 +603,7 @@ def _error(x, fmt, axis, power, noise, rng, groups=1) -> np.ndarray:
 def measure_output_mse(graph: NoiseGraph, batches, reference, key, errors, scale: float = 1.0) -> float:
     """Relative logit MSE with ``scale * errors[b]`` injected at ``key`` for batch b."""
     outputs = [graph.run(b, {key: scale * e}) for b, e in zip(batches, errors)]
-    return rel_mse(outputs, reference)
+    return head_rel_mse(outputs, reference)
 
 
 def _sensitivity(graph, batches, reference, key, errors, power) -> float:
@@ -623,7 +634,7 @@ def _top1_curve(graph, batches, reference, labels, probes, fp32_top1):
                 if a_errors is not None:
                     noise[("a", name)] = amplitude * a_errors[b_index]
             outputs.append(graph.run(batch, noise))
-        measured.append((rel_mse(outputs, reference), fp32_top1 - top1(outputs, labels)))
+        measured.append((head_rel_mse(outputs, reference), fp32_top1 - top1([o[0] for o in outputs], labels)))
     measured = sorted(measured)
     model = _margin_model(reference, labels, fp32_top1, measured)
     resolved = _RESOLVED_FLIPS / len(labels)
@@ -642,7 +653,7 @@ def _margin_model(reference, labels, fp32_top1, measured):
     logit power, scaled by a factor fitted (log-grid least squares) to the resolved measured drops."""
     from scipy.special import ndtr
 
-    logits = np.concatenate([r.reshape(r.shape[0], -1) for r in reference]).astype(np.float64)
+    logits = np.concatenate([r[0].reshape(r[0].shape[0], -1) for r in reference]).astype(np.float64)
     rows = np.arange(len(labels))
     others = logits.copy()
     others[rows, labels] = -np.inf

@@ -23,11 +23,11 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BitqError
-from ..frontend.onnx_model import Layer, OnnxModel, logit_model
+from ..frontend.onnx_model import Layer, OnnxModel, loss_view
 from ..plan import LayerFormats, Plan
 from ..support.progress import say
 from ..targets.presets import TargetPreset, get_target
-from ..evaluation import argmax_agreement, rel_mse, top1
+from ..evaluation import argmax_agreement, head_rel_mse, top1
 from .accuracy import Calibration, AccuracyTerm, NoiseGraph, measure_accuracy_term
 from .candidates import LayerCandidates
 from .milp import pareto_front, solve
@@ -320,15 +320,18 @@ def verify(model: OnnxModel, plan: Plan, calib: Calibration, accuracy: AccuracyT
     """
     from ..api import compile_model
 
-    model = logit_model(model)  # measured in the unit the accuracy term predicts in
+    model = loss_view(model)  # measured in the unit (and on the heads) the accuracy term predicts in
     batches = calib.batches(model)
     labels = calib.used_labels(model)
-    reference = [NoiseGraph(model).run(b) for b in batches]
+    graph = NoiseGraph(model)
+    reference = [graph.run(b) for b in batches]
+    del graph
     compiled = compile_model(model, plan, target, progress=progress)
-    outputs = [compiled.run(b)[0] for b in batches]
-    measured = rel_mse(outputs, reference)
+    outputs = [tuple(compiled.run(b)) for b in batches]
+    measured = head_rel_mse(outputs, reference)
     if predicted_mse is None:
         predicted_mse = sum(float(lf.info.get("predicted_loss", 0.0)) for lf in plan.layers.values())
+    outputs, reference = [o[0] for o in outputs], [r[0] for r in reference]  # labels and argmax: the first head
     agreement = argmax_agreement(outputs, reference)
     samples = sum(len(r) for r in reference)
     if labels is not None:

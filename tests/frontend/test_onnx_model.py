@@ -181,11 +181,11 @@ def _classifier(softmax_axis):
     return _tiny(nodes, [w], [2, 8], [2, 5])
 
 
-def test_logit_model_reads_the_first_output_before_a_final_softmax():
-    from bitq_tvm.frontend.onnx_model import logit_model
+def test_loss_view_reads_the_first_output_before_a_final_softmax():
+    from bitq_tvm.frontend.onnx_model import loss_view
 
     model = normalize(_classifier(-1), "clf")
-    logits = logit_model(model)
+    logits = loss_view(model)
     assert [n.op_type for n in logits.proto.graph.node][-1] != "Softmax"
     assert logits.proto.graph.output[0].name == "z" and logits.layers == model.layers
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
@@ -194,10 +194,45 @@ def test_logit_model_reads_the_first_output_before_a_final_softmax():
     assert [n.op_type for n in model.proto.graph.node][-1] == "Softmax"  # the original is untouched
 
 
-def test_logit_model_keeps_outputs_that_are_not_a_last_axis_softmax():
-    from bitq_tvm.frontend.onnx_model import logit_model
+def test_loss_view_keeps_outputs_that_are_not_a_last_axis_softmax():
+    from bitq_tvm.frontend.onnx_model import loss_view
 
     across_batch = normalize(_classifier(0), "clf0")
-    assert logit_model(across_batch) is across_batch
+    assert loss_view(across_batch) is across_batch
     resnet = normalize(zoo.resnet18(image_size=32), "resnet18")
-    assert logit_model(resnet) is resnet
+    assert loss_view(resnet) is resnet
+
+
+def _detector_head():
+    # YOLOv8's output in miniature: box coordinates in pixels beside sigmoid scores, one Concat
+    rng = np.random.default_rng(2)
+    wb = numpy_helper.from_array(rng.standard_normal((8, 2)).astype(np.float32), "wb")
+    ws = numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "ws")
+    scale = numpy_helper.from_array(np.float32(300.0), "px")
+    nodes = [helper.make_node("MatMul", ["x", "wb"], ["b0"]), helper.make_node("Mul", ["b0", "px"], ["box"]),
+             helper.make_node("MatMul", ["x", "ws"], ["s0"]), helper.make_node("Sigmoid", ["s0"], ["score"]),
+             helper.make_node("Concat", ["box", "score"], ["y"], axis=1)]
+    return _tiny(nodes, [wb, ws, scale], [2, 8], [2, 5])
+
+
+def test_loss_view_splits_a_final_concat_into_its_heads():
+    from bitq_tvm.frontend.onnx_model import loss_view
+
+    model = normalize(_detector_head(), "det")
+    heads = loss_view(model)
+    assert [o.name for o in heads.proto.graph.output] == ["box", "score"] and heads.layers == model.layers
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    (y,) = _ort(model.proto, {"x": x})
+    box, score = _ort(heads.proto, {"x": x})
+    np.testing.assert_array_equal(np.concatenate([box, score], axis=1), y)
+    assert [o.name for o in model.proto.graph.output] == ["y"]  # the original is untouched
+
+
+def test_loss_view_keeps_a_concat_along_the_batch_axis():
+    from bitq_tvm.frontend.onnx_model import loss_view
+
+    w = numpy_helper.from_array(np.ones((8, 2), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Concat", ["z", "z"], ["y"], axis=0)]
+    proto = _tiny(nodes, [w], [2, 8], [4, 2])
+    model = normalize(proto, "batch_concat")
+    assert loss_view(model) is model
