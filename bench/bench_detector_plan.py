@@ -107,7 +107,12 @@ def main(argv=None) -> int:
     points.append((f"planned at uniform {labels[0]}'s loss",
                    solve_objective(result.problem, result.accuracy, Objective("budget", result.predicted(best)))))
     points.append((f"planned at uniform {labels[0]}'s loss, fewest bytes", _fewest_bytes(result.problem, best.acc_loss)))
+    least_loss = result.problem.smallest_total("acc_loss")
     for fraction in (float(f) for f in args.loss_fractions.split(",") if f):
+        if fraction * best.acc_loss < least_loss:
+            print(f"--loss-fractions {fraction:g}: below the least achievable predicted loss "
+                  f"({least_loss / best.acc_loss:.2f}x uniform {labels[0]}'s); skipped", file=sys.stderr)
+            continue
         points.append((f"planned at {fraction:g}x uniform {labels[0]}'s loss, fewest bytes",
                        _fewest_bytes(result.problem, fraction * best.acc_loss)))
     points.append((f"planned at uniform {labels[-1]}'s bytes",
@@ -127,7 +132,8 @@ def main(argv=None) -> int:
                      f"{allocation.acc_loss:.2e}", f"{mse:.2e}"))
         print(f"{name}: done", file=sys.stderr)
     print(f"{args.model}, {args.calib} calibration inputs (seed 0), {args.test} test inputs (seed 1); "
-          f"accuracy term and plan took {plan_seconds:.1f} s")
+          f"accuracy term and plan took {plan_seconds:.1f} s; least achievable predicted loss "
+          f"{least_loss:.2e} ({least_loss / best.acc_loss:.2f}x uniform {labels[0]}'s)")
     print()
     print_table(["allocation", "integer layers", "deployed weight bytes", "vs FP32", "boxes", "F1 vs FP32",
                  "mean IoU (matched)", "score drift (matched)", "predicted loss", "measured loss"], rows)
