@@ -474,6 +474,9 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
     if used < MIN_CALIBRATION_SAMPLES:
         raise BitqError(f"{calib.source}: {used} calibration samples; the accuracy term needs at least "
                         f"{MIN_CALIBRATION_SAMPLES} (64 or more recommended)")
+    heads = [o.name for o in model.proto.graph.output]
+    if progress and len(heads) > 1:
+        progress(f"loss: relative MSE of each of {len(heads)} output heads, averaged ({', '.join(heads)})")
     if progress and used < FEW_CALIBRATION_SAMPLES:
         progress(f"warning: only {used} calibration samples: sensitivities and predicted losses are coarse "
                  f"(64 or more recommended)")

@@ -52,10 +52,10 @@ def test_score_layer_weighs_as_much_as_box_layer():
     model = _detector()
     table = LayerCandidates(CandidateSet((4, 8), (8,), (32,))).resolve([l.name for l in model.layers])
     term = measure_accuracy_term(model, _calibration(), table, progress=None)
-    names = {l.name: l.name for l in model.layers}
-    box, score = (next(n for n in names if key in n) for key in ("box", "score"))
+    box, score = (next(l.name for l in model.layers if key in l.name) for key in ("box", "score"))
     ratio = term.weight_sensitivity[score] / term.weight_sensitivity[box]
-    assert 0.05 < ratio < 20, ratio
+    # the sigmoid's slope (<= 1/4) damps the score head's noise: ~0.08 here, not ~1e-6
+    assert 0.01 < ratio < 1, ratio
     # and it does not depend on the box head's unit
     rescaled = measure_accuracy_term(_detector(pixels=1.0), _calibration(), table, progress=None)
     assert rescaled.weight_sensitivity[score] / rescaled.weight_sensitivity[box] == pytest.approx(ratio, rel=1e-3)
@@ -78,3 +78,15 @@ def test_suffix_sessions_serve_outputs_complete_before_the_cut():
             assert len(got) == 2
             for g, w in zip(got, want):
                 np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_verify_measures_the_heads_the_plan_was_predicted_on():
+    # plan --verify compiles the plan with TVM and measures the same head-averaged loss: within 2x
+    from bitq_tvm.solver.planner import Objective, plan_model, verify
+
+    model = _detector()
+    grid = LayerCandidates(CandidateSet((4, 8), (8,), (32,)))
+    result = plan_model(model, _calibration(64), Objective("budget", 0.01), candidates=grid, progress=None)
+    assert len({str(lf) for lf in result.plan.layers.values()}) == 2  # the budget binds: 4 bits on some layers only
+    check = verify(model, result.plan, _calibration(64), result.accuracy, progress=None)
+    assert check.measured_logit_mse > 0 and 0.5 <= check.ratio <= 2.0, check
