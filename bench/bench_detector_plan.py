@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--uniforms", default="w8a8_b32,w6a8_b32,w4a8_b32",
                         help="uniform allocations to compare (the first and last get matched planned points)")
+    parser.add_argument("--probe-levels", type=int, choices=(1, 2), default=1,
+                        help="sensitivity probes per tensor (plan_model's probe_levels)")
     parser.add_argument("--loss-fractions", default="",
                         help="more fewest-bytes points at these fractions of the first uniform's predicted loss "
                              "(e.g. 0.5,0.25: where does a planned allocation reach its F1?)")
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
     test = detector_samples(args.model, args.test, seed=1)
     hw = test.shape[2:]
     start = time.perf_counter()
-    result = plan_model(model, Calibration({entry.input_name: calib}), Objective("lambda", 0.0), progress=None)
+    result = plan_model(model, Calibration({entry.input_name: calib}), Objective("lambda", 0.0), progress=None,
+                        probe_levels=args.probe_levels)
     plan_seconds = time.perf_counter() - start
     uniforms = dict(result.uniforms)
     labels = [label for label in args.uniforms.split(",") if label in uniforms]
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
                      f"{agreement['mean_iou']:.3f}", f"{agreement['score_drift']:.3f}",
                      f"{allocation.acc_loss:.2e}", f"{mse:.2e}"))
         print(f"{name}: done", file=sys.stderr)
-    print(f"{args.model}, {args.calib} calibration inputs (seed 0), {args.test} test inputs (seed 1); "
+    print(f"{args.model}, {args.calib} calibration inputs (seed 0), {args.test} test inputs (seed 1), "
+          f"{args.probe_levels} probe level(s); "
           f"accuracy term and plan took {plan_seconds:.1f} s; least achievable predicted loss "
           f"{least_loss:.2e} ({least_loss / best.acc_loss:.2f}x uniform {labels[0]}'s)")
     print()

@@ -57,6 +57,9 @@ def add_planning_args(p: argparse.ArgumentParser, objective_required: bool) -> N
     p.add_argument("--pin", action="append", metavar="NAME=SPEC", help="fix a layer ('first'/'last' allowed): "
                    "fp32, a format, WEIGHT,ACT formats, a label like w8a8_b32, or a candidate grid")
     p.add_argument("--tie", action="append", metavar="A,B,...", help="layers that must take the same candidate")
+    p.add_argument("--probe-levels", type=int, choices=(1, 2), default=1,
+                   help="sensitivity probes per tensor: 1 at its noisiest candidate (default), 2 also at its "
+                   "quietest, interpolated between (one level over-predicts 8-bit losses; two take twice as long)")
     p.add_argument("--tuning-db", metavar="DIR", help="a `bitq-tvm tune` work dir: measured (and regressed) kernel "
                    "latencies replace the data-movement model in the performance term; compile --deploy also "
                    "uses its verified tuned kernels")

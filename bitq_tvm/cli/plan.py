@@ -85,7 +85,7 @@ def run_planner(args, model):
         estimated = candidate_estimates(model, candidates.resolve([l.name for l in model.layers]),
                                         get_target(args.target), progress=lambda m: print(m, file=sys.stderr))
     return plan_model(model, calib, goal, args.target, candidates, _ties(args), measured=measured,
-                      estimated=estimated), calib
+                      estimated=estimated, probe_levels=args.probe_levels), calib
 
 
 def plan_for_compile(args, model):

@@ -172,7 +172,7 @@ def solve_objective(problem: AllocationProblem, accuracy: AccuracyTerm, objectiv
 def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, target: str | TargetPreset = "host",
                candidates: LayerCandidates | None = None, ties=(), measured: Measured | None = None,
                noise: str = "quantization", progress=say, deployed: bool = True,
-               estimated: Mapping[tuple[str, str], float] | None = None) -> PlanResult:
+               estimated: Mapping[tuple[str, str], float] | None = None, probe_levels: int = 1) -> PlanResult:
     """Measure the accuracy and performance terms and solve for ``objective``.
 
     Parameters
@@ -194,6 +194,9 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
         is measured and labelled as estimates.
     noise : {"quantization", "gaussian"}
         Noise injected to measure sensitivities.
+    probe_levels : {1, 2}
+        Sensitivity probes per tensor: at the noisiest candidate, or also at the quietest
+        (:func:`.accuracy.measure_accuracy_term`).
     deployed : bool
         Price candidates as ``compile --deploy`` runs them (:mod:`.deployment`, default): layers
         take only candidates that become integer kernels (FP32 if none does, e.g. 3-channel stems;
@@ -222,7 +225,8 @@ def plan_model(model: OnnxModel, calib: Calibration, objective: Objective, targe
             kept = {(name, c.label) for name, cands in table.items() for c in cands}
             estimated = {key: value for key, value in estimated.items() if key in kept}
     accuracy = measure_accuracy_term(model, calib, table, noise=noise, progress=progress,
-                                     budget=objective.value if objective.kind == "budget" else None)
+                                     budget=objective.value if objective.kind == "budget" else None,
+                                     probe_levels=probe_levels)
     performance = performance_term(model, preset, table, measured, deployed=deployed, estimated=estimated)
     if deployed:
         table = _drop_dominated(model, table, accuracy, performance, ties, candidates.pinned(names))
@@ -288,7 +292,7 @@ def allocation_plan(result: PlanResult, allocation: Allocation) -> Plan:
         "predicted_logit_mse": allocation.acc_loss, "perf": allocation.perf, "perf_unit": result.performance.unit,
         "dram_bytes": result.dram_bytes(allocation), "weight_bytes": allocation.size_bytes,
         "average_weight_bits": result.average_weight_bits(allocation),
-        "calibration_samples": acc.n_samples, "noise": acc.noise_kind}}
+        "calibration_samples": acc.n_samples, "noise": acc.noise_kind, "probe_levels": acc.probe_levels}}
     return Plan(layers=layers, meta=meta)
 
 

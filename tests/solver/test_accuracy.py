@@ -146,6 +146,7 @@ def test_depthwise_activation_blocks_equal_groups_of_one_channel_without_padding
     from bitq_tvm.frontend.onnx_model import Layer
     from bitq_tvm.frontend.reference import layer_activation_blocks, layer_block_axes
     from bitq_tvm.formats import fake_quantize_np, get_format
+    from bitq_tvm.solver.accuracy import sensitivity_at
 
     layer = Layer("dw", "Conv", "w", (24, 1, 3, 3), (2, 24, 5, 5), (2, 24, 5, 5), groups=24)
     x = (np.random.default_rng(3).standard_normal(layer.input_shape) * np.logspace(-3, 3, 24)[:, None, None]
@@ -157,3 +158,47 @@ def test_depthwise_activation_blocks_equal_groups_of_one_channel_without_padding
     np.testing.assert_array_equal(fake_quantize_np(x, a_fmt, axis=a_axis, groups=a_groups),
                                   fake_quantize_np(x, fmt, axis=axis, groups=groups))
     assert noise_power(x, a_fmt, a_axis, a_groups) == noise_power(x, fmt, axis, groups) > 0
+
+
+def test_sensitivity_at_interpolates_in_log_log_and_holds_outside():
+    from bitq_tvm.solver.accuracy import sensitivity_at
+
+    levels = ((1e-6, 2.0), (1e-2, 8.0))
+    assert sensitivity_at(None, 5.0, 1e-4) == 5.0  # one level: the flat sensitivity
+    assert sensitivity_at(levels, 5.0, 1e-4) == pytest.approx(4.0)  # halfway in log power: geometric mean
+    assert sensitivity_at(levels, 5.0, 1e-9) == pytest.approx(2.0)
+    assert sensitivity_at(levels, 5.0, 1.0) == pytest.approx(8.0)
+
+
+def test_two_probe_levels_predict_each_end_as_measured(digits):
+    # With quantization-noise probes at the noisiest (4-bit) and the quietest (8-bit) weight format,
+    # each end's predicted loss is that format's own measured loss at the layer alone; one level
+    # extrapolates the 4-bit sensitivity down to 8 bits.
+    from bitq_tvm.frontend.reference import layer_weight_blocks, weight_from_blocks
+    from bitq_tvm.formats import fake_quantize_np, get_format
+    from bitq_tvm.solver.accuracy import sensitivity_at
+
+    model, data = digits
+    calib = Calibration({"input": data["calib"][:64]})
+    table = LayerCandidates(CandidateSet((4, 8), (8,), (32,))).resolve([l.name for l in model.layers])
+    one = measure_accuracy_term(model, calib, table, progress=None)
+    two = measure_accuracy_term(model, calib, table, progress=None, probe_levels=2)
+    graph = NoiseGraph(model)
+    batches = calib.batches(model)
+    reference = [graph.run(b) for b in batches]
+    weights = model.weights()
+    layer = model.layers[2]
+    w = weights[layer.weight]
+    for bits in (4, 8):
+        fmt = get_format(f"bfp{bits}_b32")
+        view, blocks_fmt, axis = layer_weight_blocks(layer, w, fmt)
+        error = weight_from_blocks(layer, fake_quantize_np(view, blocks_fmt, axis=axis) - view, fmt)
+        direct = measure_output_mse(graph, batches, reference, ("w", layer.name), [error] * len(batches))
+        power = two.weight_noise[layer.name][fmt.name]
+        predicted = sensitivity_at(two.weight_levels[layer.name], two.weight_sensitivity[layer.name], power) * power
+        assert predicted == pytest.approx(direct, rel=1e-3), bits
+    assert one.layer_loss(layer.name, LayerFormats.bfp(4, 8, 32)) == pytest.approx(
+        two.layer_loss(layer.name, LayerFormats.bfp(4, 8, 32)), rel=1e-6)
+    assert len(two.weight_levels[layer.name]) == 2 and not one.weight_levels
+    with pytest.raises(BitqError, match="probe levels must be one of"):
+        measure_accuracy_term(model, calib, table, progress=None, probe_levels=3)

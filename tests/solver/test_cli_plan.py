@@ -45,3 +45,15 @@ def test_plan_user_errors_exit_2(files, capsys, extra, message):
     assert cli.main(["plan", model, "--calib", data, "-o", str(out), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_plan_with_two_probe_levels_records_them(files):
+    model, data, root = files
+    plan_path = root / "two_levels.json"
+    assert cli.main(["plan", model, "--calib", data, "--calib-key", "x", "--lambda", "1", "--probe-levels", "2",
+                     "-o", str(plan_path)]) == 0
+    planner = json.loads(plan_path.read_text())["planner"]
+    assert planner["probe_levels"] == 2 and planner["predicted_loss"] > 0
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a one-line usage error, exit code 2
+        cli.main(["plan", model, "--calib", data, "--lambda", "1", "--probe-levels", "3", "-o", str(plan_path)])
+    assert exit_info.value.code == 2
