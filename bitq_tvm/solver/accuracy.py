@@ -543,12 +543,17 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         if probe_levels == 2:
             w_quiet = _probe(w_noise[layer.name], quietest=True)
             a_quiet = _probe(a_noise[layer.name], quietest=True)
+            a_quiet_sens = None
+            if a_quiet and a_quiet != a_probe:
+                # measured now, through the whole model: keeping a second set of activation errors
+                # for the suffix sessions would hold every layer's inputs twice more (OOM on PicoDet)
+                power = a_noise[layer.name][a_quiet.name]
+                errors = _activation_errors(layer, captured, a_quiet, a_noise[layer.name], noise, rng)
+                a_quiet_sens = (power, measure_output_mse(graph, batches, reference, ("a", layer.name), errors) / power)
+                del errors
             quiet[layer.name] = (
                 (w_noise[layer.name][w_quiet.name], _weight_error(layer, w, w_quiet, w_noise[layer.name], noise, rng))
-                if w_quiet and w_quiet != w_probe else None,
-                (a_noise[layer.name][a_quiet.name],
-                 _activation_errors(layer, captured, a_quiet, a_noise[layer.name], noise, rng))
-                if a_quiet and a_quiet != a_probe else None)
+                if w_quiet and w_quiet != w_probe else None, a_quiet_sens)
     del captured
     if progress:
         progress(f"noise powers of {len(probes)} layers in {time.perf_counter() - started:.1f} s")
@@ -584,7 +589,7 @@ def measure_accuracy_term(model: OnnxModel, calib: Calibration, candidates: Mapp
         if w_quiet is not None and w_quiet[0] > 0 and w_sens[name] > 0:
             w_levels[name] = ((w_power, w_sens[name]), (w_quiet[0], measured(("w", name), w_quiet[1], w_quiet[0], False)))
         if a_quiet is not None and a_quiet[0] > 0 and a_sens[name] > 0:
-            a_levels[name] = ((a_power, a_sens[name]), (a_quiet[0], measured(("a", name), a_quiet[1], a_quiet[0], True)))
+            a_levels[name] = ((a_power, a_sens[name]), a_quiet)
         best_so_far += min(_loss(w_levels.get(name), w_sens[name], w_noise[name][c.weight.name])
                            + _loss(a_levels.get(name), a_sens[name], a_noise[name][c.activation.name])
                            if not c.is_fp32 else 0.0 for c in candidates[name])

@@ -174,13 +174,13 @@ def test_two_probe_levels_predict_each_end_as_measured(digits):
     # With quantization-noise probes at the noisiest (4-bit) and the quietest (8-bit) weight format,
     # each end's predicted loss is that format's own measured loss at the layer alone; one level
     # extrapolates the 4-bit sensitivity down to 8 bits.
-    from bitq_tvm.frontend.reference import layer_weight_blocks, weight_from_blocks
+    from bitq_tvm.frontend.reference import layer_block_axes, layer_weight_blocks, weight_from_blocks
     from bitq_tvm.formats import fake_quantize_np, get_format
     from bitq_tvm.solver.accuracy import sensitivity_at
 
     model, data = digits
     calib = Calibration({"input": data["calib"][:64]})
-    table = LayerCandidates(CandidateSet((4, 8), (8,), (32,))).resolve([l.name for l in model.layers])
+    table = LayerCandidates(CandidateSet((4, 8), (6, 8), (32,))).resolve([l.name for l in model.layers])
     one = measure_accuracy_term(model, calib, table, progress=None)
     two = measure_accuracy_term(model, calib, table, progress=None, probe_levels=2)
     graph = NoiseGraph(model)
@@ -197,8 +197,15 @@ def test_two_probe_levels_predict_each_end_as_measured(digits):
         power = two.weight_noise[layer.name][fmt.name]
         predicted = sensitivity_at(two.weight_levels[layer.name], two.weight_sensitivity[layer.name], power) * power
         assert predicted == pytest.approx(direct, rel=1e-3), bits
-    assert one.layer_loss(layer.name, LayerFormats.bfp(4, 8, 32)) == pytest.approx(
-        two.layer_loss(layer.name, LayerFormats.bfp(4, 8, 32)), rel=1e-6)
+    noisiest = LayerFormats.bfp(4, 6, 32)  # the first level's own probes: the same loss either way
+    assert one.layer_loss(layer.name, noisiest) == pytest.approx(two.layer_loss(layer.name, noisiest), rel=1e-6)
     assert len(two.weight_levels[layer.name]) == 2 and not one.weight_levels
+    # activations: the quiet (8-bit) point is that format's own error at the layer's input alone
+    (a_axis, a_groups), _ = layer_block_axes(layer)
+    errors = [fake_quantize_np(x, get_format("bfp8_b32"), axis=a_axis, groups=a_groups) - x
+              for x in (graph.capture(b)[layer.name] for b in batches)]
+    direct = measure_output_mse(graph, batches, reference, ("a", layer.name), errors)
+    power = two.act_noise[layer.name]["bfp8_b32"]
+    assert dict(two.act_levels[layer.name])[power] * power == pytest.approx(direct, rel=1e-3)
     with pytest.raises(BitqError, match="probe levels must be one of"):
         measure_accuracy_term(model, calib, table, progress=None, probe_levels=3)
