@@ -317,7 +317,8 @@ def loss_view(model: OnnxModel) -> OnnxModel:
     producers = {o: node for node in graph.node for o in node.output}
     read = {name for node in graph.node for name in node.input}
     opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 13)
-    outputs, dropped, changed = [], set(), False
+    outputs, dropped = {}, set()  # output name -> its ValueInfo; indices of the wrapper nodes
+    node_index = {id(node): i for i, node in enumerate(graph.node)}
     for out in graph.output:
         producer = producers.get(out.name)
         rank = len(out.type.tensor_type.shape.dim)
@@ -329,37 +330,19 @@ def loss_view(model: OnnxModel) -> OnnxModel:
             elif producer.op_type == "Concat" and axis % rank != 0:
                 inner = list(dict.fromkeys(producer.input))
         if inner and all(name in shapes and name in producers for name in inner):
-            outputs.extend(shapes[name] for name in inner)
-            dropped.add(id(producer))
-            changed = True
+            outputs.update((name, shapes[name]) for name in inner)
+            dropped.add(node_index[id(producer)])
         else:
-            outputs.append(out)
-    if not changed:
+            outputs[out.name] = out
+    if not dropped:
         return model
     proto = _copy(model.proto)
-    kept = [_copy_node(node) for node in graph.node if id(node) not in dropped]
-    seen, unique = set(), []
-    for vi in outputs:
-        if vi.name not in seen:
-            seen.add(vi.name)
-            unique.append(_copy_value_info(vi))
+    kept = [node for i, node in enumerate(proto.graph.node) if i not in dropped]
     del proto.graph.node[:]
     proto.graph.node.extend(kept)
     del proto.graph.output[:]
-    proto.graph.output.extend(unique)
+    proto.graph.output.extend(outputs.values())  # extend copies: the original graph is untouched
     return dataclasses.replace(model, proto=proto)
-
-
-def _copy_node(node):
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    return out
-
-
-def _copy_value_info(vi):
-    out = onnx.ValueInfoProto()
-    out.CopyFrom(vi)
-    return out
 
 
 def _first_line(err) -> str:

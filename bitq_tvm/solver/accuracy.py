@@ -245,6 +245,7 @@ class SuffixNoiseGraphs:
         self.outputs = [o.name for o in model.proto.graph.output]
         # outputs complete before a group's cut carry no noise of its layers: served from capture
         self.early = [_computed_before(model, start, self.outputs) for start in self.starts]
+        self.late = [[o for o in self.outputs if o not in early] for early in self.early]
         self._current = None
         self._values = None
 
@@ -298,7 +299,7 @@ class SuffixNoiseGraphs:
         for noise, zeros in noise_inputs.values():
             graph.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, list(zeros.shape)))
         del graph.output[:]
-        graph.output.extend([o for o in graph_src.output if o.name not in self.early[g]])
+        graph.output.extend([o for o in graph_src.output if o.name in self.late[g]])
         return _session(self.model, proto), noise_inputs
 
     def run(self, b_index: int, noise: Mapping) -> tuple[np.ndarray, ...]:
@@ -317,8 +318,7 @@ class SuffixNoiseGraphs:
             feeds[name] = zeros
         for key, value in noise.items():
             feeds[noise_inputs[key][0]] = np.asarray(value, np.float32)
-        late = [o for o in self.outputs if o not in self.early[g]]
-        values = dict(zip(late, session.run(late, feeds)))
+        values = dict(zip(self.late[g], session.run(self.late[g], feeds)))
         return tuple(values[o] if o in values else self._values[b_index][o] for o in self.outputs)
 
 

@@ -14,6 +14,9 @@ For each model and batch:
 - every conv/matmul node is a planned BFP layer or listed as FP32 with its reason, and every
   planned layer deploys as an integer kernel (depthwise convs as the depthwise kernel, the
   3-channel stem blocked along its windows): none is left in float simulation;
+- the planner's view of the model (``loss_view``: logits, YOLOv8's Concat split into boxes and
+  scores, PicoDet's 8 outputs) gives the original outputs, and its suffix noise probes equal the
+  whole noisy model on every head;
 - the detectors run on inputs made for them (``models.detection_data``: crops of real photographs
   of people, rendered document pages), and the BFP8 deployment keeps the boxes ONNX Runtime FP32
   keeps on 8 of them (``models.detection.detection_agreement``).
@@ -33,12 +36,13 @@ import pytest
 
 from bitq_tvm.api import compile_model
 from bitq_tvm.deploy import compile_deployed
-from bitq_tvm.frontend.onnx_model import load_onnx
+from bitq_tvm.frontend.onnx_model import load_onnx, loss_view
 from bitq_tvm.frontend.reference import run_reference
 from bitq_tvm.models import corpus
 from bitq_tvm.models.detection import decode, detection_agreement
 from bitq_tvm.models.detection_data import detector_samples
 from bitq_tvm.plan import Plan
+from bitq_tvm.solver.accuracy import NoiseGraph, SuffixNoiseGraphs
 
 FP32_REL_TOL = 1e-4
 SIM_REL_TOL = 1e-4
@@ -101,6 +105,36 @@ def _assert_detections_agree(entry, path, deployed, batch):
 
 def _parametrize(cases):
     return pytest.mark.parametrize("case", cases, ids=[f"{name}-b{batch}" for name, batch in cases])
+
+
+@_parametrize(CASES)
+def test_planner_loss_heads_and_suffix_probes(case):
+    # The accuracy term's view of the model: its heads (loss_view) are the original outputs, Concat
+    # split (YOLOv8) or not (PicoDet's 8, the classifier's logits before Softmax); the suffix sessions
+    # with noise at a layer equal the whole noisy model on every head, including heads complete
+    # before the cut (served from the FP32 capture).
+    entry, path, model, feeds = _case(*case)
+    view = loss_view(model)
+    whole = NoiseGraph(view)
+    heads, original = whole.run(feeds), _ort(path, feeds)
+    if entry.detector == "yolov8":
+        assert len(heads) == 2 and heads[0].shape[1] == 4  # boxes, then class scores
+        heads = (np.concatenate(heads, axis=1),)
+    elif entry.detector is None:  # the classifier's logits: its output is their softmax
+        (logits,) = heads
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        heads = (exp / exp.sum(axis=-1, keepdims=True),)
+    _assert_close(heads, original, FP32_REL_TOL, f"{entry.name}: heads vs ONNX Runtime")
+    layers = [view.layers[0].name, view.layers[len(view.layers) // 2].name, view.layers[-1].name]
+    suffix = SuffixNoiseGraphs(view, layers, 1)
+    suffix.capture([feeds])
+    rng = np.random.default_rng(0)
+    for layer in (l for l in view.layers if l.name in layers):
+        noise = {("a", layer.name): rng.standard_normal(layer.input_shape).astype(np.float32) * 0.05}
+        # the same noisy nodes, fused differently by onnxruntime: float32 sums in another order
+        _assert_close(suffix.run(0, noise), whole.run(feeds, noise), 1e-4, f"{entry.name} suffix at {layer.name}")
+    if entry.detector == "picodet":
+        assert len(suffix.early[-1]) > 0  # the last cut comes after some heads are complete
 
 
 @pytest.mark.slow
